@@ -1,0 +1,19 @@
+"""The one record every dataset produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Example:
+    """A problem with its gold worked solution and normalised final answer.
+
+    prompt:   the question as shown to the model (options included for multiple choice)
+    solution: the gold worked solution, ending in the final-answer marker ("#### 42", "#### B")
+    answer:   the normalised gold final answer ("42", "-3.5", "B")
+    """
+
+    prompt: str
+    solution: str
+    answer: str

@@ -1,0 +1,115 @@
+"""Answer extraction and 0/1 correctness rewards.
+
+Two answer kinds cover every dataset here: a number (GSM8K, `arith`) and a
+multiple-choice letter A-E (MathInstruct, AQuA-RAT, `arith_mc`). Gold
+solutions end in the GSM8K marker "#### <answer>"; text after the last marker
+is the final answer. Completions without a marker fall back to looser
+patterns, so a model that answers in prose is still scored.
+
+The extractors are pure module-level functions; the reward classes only bind
+options so that Hydra can build them from `_target_`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+MARKER = "####"
+
+# A number as written in math text: optional minus (not when it is a binary
+# minus as in "10-3"), optional "$", thousands groups "1,234" or plain digits,
+# optional decimals. A trailing period ("7.") is not part of the number.
+_NUMBER = re.compile(
+    r"(?:(?<![\w)])-)?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?:(?<![\w)])-)?\.\d+"
+)
+# A choice letter standing alone, optionally in parentheses: "B", "(B)", "B)".
+_CHOICE = re.compile(r"(?<![A-Za-z0-9])\(?([A-E])\)?(?![A-Za-z0-9])")
+# "answer is (B)", "answer is B", "Answer: B", "Answer : B", "correct answer - B".
+_ANSWER_IS = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*|[:\-]\s*)\(?([A-E])\)?(?![A-Za-z0-9])")
+
+
+def normalize_number(token: str) -> str:
+    """Canonical form of a number token: "$1,234.50" -> "1234.5", "-0" -> "0", ".5" -> "0.5"."""
+    text = token.replace("$", "").replace(",", "").replace("%", "").strip()
+    negative = text.startswith("-")
+    whole, _, frac = text.lstrip("-").partition(".")
+    whole = whole.lstrip("0") or "0"
+    frac = frac.rstrip("0")
+    number = f"{whole}.{frac}" if frac else whole
+    return "-" + number if negative and number != "0" else number
+
+
+def extract_number(text: str, fallback_last_number: bool = True) -> str | None:
+    """The final numeric answer of `text`, normalised (see `normalize_number`).
+
+    With a "####" marker: the first number after the last marker, or None if
+    there is none (a model that wrote the marker committed to that answer).
+    Without a marker: the last number in the text if `fallback_last_number`,
+    else None. Commas, "$", "%", a trailing period and trailing decimal zeros
+    are ignored: "#### $1,234.50." -> "1234.5".
+    """
+    _, marker, tail = text.rpartition(MARKER)
+    if marker:
+        match = _NUMBER.search(tail)
+        return normalize_number(match.group()) if match else None
+    if not fallback_last_number:
+        return None
+    matches = _NUMBER.findall(text)
+    return normalize_number(matches[-1]) if matches else None
+
+
+def numbers_equal(a: str, b: str) -> bool:
+    """Numeric equality within an absolute tolerance of 1e-6 ("7" == "7.0" == "7.0000001").
+
+    Both sides may carry "$", "%" or thousands commas; anything that is not a
+    number compares unequal.
+    """
+    try:
+        x, y = (float(s.replace("$", "").replace(",", "").replace("%", "").strip()) for s in (a, b))
+    except ValueError:
+        return False
+    return math.isclose(x, y, rel_tol=0.0, abs_tol=1e-6)
+
+
+def extract_choice(text: str) -> str | None:
+    """The multiple-choice letter (A-E, case-sensitive) that `text` answers with.
+
+    In order: the first standalone letter after the last "####"; else the last
+    "answer is (B)" / "answer is B" / "Answer: B" phrase; else the last
+    standalone capital A-E in the text (may catch the article "A": it is a
+    fallback). Parentheses are stripped: "(B)" -> "B".
+    """
+    _, marker, tail = text.rpartition(MARKER)
+    if marker:
+        match = _CHOICE.search(tail)
+        return match.group(1) if match else None
+    phrases = _ANSWER_IS.findall(text)
+    if phrases:
+        return phrases[-1]
+    letters = _CHOICE.findall(text)
+    return letters[-1] if letters else None
+
+
+class NumericReward:
+    """1.0 if the completion's final number equals the gold answer (see `extract_number`), else 0.0."""
+
+    def __init__(self, fallback_last_number: bool = True) -> None:
+        self.fallback_last_number = fallback_last_number
+
+    def extract(self, completion: str) -> str | None:
+        return extract_number(completion, self.fallback_last_number)
+
+    def __call__(self, completion: str, answer: str) -> float:
+        predicted = self.extract(completion)
+        return float(predicted is not None and numbers_equal(predicted, answer))
+
+
+class ChoiceReward:
+    """1.0 if the completion's choice letter equals the gold letter (see `extract_choice`), else 0.0."""
+
+    def extract(self, completion: str) -> str | None:
+        return extract_choice(completion)
+
+    def __call__(self, completion: str, answer: str) -> float:
+        return float(self.extract(completion) == answer.strip().strip("()"))

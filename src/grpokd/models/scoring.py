@@ -1,0 +1,134 @@
+"""Uniform tokenising, sampling and scoring for seq2seq (T5) and causal LMs.
+
+Completions are always "the tokens after the prompt": for a seq2seq model the
+decoder's tokens, for a causal model the continuation of the left-padded
+prompt. Each completion ends with the first EOS (included, mask 1); what
+follows is padding (mask 0). Rows n*K .. n*K+K-1 belong to prompt n.
+
+For a seq2seq model the encoder runs once per prompt, in sampling (as
+`generate` does) and in scoring (its states are repeated K times).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Padded token ids with their mask. Shapes: [rows, L]."""
+
+    ids: Tensor  # [R, L] long
+    mask: Tensor  # [R, L] long, 1 on real tokens
+
+    def to(self, device: torch.device | str) -> "Tokens":
+        return Tokens(self.ids.to(device), self.mask.to(device))
+
+
+def is_seq2seq(model: PreTrainedModel) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> Tokens:
+    """Prompts with the tokenizer's own special tokens, truncated from the left to keep the question's end."""
+    tokenizer.truncation_side = "left"
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return Tokens(enc["input_ids"], enc["attention_mask"])
+
+
+def tokenize_targets(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> Tokens:
+    """Gold completions: the text's tokens then EOS, right-padded; truncation keeps the start."""
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_len - 1] + [tokenizer.eos_token_id] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # [N, T]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [N, T]
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return Tokens(ids, mask)
+
+
+def completion_mask(ids: Tensor, eos_id: int, pad_id: int) -> Tensor:
+    """1 up to and including the first EOS of each row, 0 after; a row without EOS is all 1 (truncated)."""
+    is_eos = ids == eos_id  # [N, T]
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    mask = ~after_eos
+    if pad_id != eos_id:  # generate() pads finished rows; those pads are after EOS anyway
+        mask &= ~((ids == pad_id) & after_eos)
+    return mask.long()
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Tokens,
+    group_size: int = 1,
+    max_new_tokens: int = 64,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> Tokens:
+    """Sample `group_size` completions per prompt ([B, P] -> [B*K, T]); greedy when do_sample=False."""
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else dict(do_sample=False)
+    out = model.generate(
+        input_ids=prompts.ids,
+        attention_mask=prompts.mask,
+        num_return_sequences=group_size,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **sampling,
+    )
+    ids = out[:, 1:] if is_seq2seq(model) else out[:, prompts.ids.shape[1] :]  # drop decoder start / the prompt
+    mask = completion_mask(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)  # [N, T]
+    return Tokens(ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask)
+
+
+def completion_logits(model: PreTrainedModel, prompts: Tokens, completions: Tokens, vocab_size: int | None = None) -> Tensor:
+    """Next-token logits at every completion position: [B, P] prompts, [N, T] completions -> [N, T, V].
+
+    N must be a multiple of B (K completions per prompt). Logits are sliced to
+    `vocab_size` (the tokenizer's length) where the embedding is padded.
+    """
+    group_size = completions.ids.shape[0] // prompts.ids.shape[0]
+    if is_seq2seq(model):
+        encoded = model.get_encoder()(input_ids=prompts.ids, attention_mask=prompts.mask).last_hidden_state  # [B, P, D]
+        start = torch.full_like(completions.ids[:, :1], model.config.decoder_start_token_id)  # [N, 1]
+        out = model(
+            encoder_outputs=(encoded.repeat_interleave(group_size, 0),),  # [N, P, D]: encoder ran once per prompt
+            attention_mask=prompts.mask.repeat_interleave(group_size, 0),  # [N, P]
+            decoder_input_ids=torch.cat([start, completions.ids[:, :-1]], 1),  # [N, T] teacher forcing
+            decoder_attention_mask=torch.cat([torch.ones_like(start), completions.mask[:, :-1]], 1),
+            use_cache=False,
+        )
+        logits = out.logits  # [N, T, V]
+    else:
+        ids = torch.cat([prompts.ids.repeat_interleave(group_size, 0), completions.ids], 1)  # [N, P+T]
+        mask = torch.cat([prompts.mask.repeat_interleave(group_size, 0), completions.mask], 1)  # [N, P+T]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        logits = out.logits[:, prompts.ids.shape[1] - 1 : -1]  # [N, T, V]: position t predicts completion token t
+    return logits[..., :vocab_size] if vocab_size is not None else logits
+
+
+def token_logp(logits: Tensor, ids: Tensor) -> Tensor:
+    """log softmax(logits) at the given tokens, in float32: [N, T, V], [N, T] -> [N, T]."""
+    logits = logits.float()
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [N, T]
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the next-token distribution, in float32: [N, T, V] -> [N, T]."""
+    logp = logits.float().log_softmax(-1)  # [N, T, V]
+    return -(logp.exp() * logp).sum(-1)  # [N, T]
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, completions: Tokens) -> list[str]:
+    """Completion texts without special tokens."""
+    return tokenizer.batch_decode(completions.ids.masked_fill(completions.mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)

@@ -1,0 +1,249 @@
+"""The terms objectives are built from: pure tensor functions, no state.
+
+Shapes: N completions, K group size (consecutive rows of N form a group),
+T completion tokens, V vocabulary. `mask` is [N, T], 1.0 on real completion
+tokens and 0.0 on padding; padded positions must hold finite values (they are
+multiplied by 0, not selected away). Equation numbers refer to the GRPO-KD
+paper (docs: DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from grpokd.objectives.base import Batch
+
+ADV_SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+RATIO_LEVELS = ("token", "sequence")
+SAMPLED_KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = (*SAMPLED_KL_ESTIMATORS, "full")
+
+
+def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise a ValueError naming `key` and the allowed values if `value` is not one of them."""
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", delta: float = 1e-4) -> Tensor:
+    """Group-relative advantage, paper Eq. 1: A_k = (R_k - mean_G R) / (std R + delta).
+
+    The std is the population std (unbiased=False). `scale` picks the std:
+    "group" (of the completion's own group, the paper and DeepSeekMath),
+    "batch" (of all N rewards, as in REINFORCE++-style batch normalisation),
+    or "none" (no division, Dr. GRPO: keeps the reward scale and does not
+    up-weight near-constant groups). The mean is always the group's.
+
+    Args:
+        rewards: [N] one scalar reward per completion; rows k*K .. k*K+K-1 share a prompt.
+        group_size: K.
+        scale: "group" | "batch" | "none".
+        delta: added to the std so that constant groups give 0, not NaN.
+
+    Returns:
+        [N] advantages, float32 or the rewards' floating dtype.
+    """
+    check_choice("scale", scale, ADV_SCALES)
+    n = rewards.shape[0]
+    if group_size < 1 or n % group_size != 0:
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the number of rewards ({n})")
+    r = rewards.float() if not rewards.is_floating_point() else rewards  # [N]
+    grouped = r.reshape(-1, group_size)  # [N/K, K]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # [N/K, K]
+    if scale == "none":
+        return centred.view(-1)  # [N]
+    if scale == "group":
+        std = grouped.std(dim=1, unbiased=False, keepdim=True)  # [N/K, 1]
+    else:
+        std = r.std(unbiased=False)  # []
+    return (centred / (std + delta)).view(-1)  # [N]
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `x` over the positions where `mask` is 1; 0 (not NaN) where the mask is empty.
+
+    Args:
+        x: any shape; mask: same shape as x (or broadcastable to it).
+        dim: reduce this dimension only; None reduces everything to a scalar.
+    """
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def aggregate(per_token: Tensor, mask: Tensor, mode: str, max_tokens: int | None = None) -> Tensor:
+    """Reduce a per-token loss to the scalar that is minimised.
+
+    This is where GRPO variants quietly differ (how much each token weighs):
+    - "seq_mean_token_mean" (GRPO, DeepSeekMath): mean over each sequence's
+      tokens, then mean over sequences. A token of sequence i weighs
+      1 / (N |o_i|): tokens of short completions weigh more.
+    - "token_mean" (DAPO): sum over all tokens / number of tokens; every
+      token weighs the same, 1 / sum_i |o_i|.
+    - "seq_mean_token_sum_norm" (Dr. GRPO): each sequence's token sum divided
+      by the constant `max_tokens` (default T), then mean over sequences;
+      every token weighs 1 / (N * max_tokens), no length bias.
+    Sequences with no tokens (mask sum 0) contribute 0 and still count in N.
+
+    Args:
+        per_token: [N, T]; mask: [N, T].
+        mode: one of the three names above.
+        max_tokens: the constant of "seq_mean_token_sum_norm"; ignored by the others.
+
+    Returns:
+        [] scalar.
+    """
+    check_choice("aggregation", mode, AGGREGATIONS)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(per_token, mask, dim=-1).mean()
+    if mode == "token_mean":
+        return masked_mean(per_token, mask)
+    norm = per_token.shape[-1] if max_tokens is None else max_tokens
+    return ((per_token * mask).sum(-1) / norm).mean()
+
+
+def log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str = "token") -> Tensor:
+    """Log importance ratio log(pi_theta / pi_old) at each token.
+
+    "token": log rho_{i,t} = logp_{i,t} - old_logp_{i,t} (DeepSeekMath GRPO).
+    "sequence" (GSPO, Zheng et al. 2025): log s_i = masked mean over t of
+    (logp - old_logp), the log of the length-normalised sequence ratio,
+    broadcast to every token of the sequence; exp of it is s_i, and the
+    gradient flows to every token through the mean. Padded positions are 0.
+
+    Args:
+        logp: [N, T] with grad; old_logp: [N, T] detached; mask: [N, T].
+        level: "token" | "sequence".
+
+    Returns:
+        [N, T].
+    """
+    check_choice("ratio_level", level, RATIO_LEVELS)
+    diff = (logp - old_logp) * mask  # [N, T]
+    if level == "token":
+        return diff
+    seq = masked_mean(diff, mask, dim=-1)  # [N]
+    return seq[:, None] * mask  # [N, T]
+
+
+def clipped_surrogate(
+    log_ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO/GRPO clipped surrogate, paper Eq. 2: min(rho A, clip(rho, 1-eps_low, 1+eps_high) A).
+
+    Separate low/high epsilons as DAPO's clip-higher. The result is to be
+    maximised (the loss uses its negative). Clip flags follow TRL: a token is
+    low-clipped when rho < 1-eps_low and A < 0, high-clipped when
+    rho > 1+eps_high and A > 0 (the cases where the clipped branch is the min
+    and the gradient is cut).
+
+    Args:
+        log_ratio: [N, T] log rho; adv: [N] one advantage per completion.
+        eps_low, eps_high: the clip range's distances below and above 1.
+
+    Returns:
+        (surrogate [N, T], is_low_clipped [N, T] bool, is_high_clipped [N, T] bool).
+    """
+    rho = torch.exp(log_ratio)  # [N, T]
+    a = adv[:, None]  # [N, 1]
+    unclipped = rho * a  # [N, T]
+    clipped = torch.clamp(rho, 1.0 - eps_low, 1.0 + eps_high) * a  # [N, T]
+    surrogate = torch.minimum(unclipped, clipped)  # [N, T]
+    is_low = (rho < 1.0 - eps_low) & (a < 0)  # [N, T]
+    is_high = (rho > 1.0 + eps_high) & (a > 0)  # [N, T]
+    return surrogate, is_low, is_high
+
+
+def kl_sampled(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from the sampled token (Schulman 2020).
+
+    With log r = ref_logp - logp (r = pi_ref / pi_theta at the sampled token):
+    k1 = -log r (unbiased, high variance, can be negative);
+    k2 = 0.5 (log r)^2 (biased, >= 0; its gradient is the per-token reverse-KL gradient);
+    k3 = r - log r - 1 (unbiased, >= 0; paper Eq. 3, GRPO's default).
+
+    Args:
+        logp: [N, T] student log-probs of the sampled tokens (with grad).
+        ref_logp: [N, T] reference log-probs of the same tokens.
+        estimator: "k1" | "k2" | "k3".
+
+    Returns:
+        [N, T].
+    """
+    check_choice("kl_estimator", estimator, SAMPLED_KL_ESTIMATORS)
+    log_r = ref_logp - logp  # [N, T]
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    return torch.exp(log_r) - log_r - 1.0
+
+
+def kl_full(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """Exact KL(pi_theta || pi_ref) at each position, paper Eq. 6: sum_a q (log q - log p_ref).
+
+    Computed in float32 from log_softmax.
+
+    Args:
+        logits: [N, T, V] student logits (q = softmax); ref_logits: [N, T, V].
+
+    Returns:
+        [N, T].
+    """
+    log_q = F.log_softmax(logits.float(), dim=-1)  # [N, T, V]
+    log_p = F.log_softmax(ref_logits.float(), dim=-1)  # [N, T, V]
+    return (log_q.exp() * (log_q - log_p)).sum(-1)  # [N, T]
+
+
+def hinton_kd(p_logits: Tensor, q_logits: Tensor, tau: float) -> Tensor:
+    """Hinton distillation divergence, paper Eq. 7-8: D_H(P||Q) = tau^2 KL(softmax(z_P/tau) || softmax(z_Q/tau)).
+
+    The tau^2 factor keeps gradient magnitudes comparable across temperatures
+    (Hinton et al. 2015). Forward KD (teacher -> student) is
+    hinton_kd(teacher_logits, student_logits); reverse is the swap.
+    Computed in float32.
+
+    Args:
+        p_logits: [N, T, V]; q_logits: [N, T, V]; tau: temperature > 0.
+
+    Returns:
+        [N, T].
+    """
+    log_p = F.log_softmax(p_logits.float() / tau, dim=-1)  # [N, T, V]
+    log_q = F.log_softmax(q_logits.float() / tau, dim=-1)  # [N, T, V]
+    return tau**2 * (log_p.exp() * (log_p - log_q)).sum(-1)  # [N, T]
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Entropy -sum_a p log p of softmax(logits) at each position, in float32.
+
+    Args:
+        logits: [N, T, V].
+
+    Returns:
+        [N, T].
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)  # [N, T, V]
+    return -(log_p.exp() * log_p).sum(-1)  # [N, T]
+
+
+def kl_to_reference(batch: Batch, estimator: str) -> Tensor:
+    """Per-token KL(pi_theta || pi_ref) with the named estimator.
+
+    "k1" | "k2" | "k3" use the sampled tokens (batch.logp, batch.ref_logp);
+    "full" is exact over the vocabulary (batch.logits, batch.ref_logits).
+
+    Returns:
+        [N, T].
+    """
+    check_choice("kl_estimator", estimator, KL_ESTIMATORS)
+    if estimator == "full":
+        if batch.logits is None or batch.ref_logits is None:
+            raise ValueError("kl_estimator='full' needs batch.logits and batch.ref_logits")
+        return kl_full(batch.logits, batch.ref_logits)
+    if batch.ref_logp is None:
+        raise ValueError(f"kl_estimator={estimator!r} needs batch.ref_logp")
+    return kl_sampled(batch.logp, batch.ref_logp, estimator)

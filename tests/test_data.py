@@ -1,0 +1,214 @@
+"""Synthetic tasks and dataset loaders: determinism, closed vocabulary, gold answers, splits and errors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from grpokd.data import arith as synthetic
+from grpokd.data import sources
+from grpokd.data.example import Example
+from grpokd.data.rewards import ChoiceReward, NumericReward
+from grpokd.data.sources import DataError, Splits
+
+# --- synthetic tasks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [synthetic.make_arith, synthetic.make_arith_mc])
+def test_synthetic_is_deterministic_per_seed(make):
+    assert make(200, seed=3) == make(200, seed=3)
+    assert make(200, seed=3) != make(200, seed=4)
+
+
+@pytest.mark.parametrize("make", [synthetic.make_arith, synthetic.make_arith_mc])
+def test_synthetic_tokens_are_in_the_vocabulary_and_single_spaced(make):
+    vocabulary = set(synthetic.vocabulary())
+    for example in make(3000, seed=0):
+        for text in (example.prompt, example.solution):
+            tokens = text.split(" ")
+            assert all(tokens), f"empty token (double space) in {text!r}"
+            assert set(tokens) <= vocabulary, set(tokens) - vocabulary
+
+
+def test_vocabulary_is_words_sorted_then_numbers():
+    vocabulary = synthetic.vocabulary()
+    numbers = [str(n) for n in range(synthetic.MAX_NUMBER + 1)]
+    words = vocabulary[: -len(numbers)]
+    assert vocabulary[-len(numbers) :] == numbers
+    assert words == sorted(words) and len(set(words)) == len(words)
+    assert {"####", "Options", ":", ")", "A", "E"} <= set(words)
+    assert len(words) < 80  # a small closed vocabulary keeps the embedded models cheap
+
+
+def test_arith_numbers_stay_in_range_and_mix_one_and_two_steps():
+    examples = synthetic.make_arith(2000, seed=1)
+    numbers = [int(t) for e in examples for t in (e.prompt + " " + e.solution).split() if t.isdigit()]
+    assert 0 <= min(numbers) and max(numbers) <= synthetic.MAX_NUMBER
+    one_step = sum(e.solution.count(" = ") == 1 for e in examples) / len(examples)
+    assert 0.3 < one_step < 0.5
+    assert {"+", "-", "*"} <= {t for e in examples for t in e.solution.split()}
+    assert all(len(e.solution.split(" = ")) <= 3 for e in examples)
+
+
+def test_arith_gold_solutions_score_one_and_steps_are_correct():
+    reward = NumericReward()
+    for example in synthetic.make_arith(1000, seed=2):
+        assert reward(example.solution, example.answer) == 1.0
+        for step in example.solution.split(" . ")[:-1]:  # "5 + 3 = 8"
+            a, op, b, _, result = step.split()
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(result)
+
+
+def test_arith_mc_options_hold_the_answer_exactly_once_at_its_letter():
+    reward, numeric = ChoiceReward(), NumericReward()
+    for example in synthetic.make_arith_mc(1000, seed=5):
+        assert reward(example.solution, example.answer) == 1.0
+        options = example.prompt.split(" Options : ")[1].split()
+        assert options[0::3] == ["A", "B", "C", "D", "E"] and set(options[1::3]) == {")"}
+        values = [int(v) for v in options[2::3]]
+        assert len(set(values)) == 5 and min(values) >= 0
+        value = example.solution.split(" . ")[-2].split()[-1]  # the last step's result
+        assert values.count(int(value)) == 1
+        assert values["ABCDE".index(example.answer)] == int(value)
+        assert numeric(example.solution.replace(f"#### {example.answer}", f"#### {value}"), value) == 1.0
+
+
+@pytest.mark.parametrize("loader", [sources.arith, sources.arith_mc])
+def test_synthetic_loader_sizes_and_disjoint_splits(loader):
+    # max_operand=6 makes the arith problem space small, so some train draws hit test prompts and are skipped
+    splits = loader(train_size=3000, test_size=300, seed=0, max_operand=6)
+    assert (len(splits.train), len(splits.test)) == (3000, 300)
+    assert not {e.prompt for e in splits.train} & {e.prompt for e in splits.test}
+    assert splits == loader(train_size=3000, test_size=300, seed=0, max_operand=6)
+
+
+# --- real data loaders -------------------------------------------------------------------------
+
+
+def test_gsm8k_local_copy(shared_data):
+    splits = sources.gsm8k(path=str(shared_data / "gsm8k"))
+    assert (len(splits.train), len(splits.test)) == (7473, 1319)
+    first = splits.test[0]
+    assert first.answer == "18" and first.solution.endswith("#### 18") and "<<" not in first.solution
+    assert first.prompt.startswith("Janet")
+    assert all("<<" not in e.solution for e in splits.train)
+    kept = sources.gsm8k(path=str(shared_data / "gsm8k"), strip_calculator=False, test_size=5, train_size=7)
+    assert "<<16-3-4=9>>" in kept.test[0].solution
+    assert (len(kept.train), len(kept.test)) == (7, 5)
+    assert [e.prompt for e in kept.test] == [e.prompt for e in splits.test[:5]]
+    assert any(e.answer == "1600" for e in splits.train)  # "#### 1,600" is normalised
+
+
+def test_mathinstruct_from_aqua_directory_uses_dev_as_train(shared_data):
+    splits = sources.mathinstruct(path=str(shared_data / "aqua"))
+    assert (len(splits.train), len(splits.test)) == (254, 254)
+    example = splits.train[0]
+    assert example.prompt.endswith("Answer Choices: (A) 32400 (B) 6000 (C) 600 (D) 60000 (E) 10")
+    assert example.solution.endswith("Correct answer - A #### A") and example.answer == "A"
+
+
+def test_mathinstruct_from_a_single_aqua_file_is_hash_split(shared_data):
+    first = sources.mathinstruct(path=str(shared_data / "aqua" / "test.json"), test_fraction=0.2)
+    again = sources.mathinstruct(path=str(shared_data / "aqua" / "test.json"), test_fraction=0.2)
+    assert first == again and len(first.train) + len(first.test) == 254
+    assert 20 < len(first.test) < 80
+
+
+def test_mathinstruct_format_keeps_multiple_choice_cot_rows(tmp_path):
+    choices = "Answer Choices: (A) 1 (B) 2"
+    rows = [
+        {"source": "data/CoT/aqua_rat.json", "instruction": f"Q1? {choices}", "output": "so 2. The answer is (B)."},
+        {"source": "data/CoT/aqua_rat.json", "instruction": f"Q2? {choices}", "output": "x #### A"},
+        {"source": "data/PoT/mathqa.json", "instruction": f"Q3? {choices}", "output": "print(1)"},
+        {"source": "data/CoT/gsm_rft.json", "instruction": "Q4 with no choices", "output": "The answer is 7"},
+        {"source": "data/CoT/aqua_rat.json", "instruction": f"Q5? {choices}", "output": "no letter"},
+    ]
+    (tmp_path / "mathinstruct.json").write_text(json.dumps(rows))  # a JSON array, as on the hub
+    # with seed 1 the two kept rows fall one in each split (both must be non-empty)
+    splits = sources.mathinstruct(path=str(tmp_path / "mathinstruct.json"), test_fraction=0.5, seed=1)
+    kept = sorted(splits.train + splits.test, key=lambda e: e.prompt)
+    assert [(e.prompt[:2], e.answer) for e in kept] == [("Q1", "B"), ("Q2", "A")]
+    assert kept[0].solution == "so 2. The answer is (B). #### B"
+    assert kept[1].solution == "x #### A"
+
+
+def test_jsonl_loader(tmp_path):
+    rows = [{"q": f"what is {i} + 1 ?", "a": i + 1, "why": f"{i} + 1 = {i + 1}"} for i in range(200)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    splits = sources.jsonl(path=str(tmp_path / "data.jsonl"), prompt_field="q", answer_field="a", test_fraction=0.25)
+    assert len(splits.train) + len(splits.test) == 200 and 25 < len(splits.test) < 75
+    example = splits.train[0]
+    assert example.solution == f"#### {example.answer}"
+    with_solution = sources.jsonl(
+        path=str(tmp_path / "data.jsonl"), prompt_field="q", answer_field="a", solution_field="why",
+        test_path=str(tmp_path / "data.jsonl"),
+    )
+    assert with_solution.test[3] == Example("what is 3 + 1 ?", "3 + 1 = 4 #### 4", "4")
+    assert NumericReward()(with_solution.test[3].solution, with_solution.test[3].answer) == 1.0
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        lambda p: sources.gsm8k(path=p),
+        lambda p: sources.mathinstruct(path=p),
+        lambda p: sources.jsonl(path=p),
+    ],
+)
+def test_missing_path_names_it_and_the_fix(tmp_path, load):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="nowhere.*does not exist.*dataset.path"):
+        load(missing)
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+    file = tmp_path / "rows.jsonl"
+    file.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "label": "2"}\n')
+    with pytest.raises(DataError) as err:
+        sources.jsonl(path=str(file))
+    message = str(err.value)
+    assert "rows.jsonl:2" in message and "'answer'" in message and "label" in message
+    assert "\n" not in message
+
+
+def test_gsm8k_missing_field_and_missing_split(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "solution": "#### 1"}\n')
+    (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    with pytest.raises(DataError, match=r"train.jsonl:1: missing field 'answer'"):
+        sources.gsm8k(path=str(tmp_path))
+    (tmp_path / "train.jsonl").unlink()
+    with pytest.raises(DataError, match="train.jsonl does not exist"):
+        sources.gsm8k(path=str(tmp_path))
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        sources.jsonl(path=str(tmp_path / "empty.jsonl"))
+
+
+def test_unknown_multiple_choice_format_is_an_error(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "a", "answer": "B"}\n')
+    with pytest.raises(DataError, match="neither MathInstruct"):
+        sources.mathinstruct(path=str(tmp_path / "rows.jsonl"))
+
+
+@pytest.mark.parametrize("loader", [sources.gsm8k, sources.mathinstruct])
+def test_hub_id_fails_fast_and_says_how_to_use_a_local_copy(loader):
+    # Offline the hub is unreachable; online this id does not exist. Either way: a quick, clear DataError.
+    start = time.monotonic()
+    with pytest.raises(DataError, match="dataset.path") as err:
+        loader(hub_id="grpokd-tests/no-such-dataset")
+    assert time.monotonic() - start < 10
+    assert "grpokd-tests/no-such-dataset" in str(err.value)
+
+
+def test_splits_is_a_frozen_bundle():
+    splits = Splits(train=[], test=[])
+    with pytest.raises(AttributeError):
+        splits.train = []  # type: ignore[misc]
