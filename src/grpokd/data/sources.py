@@ -24,16 +24,17 @@ from typing import Any
 from grpokd.data import arith as synthetic
 from grpokd.data.example import Example
 from grpokd.data.rewards import MARKER, extract_choice, extract_number
+from grpokd.errors import ConfigError
+from grpokd.hub import hub_reachable
 
 _TEST_SEED_OFFSET = 1_000_003  # synthetic test problems come from a different stream than train
-_HUB_PROBE_TIMEOUT_S = 5.0
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 _AQUA_OPTION = re.compile(r"\s*([A-E])\s*\)\s*(.*)", re.DOTALL)
 _AQUA_FIELDS = frozenset({"question", "options", "rationale", "correct"})
 _MATHINSTRUCT_FIELDS = frozenset({"source", "instruction", "output"})
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A dataset cannot be loaded; the message names the problem and the fix on one line."""
 
 
@@ -297,17 +298,12 @@ def _load_hub(hub_id: str, config: str | None = None, split: str | None = None) 
     cache is read, which fails fast by itself.
     """
     import datasets
-    from huggingface_hub.utils import get_session
 
     fix = f"pass dataset.path=<local dir with a copy of {hub_id}>"
-    if not datasets.config.HF_HUB_OFFLINE:
-        try:
-            get_session().head(datasets.config.HF_ENDPOINT, timeout=_HUB_PROBE_TIMEOUT_S)
-        except Exception as err:  # the HTTP client's error types vary across huggingface_hub versions
-            raise DataError(
-                f"cannot load dataset '{hub_id}': the Hugging Face Hub is unreachable ({type(err).__name__}); "
-                f"{fix}, or set HF_HUB_OFFLINE=1 to use a cached copy"
-            ) from None
+    if not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
+        raise DataError(
+            f"cannot load dataset '{hub_id}': the Hugging Face Hub is unreachable; {fix}, or set HF_HUB_OFFLINE=1 to use a cached copy"
+        )
     try:
         return datasets.load_dataset(hub_id, config, split=split)
     except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError (a FileNotFoundError), bad config

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd.errors import ConfigError
@@ -21,24 +22,40 @@ from grpokd.models import zoo
 DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_name(name: str, role: str = "model") -> None:
+    """Fail now, with the fix, if `name` cannot be loaded: a missing path, or a hub id offline and not cached.
+
+    Embedded names are not built here (that is `resolve`'s job), so every
+    model named in a config can be checked in seconds before anything trains.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{role}: expected a model name (embedded name, local directory or hub id), got {name!r}")
+    if name in zoo.ZOO or Path(name).expanduser().is_dir():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError(
+            f"{role}: local path {name!r} does not exist; pass an existing Hugging Face model directory, "
+            f"a hub id or an embedded name ({', '.join(zoo.ZOO)})"
+        )
+    if not hub_reachable() and try_to_load_from_cache(name, "config.json") is None:
+        raise _offline_error(name, role)
+
+
 def resolve(name: str, role: str = "model") -> tuple[str, bool]:
-    """(where to load `name` from, whether only local files may be used). `role` names the config key in errors."""
+    """(where to load `name` from, whether only local files may be used), building embedded models on first use."""
+    check_name(name, role)
     if name in zoo.ZOO:
         return str(zoo.ensure(name)), True
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path), True
-    if name.startswith((".", "/", "~")) or path.suffix or name.count("/") > 1:
-        raise ConfigError(f"{role}: local path {name!r} does not exist; pass an existing Hugging Face model directory or a hub id")
-    if hub_reachable():
-        return name, False
-    return name, True  # offline: only the local Hugging Face cache can help
+    return name, not hub_reachable()  # offline: only the local Hugging Face cache can help
 
 
-def _offline_error(name: str, role: str, err: Exception) -> ConfigError:
+def _offline_error(name: str, role: str) -> ConfigError:
     return ConfigError(
-        f"{role}: cannot load {name!r}: not a local directory, not in the Hugging Face cache, and the hub is unreachable "
-        f"({type(err).__name__}). Download it where the hub is reachable (hf download {name} --local-dir DIR) and pass {role}=DIR"
+        f"{role}: cannot load {name!r}: not a local directory, not in the Hugging Face cache, and the hub is unreachable. "
+        f"Download it where the hub is reachable (hf download {name} --local-dir DIR) and pass {role}=DIR"
     )
 
 
@@ -48,8 +65,6 @@ def load_tokenizer(name: str, role: str = "model") -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
     except (OSError, ValueError) as err:
-        if local_only and not Path(where).is_dir():
-            raise _offline_error(name, role, err) from err
         raise ConfigError(f"{role}: cannot load a tokenizer from {name!r}: {err}".splitlines()[0]) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -66,7 +81,14 @@ def load_model(name: str, role: str = "model", dtype: str | None = None) -> PreT
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_pretrained(where, local_files_only=local_only, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:
-        if local_only and not Path(where).is_dir():
-            raise _offline_error(name, role, err) from err
         raise ConfigError(f"{role}: cannot load a model from {name!r}: {err}".splitlines()[0]) from err
     return model.eval()
+
+
+def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, name: str, other_name: str) -> None:
+    """Models scored on one token sequence must share a vocabulary (padded embedding rows aside)."""
+    if tokenizer.get_vocab() != other.get_vocab():
+        raise ConfigError(
+            f"{other_name} does not share the student's tokenizer ({name}: {len(tokenizer)} tokens, "
+            f"{other_name}: {len(other)} tokens); pick models of one family"
+        )

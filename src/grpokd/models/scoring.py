@@ -123,12 +123,6 @@ def token_logp(logits: Tensor, ids: Tensor) -> Tensor:
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [N, T]
 
 
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the next-token distribution, in float32: [N, T, V] -> [N, T]."""
-    logp = logits.float().log_softmax(-1)  # [N, T, V]
-    return -(logp.exp() * logp).sum(-1)  # [N, T]
-
-
 def decode(tokenizer: PreTrainedTokenizerBase, completions: Tokens) -> list[str]:
     """Completion texts without special tokens."""
     return tokenizer.batch_decode(completions.ids.masked_fill(completions.mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)

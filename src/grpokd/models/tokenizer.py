@@ -9,7 +9,7 @@ decoder-only family. Anything outside the vocabulary maps to <unk>.
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from grpokd.data.arith import vocabulary
@@ -23,7 +23,8 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS + vocabulary())}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    # No decoder: decoding joins tokens with single spaces, which round-trips the space-separated tasks
+    # (a WordPiece decoder would glue "####" to the token before it).
     if family == "t5":
         core.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, vocab[EOS])])
         padding_side = "right"

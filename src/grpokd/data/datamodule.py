@@ -1,0 +1,117 @@
+"""The LightningDataModule: prompts for training, greedy-evaluation sets for val and test.
+
+Batches are plain dicts of string lists ({"prompt", "solution", "answer"}):
+tokenising belongs to the model side, so one data module serves every
+student. Training draws from `PromptStream`, an endless stream of shuffled
+prompt batches in which batch i depends only on the seed and i; a resumed run
+starts it at the number of batches already trained on (global step times
+gradient accumulation), so it sees the same prompts as an uninterrupted one.
+Each rank takes its own slice, so a prompt's group never spans ranks. Validation uses a slice held
+out from the end of the train split; test uses the dataset's test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from grpokd.data.example import Example
+from grpokd.data.sources import Splits
+from grpokd.errors import ConfigError
+
+
+def collate(examples: list[Example]) -> dict[str, list[str]]:
+    return {
+        "prompt": [ex.prompt for ex in examples],
+        "solution": [ex.solution for ex in examples],
+        "answer": [ex.answer for ex in examples],
+    }
+
+
+def apply_template(examples: list[Example], template: str) -> list[Example]:
+    """Wrap each prompt in `template` (which must contain "{prompt}")."""
+    if "{prompt}" not in template:
+        raise ConfigError(f"dataset.prompt_template={template!r} must contain '{{prompt}}'")
+    if template == "{prompt}":
+        return examples
+    return [Example(template.format(prompt=ex.prompt), ex.solution, ex.answer) for ex in examples]
+
+
+class PromptStream:
+    """Endless shuffled batches of examples, starting at batch `start`.
+
+    Epoch e is a permutation seeded by (seed, e); rank r of W takes batches
+    r, r+W, r+2W... of it, so ranks never share a prompt.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = len(examples) // (batch_size * world_size)
+        self.start = start
+
+    def batch(self, i: int) -> dict[str, list[str]]:
+        """This rank's i-th batch."""
+        epoch, j = divmod(i, self.per_epoch)
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        start = (j * self.world_size + self.rank) * self.batch_size
+        return collate([self.examples[k] for k in order[start : start + self.batch_size].tolist()])
+
+    def __iter__(self) -> Iterator[dict[str, list[str]]]:
+        i = self.start
+        while True:
+            yield self.batch(i)
+            i += 1
+
+
+class TaskData(L.LightningDataModule):
+    """Train prompts (shuffled, `prompts_per_step` per step), val and test examples for greedy evaluation.
+
+    Args:
+        splits: the dataset's train and test examples.
+        prompts_per_step: B, prompts per optimiser step (each sampled K times by the module).
+        eval_batch_size: prompts per greedy-evaluation batch.
+        val_size: examples held out from the end of train for validation (0: no validation).
+        test_size: first examples of the test split to score (None: all).
+        prompt_template: applied to every prompt, e.g. "Q: {prompt}\\nA:".
+        seed: shuffling seed.
+    """
+
+    def __init__(
+        self,
+        splits: Splits,
+        prompts_per_step: int = 8,
+        eval_batch_size: int = 128,
+        val_size: int = 100,
+        test_size: int | None = 500,
+        prompt_template: str = "{prompt}",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if prompts_per_step < 1:
+            raise ConfigError(f"data.prompts_per_step={prompts_per_step} must be >= 1")
+        train = apply_template(splits.train, prompt_template)
+        if len(train) < val_size + prompts_per_step:
+            raise ConfigError(f"the train split has {len(train)} examples: too few for val_size={val_size} and prompts_per_step={prompts_per_step}")
+        self.train_set = train[: len(train) - val_size]
+        self.val_set = train[len(train) - val_size :]
+        self.test_set = apply_template(splits.test, prompt_template)[:test_size]
+        self.prompts_per_step = prompts_per_step
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+
+    def train_dataloader(self) -> PromptStream:
+        trainer = self.trainer
+        if trainer is None:
+            return PromptStream(self.train_set, self.prompts_per_step, self.seed)
+        trained = trainer.global_step * trainer.accumulate_grad_batches  # batches already trained on (resume)
+        return PromptStream(self.train_set, self.prompts_per_step, self.seed, trainer.global_rank, trainer.world_size, trained)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, collate_fn=collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.eval_batch_size, collate_fn=collate)

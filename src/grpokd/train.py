@@ -1,0 +1,162 @@
+"""train(cfg) -> results: everything between a composed Hydra config and results.json.
+
+Used by run.py (which wraps it in @hydra.main) and by the tests (which compose
+the real config and shrink it). Order matters for users: every check that can
+fail on bad input runs first (`prepare`), so a typo ends in one line before
+any model is built or trained; results.json is written last and atomically,
+so a run directory with it is a complete run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from grpokd.data.datamodule import TaskData
+from grpokd.errors import ConfigError
+from grpokd.models import loading
+from grpokd.module import GRPOKDModule, Optim
+from grpokd.rollout import Sampling
+
+MODES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a run needs, checked; models not yet loaded."""
+
+    objective: Any
+    data: TaskData
+    reward: Any
+    sampling: Sampling
+
+
+def instantiate_group(node: DictConfig, key: str) -> Any:
+    """Instantiate a config group node that carries a display `name` besides its `_target_`."""
+    spec = OmegaConf.to_container(node, resolve=True)
+    spec.pop("name", None)
+    try:
+        return hydra.utils.instantiate(spec)
+    except hydra.errors.InstantiationException as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"{key}: {cause}".splitlines()[0]) from None
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Every start-up check that needs no model: objective, sampling, dataset, model names."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode={cfg.mode!r}: allowed values are {', '.join(MODES)}")
+    objective = instantiate_group(cfg.objective, "objective")
+    sampling = Sampling(**cfg.rollout.sampling)
+    if cfg.mode == "train" and objective.needs.rollouts and sampling.group_size < 2:
+        raise ConfigError(
+            f"group_size={sampling.group_size}: objective {cfg.objective.name} compares completions within a group; set group_size>=2"
+        )
+    loading.check_name(cfg.model.student, "model.student")
+    if cfg.model.get("reference"):
+        loading.check_name(cfg.model.reference, "model.reference")
+    splits = instantiate_group(cfg.dataset.source, "dataset.source")
+    reward = instantiate_group(cfg.dataset.reward, "dataset.reward")
+    data = TaskData(splits, seed=cfg.seed, prompt_template=cfg.dataset.prompt_template, **cfg.data)
+    return Prepared(objective, data, reward, sampling)
+
+
+def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule:
+    """Load the student (and the reference only if the objective needs one) into the LightningModule."""
+    tokenizer = loading.load_tokenizer(cfg.model.student, "model.student")
+    student = loading.load_model(cfg.model.student, "model.student", cfg.model.dtype)
+    needs = prep.objective.needs
+    reference = None
+    if cfg.mode == "train" and (needs.ref_logp or needs.ref_logits):
+        ref_name = cfg.model.get("reference") or cfg.model.student
+        reference = loading.load_model(ref_name, "model.reference", cfg.model.dtype).requires_grad_(False)
+        if ref_name != cfg.model.student:
+            loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(ref_name, "model.reference"), cfg.model.student, ref_name)
+    if cfg.model.disable_dropout:
+        for model in (student, reference):
+            disable_dropout(model)
+    student.train()
+    return GRPOKDModule(
+        student, tokenizer, prep.objective, prep.reward, prep.sampling, Optim(**cfg.optim), reference=reference,
+        samples_every=cfg.log.samples_every, samples_dir=run_dir,
+    )
+
+
+def disable_dropout(model: torch.nn.Module | None) -> None:
+    """RL fine-tuning samples and scores the same policy: dropout would make them differ."""
+    for m in model.modules() if model is not None else ():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every)
+    ]
+    return hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+
+
+def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str) -> float:
+    """Greedy test accuracy, logged as test/<tag>."""
+    module.eval_tag = tag
+    return float(trainer.test(module, datamodule=data, verbose=False)[0][f"test/{tag}"])
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic write: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job (train or eval) described by `cfg`; returns what results.json holds."""
+    run_dir = Path(cfg.run_dir)
+    prep = prepare(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    start = time.time()
+    module = build_module(cfg, prep, run_dir)
+    trainer = build_trainer(cfg, run_dir)
+    results: dict[str, Any] = {
+        "objective": cfg.objective.name,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.student,
+        "seed": cfg.seed,
+        "mode": cfg.mode,
+    }
+    if cfg.mode == "eval":
+        results["test/accuracy"] = evaluate(trainer, module, prep.data, "accuracy")
+    else:
+        if cfg.eval_before:
+            results["test/accuracy_before"] = evaluate(trainer, module, prep.data, "accuracy_before")
+        trainer.fit(module, datamodule=prep.data, ckpt_path=cfg.ckpt_path)
+        results["test/accuracy_after"] = evaluate(trainer, module, prep.data, "accuracy_after")
+        export = run_dir / "student"
+        module.student.save_pretrained(export)
+        module.tokenizer.save_pretrained(export)
+        results["student_dir"] = str(export)
+    results |= {
+        "steps": trainer.global_step,
+        "wall_time_s": round(time.time() - start, 1),
+        "test_size": len(prep.data.test_set),
+        "run_dir": str(run_dir),
+        "status": "complete",
+    }
+    if trainer.is_global_zero:
+        write_json(run_dir / "results.json", results)
+    return results

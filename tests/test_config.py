@@ -1,0 +1,122 @@
+"""Every YAML composes and instantiates; bad configs fail at start-up with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+from omegaconf import OmegaConf
+
+from grpokd.errors import ConfigError
+from grpokd.objectives.base import Needs
+from grpokd.train import instantiate_group, prepare
+
+from conftest import REPO, compose
+
+CONF = REPO / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("objective", options("objective"))
+def test_objectives_instantiate_and_declare_needs(objective, tmp_path):
+    cfg = compose([f"objective={objective}"], tmp_path)
+    assert cfg.objective.name == objective
+    assert isinstance(instantiate_group(cfg.objective, "objective").needs, Needs)
+
+
+def test_top_level_hyperparameters_reach_the_objective(tmp_path):
+    cfg = compose(["objective=grpo", "beta=0.3", "epsilon=0.1"], tmp_path)
+    grpo = instantiate_group(cfg.objective, "objective")
+    assert (grpo.beta, grpo.epsilon_low, grpo.epsilon_high) == (0.3, 0.1, 0.1)
+    assert compose(["group_size=3"], tmp_path).rollout.sampling.group_size == 3
+
+
+def test_grpo_with_beta_zero_needs_no_reference(tmp_path):
+    grpo = instantiate_group(compose(["objective=grpo", "beta=0"], tmp_path).objective, "objective")
+    assert not (grpo.needs.ref_logp or grpo.needs.ref_logits)
+
+
+@pytest.mark.parametrize("dataset", ["arith", "arith_mc"])
+def test_synthetic_datasets_prepare(dataset, tmp_path):
+    prep = prepare(compose([f"dataset={dataset}", "data.test_size=10"], tmp_path))
+    assert len(prep.data.test_set) == 10 and prep.data.train_set
+    ex = prep.data.test_set[0]
+    assert prep.reward(ex.solution, ex.answer) == 1.0
+
+
+def test_real_datasets_prepare_from_local_copies(shared_data, tmp_path):
+    gsm = prepare(compose(["dataset=gsm8k", f"dataset.path={shared_data / 'gsm8k'}"], tmp_path))
+    assert len(gsm.data.test_set) == 500 and gsm.reward(gsm.data.test_set[0].solution, gsm.data.test_set[0].answer) == 1.0
+    mi = prepare(compose(["dataset=mathinstruct", f"dataset.path={shared_data / 'aqua'}", "data.val_size=20"], tmp_path))
+    assert mi.data.test_set[0].answer in "ABCDE"
+
+
+def test_jsonl_dataset(tmp_path):
+    rows = "\n".join(f'{{"prompt": "what is {i} plus 1 ?", "answer": "{i + 1}"}}' for i in range(300))
+    (tmp_path / "d.jsonl").write_text(rows)
+    prep = prepare(compose(["dataset=jsonl", f"dataset.path={tmp_path / 'd.jsonl'}", "data.val_size=10"], tmp_path))
+    assert prep.data.test_set and prep.reward("#### " + prep.data.test_set[0].answer, prep.data.test_set[0].answer) == 1.0
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("trainer", "model") for o in options(g)])
+def test_trainer_and_model_options_compose(group, option, tmp_path):
+    cfg = compose([f"{group}={option}"], tmp_path)
+    node = cfg[group]
+    if group == "trainer":
+        assert node._target_ == "lightning.pytorch.Trainer"
+    else:
+        assert node.student and len(node.teachers) >= 1
+
+
+def test_loggers_instantiate_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = compose(["logger=wandb"], tmp_path)
+    logger = hydra.utils.instantiate(cfg.logger)
+    assert logger._offline  # no credentials here: offline, never a hang
+    assert type(hydra.utils.instantiate(compose(["logger=csv"], tmp_path).logger)).__name__ == "CSVLogger"
+    assert not compose(["logger=none"], tmp_path).get("logger")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["objective=grpo", "group_size=1"], "group_size=1"),
+        (["objective.kl_estimator=k9"], "kl_estimator"),
+        (["model.student=/no/such/model"], "model.student"),
+        (["model.student=some-org/some-model-that-is-not-here"], "hf download"),
+        (["dataset=gsm8k", "dataset.path=/no/such/dir"], "/no/such/dir"),
+        (["mode=predict"], "mode"),
+    ],
+)
+def test_bad_configs_fail_at_start_up_with_the_key_named(overrides, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from grpokd import hub
+
+    hub.hub_reachable.cache_clear()
+    with pytest.raises(ConfigError, match=message.replace("/", ".")):
+        prepare(compose(overrides, tmp_path))
+    hub.hub_reachable.cache_clear()
+
+
+def test_cli_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "run.py", "model.student=/no/such/model", f"hydra.run.dir={tmp_path / 'run'}", "logger=none"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.student" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_unknown_group_option_names_the_choices():
+    out = subprocess.run([sys.executable, "run.py", "objective=nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "objective/nope" in out.stderr and "grpo" in out.stderr
