@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import hydra
 import pytest
-from omegaconf import OmegaConf
 
 from grpokd.errors import ConfigError
 from grpokd.objectives.base import Needs

@@ -39,3 +39,39 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(quick_cfg, tmp_
     a = AutoModelForSeq2SeqLM.from_pretrained(straight / "student").state_dict()
     b = AutoModelForSeq2SeqLM.from_pretrained(resumed / "student").state_dict()
     assert all(torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_sft_on_the_causal_family_and_eval_mode(quick_cfg, tmp_path):
+    results = train(quick_cfg("objective=sft", "model=tiny_causal", run_dir=tmp_path / "sft"))
+    assert results["model"] == "tiny-llama-student" and results["steps"] == 4
+    evaluated = train(quick_cfg("mode=eval", f"model.student={tmp_path / 'sft' / 'student'}", run_dir=tmp_path / "eval"))
+    assert evaluated["test/accuracy"] == pytest.approx(results["test/accuracy_after"])
+    assert not (tmp_path / "eval" / "checkpoints").exists()
+
+
+def test_grpo_on_the_causal_family_with_wandb_offline(quick_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    train(quick_cfg("model=tiny_causal", "logger=wandb", "objective.kl_estimator=full"))
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_cli_multirun_sweeps_top_level_hyperparameters(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable, "run.py", "-m", "objective=sft,grpo", "gamma=0.1,0.5", "experiment=smoke", "logger=none",
+        "trainer.max_steps=2", "data.test_size=16", "data.val_size=8", "eval_before=false", f"hydra.sweep.dir={sweep}",
+    ]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
+    assert len(results) == 4
+    assert sorted(r["objective"] for r in results) == ["grpo", "grpo", "sft", "sft"]
+    configs = [p.read_text() for p in sorted(sweep.rglob(".hydra/config.yaml"))]
+    assert sum("gamma: 0.5" in c for c in configs) == 2
+    assert out.stdout.count("run directory:") == 4

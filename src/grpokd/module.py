@@ -25,7 +25,6 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd import rollout as ro
-from grpokd.models.scoring import decode, generate, tokenize_prompts
 
 
 @dataclass(frozen=True)
@@ -94,10 +93,11 @@ class GRPOKDModule(L.LightningModule):
         needs = self.objective.needs
         if needs.rollouts:
             rollout = ro.sample(self.student, self.tokenizer, examples, self.sampling, self.reward)
+            temperature = self.sampling.temperature
         else:
-            rollout = ro.gold(self.tokenizer, examples, self.sampling, self.device)
+            rollout, temperature = ro.gold(self.tokenizer, examples, self.sampling, self.device), 1.0
         batch, mean_entropy = ro.score(
-            self.student, rollout, needs, self.vocab_size, self.global_step, reference=self.frozen_model("reference")
+            self.student, rollout, needs, self.vocab_size, self.global_step, self.frozen_model("reference"), temperature
         )
         out = self.objective(batch)
         elapsed = time.perf_counter() - start
@@ -146,13 +146,8 @@ class GRPOKDModule(L.LightningModule):
 
     # --- evaluation -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def greedy_rewards(self, examples: dict[str, list[str]]) -> Tensor:
-        """Reward of each prompt's greedy completion: [B]."""
-        prompts = tokenize_prompts(self.tokenizer, examples["prompt"], self.sampling.max_prompt_len).to(self.device)
-        completions = generate(self.student, self.tokenizer, prompts, do_sample=False, max_new_tokens=self.sampling.max_new_tokens)
-        texts = decode(self.tokenizer, completions)
-        return torch.tensor([self.reward(t, a) for t, a in zip(texts, examples["answer"])], device=self.device)
+        return ro.greedy_rewards(self.student, self.tokenizer, examples, self.reward, self.sampling)
 
     def validation_step(self, examples: dict[str, list[str]], batch_idx: int) -> None:
         self.val_accuracy.update(self.greedy_rewards(examples))

@@ -22,7 +22,12 @@ from grpokd.objectives.terms import entropy, masked_mean
 
 @dataclass(frozen=True)
 class Sampling:
-    """How completions are sampled. The log-probs scored are the model's own (temperature 1)."""
+    """How completions are sampled.
+
+    Rollouts are scored under the sampling distribution, softmax(logits / temperature),
+    as TRL does: the policy GRPO optimises is the one that produced the samples, and
+    greedy decoding (evaluation) is unchanged by the temperature.
+    """
 
     group_size: int = 8  # K completions per prompt
     max_prompt_len: int = 256
@@ -81,20 +86,22 @@ def score(
     vocab_size: int,
     step: int,
     reference: PreTrainedModel | None = None,
+    temperature: float = 1.0,
 ) -> tuple[Batch, Tensor]:
     """The objective's `Batch` and the student's mean token entropy (detached, for logging).
 
     The student runs once with grad; the reference runs once under no_grad, only
-    when `needs` asks for its log-probs or logits.
+    when `needs` asks for its log-probs or logits. Both are scored at the
+    sampling `temperature` (1.0 for gold rollouts).
     """
     ids, mask = rollout.completions.ids, rollout.completions.mask.float()  # [N, T]
-    logits = completion_logits(student, rollout.prompts, rollout.completions, vocab_size)  # [N, T, V]
+    logits = completion_logits(student, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
     ref_logp = ref_logits = None
     if needs.ref_logp or needs.ref_logits:
         if reference is None:
             raise ValueError("the objective needs a reference model but none was loaded")
         with torch.no_grad():
-            ref_all = completion_logits(reference, rollout.prompts, rollout.completions, vocab_size)  # [N, T, V]
+            ref_all = completion_logits(reference, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
         ref_logp = token_logp(ref_all, ids) if needs.ref_logp else None  # [N, T]
         ref_logits = ref_all if needs.ref_logits else None
     batch = Batch(
@@ -110,6 +117,21 @@ def score(
     with torch.no_grad():
         mean_entropy = masked_mean(entropy(logits.detach()), mask)  # []
     return batch, mean_entropy
+
+
+@torch.no_grad()
+def greedy_rewards(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: dict[str, list[str]],
+    reward: Callable[[str, str], float],
+    sampling: Sampling,
+) -> Tensor:
+    """Reward of each prompt's greedy completion: [B] (evaluation)."""
+    device = next(model.parameters()).device
+    prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len).to(device)  # [B, P]
+    texts = decode(tokenizer, generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=sampling.max_new_tokens))
+    return torch.tensor([reward(t, a) for t, a in zip(texts, examples["answer"])], dtype=torch.float32, device=device)
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, Tensor]:

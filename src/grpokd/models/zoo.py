@@ -30,13 +30,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
-from grpokd.data import arith
 from grpokd.data.example import Example
 from grpokd.data.rewards import ChoiceReward, NumericReward
-from grpokd.models.scoring import completion_logits, decode, generate, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.data.datamodule import collate
+from grpokd.models.scoring import completion_logits, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.tokenizer import build_tokenizer
 from grpokd.objectives.base import Batch
 from grpokd.objectives.sft import SFT
+from grpokd.rollout import Sampling, greedy_rewards
 
 ZOO_VERSION = 1  # bump when the training code (not a recipe) changes what gets built
 DATA_SEED = 1234
@@ -77,8 +78,9 @@ def cache_dir() -> Path:
 
 
 def recipe_key(recipe: Recipe) -> str:
-    """Hash of everything that determines the built model: recipe, vocabulary, data seed, zoo version."""
-    blob = json.dumps({"recipe": asdict(recipe), "vocab": arith.vocabulary(), "data": DATA_SEED, "v": ZOO_VERSION}, sort_keys=True)
+    """Hash of everything that determines the built model: recipe, tokenizer, data seed, zoo version."""
+    tokenizer = build_tokenizer(recipe.family).backend_tokenizer.to_str()
+    blob = json.dumps({"recipe": asdict(recipe), "tokenizer": tokenizer, "data": DATA_SEED, "v": ZOO_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -158,24 +160,18 @@ def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: 
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
-@torch.no_grad()
 def greedy_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: list[Example], reward, batch_size: int = 100) -> float:
     """Fraction of `data` whose greedy completion earns reward 1."""
     model.eval()
-    correct = 0.0
-    for i in range(0, len(data), batch_size):
-        chunk = data[i : i + batch_size]
-        prompts = tokenize_prompts(tokenizer, [ex.prompt for ex in chunk], PROMPT_LEN)
-        texts = decode(tokenizer, generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=TARGET_LEN))
-        correct += sum(reward(text, ex.answer) for text, ex in zip(texts, chunk))
-    return correct / len(data)
+    sampling = Sampling(max_prompt_len=PROMPT_LEN, max_new_tokens=TARGET_LEN)
+    batches = (collate(data[i : i + batch_size]) for i in range(0, len(data), batch_size))
+    return sum(greedy_rewards(model, tokenizer, b, reward, sampling).sum().item() for b in batches) / len(data)
 
 
 def _build(name: str, recipe: Recipe, target: Path) -> None:
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     tokenizer = build_tokenizer(recipe.family)
     model = init_model(recipe, tokenizer)
     train, test_num, test_mc = training_data()

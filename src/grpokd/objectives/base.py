@@ -21,6 +21,31 @@ class Needs:
     ref_logp: bool = False  # reference log-probs of the scored tokens [N, T]
     ref_logits: bool = False  # reference full-vocabulary logits [N, T, V]
     logits: bool = False  # student full-vocabulary logits [N, T, V], with grad
+    teacher_logp: bool = False  # each teacher's log-probs of the scored tokens [M, N, T] and the weights [M, N, T]
+    teacher_forward: bool = False  # forward-KD mixture at the KD states: pbar and the teachers' mean neg-entropy
+    teacher_reverse: bool = False  # reverse-KD mixture at the KD states: lbar
+    kd_tau: float = 1.0  # temperature of the teachers' (and student's) distributions in the mixtures
+    kd_states: str = "rollouts"  # where the mixtures are evaluated: "rollouts" (the scored tokens) or "gold" solutions
+
+
+@dataclass(frozen=True)
+class KDStates:
+    """Full-vocabulary teacher mixtures and the student's logits at the positions where KD is evaluated.
+
+    Shapes: N' sequences (the rollouts, or the gold solutions), T' tokens, V vocabulary.
+    With p_i = softmax(z_Ti / tau) and weights w_i (sum to 1 at each position, detached):
+      pbar = sum_i w_i p_i                 (forward KD, D_H(T_i || theta))
+      neg_entropy = sum_i w_i sum_a p_i log p_i
+      lbar = sum_i w_i log p_i             (reverse KD, D_H(theta || T_i))
+    so no M x [N', T', V] stack is ever held.
+    """
+
+    logits: Tensor  # [N', T', V] student logits at these positions, with grad, untempered
+    mask: Tensor  # [N', T']
+    tau: float
+    pbar: Tensor | None = None  # [N', T', V]
+    neg_entropy: Tensor | None = None  # [N', T']
+    lbar: Tensor | None = None  # [N', T', V]
 
 
 @dataclass(frozen=True)
@@ -35,6 +60,9 @@ class Batch:
     logits: Tensor | None = None  # [N, T, V] student logits, with grad
     ref_logp: Tensor | None = None  # [N, T]
     ref_logits: Tensor | None = None  # [N, T, V]
+    teacher_logp: Tensor | None = None  # [M, N, T] each teacher's log-probs of the scored tokens
+    teacher_weights: Tensor | None = None  # [M, N, T] w_i at each scored position, detached, sum 1 over M
+    kd: KDStates | None = None
     step: int = 0  # optimiser step, for coefficient schedules
 
 

@@ -1,0 +1,1 @@
+"""Aggregate finished runs (results.json files) into tables."""
