@@ -25,6 +25,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd import rollout as ro
+from grpokd.models.ensemble import TeacherEnsemble
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class GRPOKDModule(L.LightningModule):
         sampling: rollout settings (K, lengths, temperature...).
         optim: optimiser settings.
         reference: frozen reference policy, only when the objective needs one.
+        teachers: the teacher ensemble, only when the objective needs teachers.
         samples_every: log a table of sample completions every this many steps (0: never).
         samples_dir: where samples.jsonl is written (besides W&B tables).
     """
@@ -61,6 +63,7 @@ class GRPOKDModule(L.LightningModule):
         sampling: ro.Sampling,
         optim: Optim,
         reference: PreTrainedModel | None = None,
+        teachers: TeacherEnsemble | None = None,
         samples_every: int = 50,
         samples_dir: str | Path | None = None,
     ) -> None:
@@ -71,39 +74,49 @@ class GRPOKDModule(L.LightningModule):
         self.reward = reward
         self.sampling = sampling
         self.optim = optim
-        self.frozen = {"reference": reference}  # a plain dict: not submodules, not in the checkpoint
+        self.frozen = ro.Frozen(reference, teachers)  # not submodules: not in the optimizer or the checkpoint
         self.samples_every = samples_every
         self.samples_dir = Path(samples_dir) if samples_dir is not None else None
         self.vocab_size = len(tokenizer)
         self.eval_tag = "accuracy"  # test metric key: test/<eval_tag>
         self.val_accuracy = MeanMetric()
         self.test_accuracy = MeanMetric()
-        self._step_start = 0.0
+        self._step_start = 0.0  # perf_counter at the start of the current training batch
+        self._step_tokens = 0.0  # prompt + completion tokens processed in it
 
     # --- training -------------------------------------------------------------------------------
 
-    def frozen_model(self, name: str) -> PreTrainedModel | None:
-        model = self.frozen[name]
-        if model is not None and next(model.parameters()).device != self.device:
-            model.to(self.device)
-        return model
+    def frozen_on_device(self) -> ro.Frozen:
+        """The frozen models, moved to the student's device on first use."""
+        reference, teachers = self.frozen.reference, self.frozen.teachers
+        if reference is not None and next(reference.parameters()).device != self.device:
+            reference.to(self.device)
+        if teachers is not None:
+            teachers.to(self.device)
+        return self.frozen
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Step time from batch start to after the optimiser step (sampling, scoring, backward, update)."""
+        elapsed = time.perf_counter() - self._step_start
+        self.log_dict({"train/step_time_s": elapsed, "train/tokens_per_s": self._step_tokens / elapsed}, batch_size=1)
 
     def training_step(self, examples: dict[str, list[str]], batch_idx: int) -> Tensor:
-        start = time.perf_counter()
         needs = self.objective.needs
+        gold = ro.gold(self.tokenizer, examples, self.sampling, self.device) if ro.needs_gold(needs, self.frozen.teachers) else None
         if needs.rollouts:
             rollout = ro.sample(self.student, self.tokenizer, examples, self.sampling, self.reward)
             temperature = self.sampling.temperature
         else:
-            rollout, temperature = ro.gold(self.tokenizer, examples, self.sampling, self.device), 1.0
-        batch, mean_entropy = ro.score(
-            self.student, rollout, needs, self.vocab_size, self.global_step, self.frozen_model("reference"), temperature
+            rollout, temperature = gold, 1.0
+        batch, score_metrics = ro.score(
+            self.student, rollout, needs, self.vocab_size, self.global_step, self.frozen_on_device(), temperature, gold
         )
         out = self.objective(batch)
-        elapsed = time.perf_counter() - start
-        tokens = rollout.completions.mask.sum() + rollout.prompts.mask.sum() * rollout.group_size
-        metrics = {"loss": out.loss.detach(), "entropy": mean_entropy, **out.metrics, **ro.rollout_metrics(rollout)}
-        metrics |= {"step_time_s": torch.tensor(elapsed), "tokens_per_s": tokens / elapsed}
+        self._step_tokens = float(rollout.completions.mask.sum() + rollout.prompts.mask.sum() * rollout.group_size)
+        metrics = {"loss": out.loss.detach(), **score_metrics, **out.metrics, **ro.rollout_metrics(rollout)}
         metrics["lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         self.log_dict({f"train/{k}": v.float() for k, v in metrics.items()}, batch_size=len(examples["prompt"]))
         self.log("reward", metrics.get("reward_mean", out.loss.detach()), prog_bar=True, logger=False, batch_size=1)

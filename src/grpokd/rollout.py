@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.models.scoring import Tokens, completion_logits, decode, generate, token_logp, tokenize_prompts, tokenize_targets
-from grpokd.objectives.base import Batch, Needs
+from grpokd.objectives.base import Batch, KDStates, Needs
 from grpokd.objectives.terms import entropy, masked_mean
 
 
@@ -79,31 +80,49 @@ def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sam
     return Rollout(prompts, completions, examples["solution"], examples["answer"], None, 1, truncated=none)
 
 
+@dataclass(frozen=True)
+class Frozen:
+    """The no-grad models an objective may need besides the student."""
+
+    reference: PreTrainedModel | None = None
+    teachers: TeacherEnsemble | None = None
+
+
 def score(
     student: PreTrainedModel,
     rollout: Rollout,
     needs: Needs,
     vocab_size: int,
     step: int,
-    reference: PreTrainedModel | None = None,
+    frozen: Frozen = Frozen(),
     temperature: float = 1.0,
-) -> tuple[Batch, Tensor]:
-    """The objective's `Batch` and the student's mean token entropy (detached, for logging).
+    gold: Rollout | None = None,
+) -> tuple[Batch, dict[str, Tensor]]:
+    """The objective's `Batch` and detached logging metrics (entropy, per-teacher KL and weight).
 
-    The student runs once with grad; the reference runs once under no_grad, only
-    when `needs` asks for its log-probs or logits. Both are scored at the
-    sampling `temperature` (1.0 for gold rollouts).
+    The student runs once with grad on the rollout (and once more on the gold
+    solutions only when KD is evaluated there). The reference and each teacher
+    run under no_grad, only when `needs` asks for them. Policy terms are scored
+    at the sampling `temperature` (1.0 for gold rollouts); KD terms use the
+    student's raw logits, tempered by the objective's own tau.
     """
     ids, mask = rollout.completions.ids, rollout.completions.mask.float()  # [N, T]
-    logits = completion_logits(student, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
+    raw = completion_logits(student, rollout.prompts, rollout.completions, vocab_size)  # [N, T, V]
+    logits = raw / temperature  # [N, T, V]
     ref_logp = ref_logits = None
     if needs.ref_logp or needs.ref_logits:
-        if reference is None:
+        if frozen.reference is None:
             raise ValueError("the objective needs a reference model but none was loaded")
         with torch.no_grad():
-            ref_all = completion_logits(reference, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
+            ref_all = completion_logits(frozen.reference, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
         ref_logp = token_logp(ref_all, ids) if needs.ref_logp else None  # [N, T]
         ref_logits = ref_all if needs.ref_logits else None
+    with torch.no_grad():
+        metrics = {"entropy": masked_mean(entropy(logits.detach()), mask)}
+    teacher_logp = teacher_weights = kd = None
+    if needs_teachers(needs):
+        teacher_logp, teacher_weights, kd, teacher_metrics = _score_teachers(student, rollout, raw, needs, vocab_size, frozen.teachers, gold)
+        metrics |= teacher_metrics
     batch = Batch(
         logp=token_logp(logits, ids),  # [N, T]
         mask=mask,
@@ -112,11 +131,57 @@ def score(
         logits=logits if needs.logits else None,
         ref_logp=ref_logp,
         ref_logits=ref_logits,
+        teacher_logp=teacher_logp,
+        teacher_weights=teacher_weights,
+        kd=kd,
         step=step,
     )
-    with torch.no_grad():
-        mean_entropy = masked_mean(entropy(logits.detach()), mask)  # []
-    return batch, mean_entropy
+    return batch, metrics
+
+
+def needs_teachers(needs: Needs) -> bool:
+    return needs.teacher_logp or needs.teacher_forward or needs.teacher_reverse
+
+
+def needs_gold(needs: Needs, teachers: TeacherEnsemble | None) -> bool:
+    """Gold solutions are scored for SFT, for KD on gold states, and for competence weighting."""
+    if not needs.rollouts:
+        return True
+    if not needs_teachers(needs):
+        return False
+    kd_on_gold = (needs.teacher_forward or needs.teacher_reverse) and needs.kd_states == "gold"
+    return kd_on_gold or (teachers is not None and teachers.weighting.needs_gold)
+
+
+def _score_teachers(
+    student: PreTrainedModel, rollout: Rollout, raw: Tensor, needs: Needs, vocab_size: int,
+    teachers: TeacherEnsemble | None, gold: Rollout | None,
+) -> tuple[Tensor | None, Tensor | None, KDStates | None, dict[str, Tensor]]:
+    """Teacher log-probs and weights on the rollout, and the KD mixture at the KD states."""
+    if teachers is None:
+        raise ValueError("the objective needs teachers but none were loaded")
+    mix = needs.teacher_forward or needs.teacher_reverse
+    on_gold = mix and needs.kd_states == "gold"
+    gold_scores = teachers.gold_scores(gold.prompts, gold.completions, vocab_size) if teachers.weighting.needs_gold else None  # [M, B]
+    kd = scores = None
+    if needs.teacher_logp or (mix and not on_gold):
+        scores = teachers.score(
+            rollout.prompts, rollout.completions, raw, vocab_size, needs.kd_tau,
+            forward=needs.teacher_forward and not on_gold, reverse=needs.teacher_reverse and not on_gold,
+            logp=needs.teacher_logp, gold_scores=gold_scores,
+        )
+        if mix and not on_gold:
+            kd = KDStates(raw, rollout.completions.mask.float(), needs.kd_tau, *scores.mixture)
+    if on_gold:
+        gold_raw = completion_logits(student, gold.prompts, gold.completions, vocab_size)  # [B, T', V] with grad
+        gold_side = teachers.score(
+            gold.prompts, gold.completions, gold_raw, vocab_size, needs.kd_tau,
+            forward=needs.teacher_forward, reverse=needs.teacher_reverse, gold_scores=gold_scores,
+        )
+        kd = KDStates(gold_raw, gold.completions.mask.float(), needs.kd_tau, *gold_side.mixture)
+        scores = scores or gold_side
+    metrics = {f"teacher/{key}/{name}": values[i] for key, values in scores.metrics.items() for i, name in enumerate(teachers.names)}
+    return (scores.logp, scores.weights if needs.teacher_logp else None, kd, metrics)
 
 
 @torch.no_grad()

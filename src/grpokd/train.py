@@ -25,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from grpokd.data.datamodule import TaskData
 from grpokd.errors import ConfigError
 from grpokd.models import loading
+from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.module import GRPOKDModule, Optim
-from grpokd.rollout import Sampling
+from grpokd.rollout import Sampling, needs_teachers
 
 MODES = ("train", "eval")
 
@@ -67,6 +68,13 @@ def prepare(cfg: DictConfig) -> Prepared:
     loading.check_name(cfg.model.student, "model.student")
     if cfg.model.get("reference"):
         loading.check_name(cfg.model.reference, "model.reference")
+    if cfg.mode == "train" and needs_teachers(objective.needs):
+        if not cfg.model.teachers:
+            raise ConfigError(f"model.teachers is empty; objective {cfg.objective.name} needs at least one teacher (e.g. model.teachers=[tiny-t5-teacher-s])")
+        for i, teacher in enumerate(cfg.model.teachers):
+            loading.check_name(teacher_spec(teacher)[0], f"model.teachers[{i}]")
+        weighting = instantiate_group(cfg.weighting, "weighting")
+        getattr(weighting, "check", lambda m: None)(len(cfg.model.teachers))
     splits = instantiate_group(cfg.dataset.source, "dataset.source")
     reward = instantiate_group(cfg.dataset.reward, "dataset.reward")
     data = TaskData(splits, seed=cfg.seed, prompt_template=cfg.dataset.prompt_template, **cfg.data)
@@ -84,14 +92,34 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         reference = loading.load_model(ref_name, "model.reference", cfg.model.dtype).requires_grad_(False)
         if ref_name != cfg.model.student:
             loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(ref_name, "model.reference"), cfg.model.student, ref_name)
+    teachers = load_teachers(cfg, tokenizer) if cfg.mode == "train" and needs_teachers(needs) else None
     if cfg.model.disable_dropout:
         for model in (student, reference):
             disable_dropout(model)
     student.train()
     return GRPOKDModule(
         student, tokenizer, prep.objective, prep.reward, prep.sampling, Optim(**cfg.optim), reference=reference,
-        samples_every=cfg.log.samples_every, samples_dir=run_dir,
+        teachers=teachers, samples_every=cfg.log.samples_every, samples_dir=run_dir,
     )
+
+
+def teacher_spec(item: Any) -> tuple[str, str | None]:
+    """A teacher entry is a name, or {name: ..., dtype: ...} for per-teacher options."""
+    if isinstance(item, str):
+        return item, None
+    return item["name"], item.get("dtype")
+
+
+def load_teachers(cfg: DictConfig, tokenizer) -> TeacherEnsemble:
+    """Every teacher of model.teachers, checked to share the student's tokenizer."""
+    models, names = [], []
+    for i, item in enumerate(cfg.model.teachers):
+        name, dtype = teacher_spec(item)
+        role = f"model.teachers[{i}]"
+        loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(name, role), cfg.model.student, f"{role}={name}")
+        models.append(loading.load_model(name, role, dtype or cfg.model.dtype))
+        names.append(Path(name).name)
+    return TeacherEnsemble(models, names, instantiate_group(cfg.weighting, "weighting"), cfg.model.get("teacher_chunk_prompts"))
 
 
 def disable_dropout(model: torch.nn.Module | None) -> None:
