@@ -42,10 +42,11 @@ def measure(objective: str, teachers: int, args: argparse.Namespace) -> dict:
     student = loading.load_model("tiny-t5-student", dtype=dtype).to(device).train()
     reference = loading.load_model("tiny-t5-student", dtype=dtype).to(device)
     names = [("tiny-t5-teacher-s", "tiny-t5-teacher-m")[i % 2] for i in range(teachers)]
-    ensemble = TeacherEnsemble([loading.load_model(n, dtype=dtype).to(device) for n in names], names, Uniform())
-    teacher_bytes = sum(p.numel() * p.element_size() for t in ensemble.teachers for p in t.parameters())
+    models = [loading.load_model(n, dtype=dtype).to(device) for n in names]
+    ensemble = TeacherEnsemble(models, names, Uniform()) if models else None
+    teacher_bytes = sum(p.numel() * p.element_size() for t in models for p in t.parameters())
     objective_fn = J1(lam=0.5, tau=2.0, beta=0.04) if objective == "j1" else GRPO(beta=0.04)
-    frozen = ro.Frozen(reference, ensemble if objective == "j1" else None)
+    frozen = ro.Frozen(reference, ensemble)
     sampling = ro.Sampling(group_size=args.group, max_new_tokens=48, temperature=1.0)
     examples = collate(arith(test_size=args.prompts).test)
     rollout = ro.sample(student, tokenizer, examples, sampling, NumericReward())

@@ -147,6 +147,7 @@ def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str)
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Atomic write: a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)
