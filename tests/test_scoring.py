@@ -96,3 +96,15 @@ def test_generate_returns_k_masked_completions_per_prompt(family):
     assert len(decode(tokenizer, out)) == 6
     greedy = generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=6)
     assert torch.equal(greedy.ids, generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=6).ids)
+
+
+def test_logits_are_sliced_to_the_tokenizer_length_when_the_embedding_is_padded():
+    """Qwen-style families pad embeddings to different sizes; scores must live on the shared vocabulary."""
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer("t5")
+    model = init_model(Recipe("t5", d_model=32, layers=1, heads=2, d_ff=64, steps=0), tokenizer)
+    model.resize_token_embeddings(len(tokenizer) + 8)
+    prompts = tokenize_prompts(tokenizer, [make_arith(1, seed=6)[0].prompt], 64)
+    target = tokenize_targets(tokenizer, [make_arith(1, seed=6)[0].solution], 48)
+    assert completion_logits(model, prompts, target).shape[-1] == len(tokenizer) + 8
+    assert completion_logits(model, prompts, target, vocab_size=len(tokenizer)).shape[-1] == len(tokenizer)

@@ -96,3 +96,25 @@ def test_kd_objectives_on_the_causal_family(quick_cfg):
 def test_bad_teacher_configs_fail_at_start_up(overrides, message, quick_cfg):
     with pytest.raises(ConfigError, match=message):
         prepare(quick_cfg(*overrides))
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_naming_both(quick_cfg, tmp_path):
+    from grpokd.models.tokenizer import build_tokenizer
+    from grpokd.models.zoo import Recipe, init_model
+
+    tokenizer = build_tokenizer("t5")
+    tokenizer.add_tokens(["zebra"])
+    other = tmp_path / "other-teacher"
+    init_model(Recipe("t5", d_model=32, layers=1, heads=2, d_ff=64, steps=0), tokenizer).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ConfigError, match=r"model.teachers\[0\].*other-teacher.*tiny-t5-student"):
+        train(quick_cfg("objective=j1", f"model.teachers=[{other}]"))
+
+
+def test_unknown_weighting_scheme_names_the_choices(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    from conftest import compose
+
+    with pytest.raises(MissingConfigException, match="weighting"):
+        compose(["weighting=popularity"], tmp_path)

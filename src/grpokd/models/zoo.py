@@ -171,6 +171,7 @@ def greedy_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     return sum(greedy_rewards(model, tokenizer, b, reward, sampling).sum().item() for b in batches) / len(data)
 
 
+@torch.enable_grad()  # a first use may come from inside a caller's no_grad block
 def _build(name: str, recipe: Recipe, target: Path) -> None:
     tokenizer = build_tokenizer(recipe.family)
     model = init_model(recipe, tokenizer)
