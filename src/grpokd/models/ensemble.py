@@ -60,8 +60,8 @@ class Static:
         return torch.full(logits.shape[:-1], self.weights[index], device=logits.device).log()  # [N, T]
 
 
-class Confidence:
-    """w_i proportional to exp(-H(p_i) / temperature) at each position: confident teachers weigh more."""
+class _Tempered:
+    """A weighting whose scores are divided by a temperature > 0 before the softmax over teachers."""
 
     needs_gold = False
 
@@ -70,19 +70,18 @@ class Confidence:
             raise ConfigError(f"weighting.temperature={temperature} must be > 0")
         self.temperature = temperature
 
+
+class Confidence(_Tempered):
+    """w_i proportional to exp(-H(p_i) / temperature) at each position: confident teachers weigh more."""
+
     def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
         return -entropy(logits) / self.temperature  # [N, T]
 
 
-class Competence:
+class Competence(_Tempered):
     """w_i(s) proportional to exp(mean token log-likelihood of s's gold solution under teacher i / temperature)."""
 
     needs_gold = True
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        if temperature <= 0:
-            raise ConfigError(f"weighting.temperature={temperature} must be > 0")
-        self.temperature = temperature
 
     def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
         assert gold_score is not None, "Competence weighting needs the gold solutions' scores"
