@@ -28,6 +28,13 @@ def test_objectives_instantiate_and_declare_needs(objective, tmp_path):
     assert isinstance(instantiate_group(cfg.objective, "objective").needs, Needs)
 
 
+def test_the_default_objective_is_j1_with_the_embedded_teachers(tmp_path):
+    """The paper's primary objective, J', is what `python run.py` trains."""
+    cfg = compose([], tmp_path)
+    assert cfg.objective.name == "j1" and cfg.objective.kl_estimator == "full"
+    assert list(cfg.model.teachers) == ["tiny-t5-teacher-s", "tiny-t5-teacher-m"]
+
+
 def test_top_level_hyperparameters_reach_the_objective(tmp_path):
     cfg = compose(["objective=grpo", "beta=0.3", "epsilon=0.1"], tmp_path)
     grpo = instantiate_group(cfg.objective, "objective")
@@ -92,6 +99,9 @@ def test_loggers_instantiate_offline(tmp_path, monkeypatch):
         (["model.student=some-org/some-model-that-is-not-here"], "hf download"),
         (["dataset=gsm8k", "dataset.path=/no/such/dir"], "/no/such/dir"),
         (["mode=predict"], "mode"),
+        (["objective=kdrl", "objective.kd_mask=easy"], "kd_mask='easy' is not one of none, incorrect_only, hard_prompts"),
+        (["objective=tgpo", "objective.target=beam"], "target='beam' is not one of argmax, sampled, topk"),
+        (["objective=kdrl", "model.teachers=[]"], "model.teachers is empty"),
     ],
 )
 def test_bad_configs_fail_at_start_up_with_the_key_named(overrides, message, tmp_path, monkeypatch):

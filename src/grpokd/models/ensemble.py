@@ -172,6 +172,7 @@ class TeacherEnsemble:
         mixer = TeacherMixer(tau, forward=forward, reverse=reverse) if (forward or reverse) else None
         mask = completions.mask.float()  # [n, T]
         student_logq = student_logits.float().log_softmax(-1)  # [n, T, V]
+        student_q = student_logq.exp()  # [n, T, V]
         log_weights, logps, kl_fwd, kl_rev = [], [], [], []
         for i, teacher in enumerate(self.teachers):
             logits = completion_logits(teacher, prompts, completions, vocab_size)  # [n, T, V]
@@ -182,9 +183,10 @@ class TeacherEnsemble:
             if logp:
                 logps.append(token_logp(logits, completions.ids))  # [n, T]
             log_p = logits.float().log_softmax(-1)  # [n, T, V]
-            kl_fwd.append(masked_mean((log_p.exp() * (log_p - student_logq)).sum(-1), mask))  # KL(T_i || theta)
-            kl_rev.append(masked_mean((student_logq.exp() * (student_logq - log_p)).sum(-1), mask))  # KL(theta || T_i)
-            del logits, log_p  # one teacher's [n, T, V] at a time
+            diff = log_p - student_logq  # [n, T, V]
+            kl_fwd.append(masked_mean(torch.linalg.vecdot(log_p.exp_(), diff), mask))  # KL(T_i || theta)
+            kl_rev.append(masked_mean(-torch.linalg.vecdot(student_q, diff), mask))  # KL(theta || T_i)
+            del logits, log_p, diff  # one teacher's [n, T, V] at a time
         return _Chunk(
             weights=torch.stack(log_weights).softmax(0),  # [M, n, T]
             logp=torch.stack(logps) if logp else None,  # [M, n, T]

@@ -1,0 +1,69 @@
+"""TeacherEnsemble on the embedded T5 teachers: its metrics, chunking and mixtures against direct computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpokd.models import loading
+from grpokd.models.ensemble import Confidence, TeacherEnsemble, Uniform
+from grpokd.models.scoring import completion_logits, generate, token_logp, tokenize_prompts
+from grpokd.objectives.terms import hinton_kd, masked_mean
+
+pytestmark = pytest.mark.slow
+
+NAMES = ["tiny-t5-teacher-s", "tiny-t5-teacher-m"]
+
+
+@pytest.fixture(scope="module")
+def scored():
+    """Sampled completions of 3 prompts x 4, the student's logits on them, and each teacher's logits."""
+    torch.manual_seed(0)
+    tokenizer = loading.load_tokenizer("tiny-t5-student")
+    student = loading.load_model("tiny-t5-student")
+    prompts = tokenize_prompts(tokenizer, ["what is 3 + 4 ?", "what is 12 - 5 ?", "tom has 6 apples and eats 2 . how many are left ?"], 64)
+    completions = generate(student, tokenizer, prompts, 4, 24, do_sample=True, temperature=1.0, top_k=0)
+    with torch.no_grad():
+        student_logits = completion_logits(student, prompts, completions, len(tokenizer))  # [12, T, V]
+        teacher_logits = [completion_logits(loading.load_model(n), prompts, completions, len(tokenizer)) for n in NAMES]
+    return tokenizer, prompts, completions, student_logits, teacher_logits
+
+
+def test_per_teacher_metrics_are_the_kls_to_the_student(scored):
+    tokenizer, prompts, completions, student_logits, teacher_logits = scored
+    ensemble = TeacherEnsemble([loading.load_model(n) for n in NAMES], NAMES, Uniform())
+    scores = ensemble.score(prompts, completions, student_logits, len(tokenizer), logp=True)
+    mask = completions.mask.float()
+    for i, z in enumerate(teacher_logits):
+        assert torch.allclose(scores.metrics["kl_fwd"][i], masked_mean(hinton_kd(z, student_logits, 1.0), mask), atol=1e-5)
+        assert torch.allclose(scores.metrics["kl_rev"][i], masked_mean(hinton_kd(student_logits, z, 1.0), mask), atol=1e-5)
+        assert torch.allclose(scores.logp[i], token_logp(z, completions.ids), atol=1e-5)
+    assert torch.allclose(scores.metrics["weight"], torch.tensor([0.5, 0.5]))
+    assert scores.metrics["kl_fwd"].min() > 0.01  # the teachers differ from the student, so the check above has teeth
+
+
+def test_chunked_scoring_equals_one_pass(scored):
+    """chunk_prompts bounds memory without changing any output (confidence weights: per position)."""
+    tokenizer, prompts, completions, student_logits, _ = scored
+    teachers = [loading.load_model(n) for n in NAMES]
+    whole = TeacherEnsemble(teachers, NAMES, Confidence()).score(
+        prompts, completions, student_logits, len(tokenizer), tau=2.0, forward=True, reverse=True, logp=True)
+    chunked = TeacherEnsemble(teachers, NAMES, Confidence(), chunk_prompts=2).score(
+        prompts, completions, student_logits, len(tokenizer), tau=2.0, forward=True, reverse=True, logp=True)
+    for a, b in zip([whole.weights, whole.logp, *whole.mixture], [chunked.weights, chunked.logp, *chunked.mixture]):
+        assert torch.allclose(a, b, atol=1e-5)
+    for key in whole.metrics:
+        assert torch.allclose(whole.metrics[key], chunked.metrics[key], atol=1e-5), key
+
+
+def test_confidence_mixture_equals_the_naive_weighted_sum(scored):
+    tokenizer, prompts, completions, student_logits, teacher_logits = scored
+    ensemble = TeacherEnsemble([loading.load_model(n) for n in NAMES], NAMES, Confidence(temperature=0.5))
+    scores = ensemble.score(prompts, completions, student_logits, len(tokenizer), tau=2.0, forward=True, reverse=True)
+    log_p = torch.stack([z.log_softmax(-1) for z in teacher_logits])  # [M, N, T, V]
+    weights = ((log_p.exp() * log_p).sum(-1) / 0.5).softmax(0)  # [M, N, T] softmax of -H / temperature
+    tempered = torch.stack([(z / 2.0).log_softmax(-1) for z in teacher_logits])  # [M, N, T, V]
+    assert torch.allclose(scores.weights, weights, atol=1e-5)
+    assert torch.allclose(scores.mixture.pbar, (weights[..., None] * tempered.exp()).sum(0), atol=1e-5)
+    assert torch.allclose(scores.mixture.lbar, (weights[..., None] * tempered).sum(0), atol=1e-4)
+    assert not torch.allclose(weights[0], weights[1])  # weights vary by position, so the check has teeth
