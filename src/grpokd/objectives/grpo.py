@@ -122,7 +122,7 @@ class GRPO:
 
         Args:
             batch: logp, mask, old_logp (None: on-policy), and the KL's inputs when beta > 0.
-            adv: [N] advantages.
+            adv: [N] advantages (or [N, T] per-token ones, e.g. KDRL's k1 placement).
 
         Returns:
             (per-token loss [N, T], metrics: policy_loss, clip_low, clip_high, clip_region, kl if beta > 0).

@@ -20,6 +20,7 @@ AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 RATIO_LEVELS = ("token", "sequence")
 SAMPLED_KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_ESTIMATORS = (*SAMPLED_KL_ESTIMATORS, "full")
+SCHEDULES = ("constant", "linear")
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -141,14 +142,14 @@ def clipped_surrogate(
     and the gradient is cut).
 
     Args:
-        log_ratio: [N, T] log rho; adv: [N] one advantage per completion.
+        log_ratio: [N, T] log rho; adv: [N] one advantage per completion, or [N, T] one per token.
         eps_low, eps_high: the clip range's distances below and above 1.
 
     Returns:
         (surrogate [N, T], is_low_clipped [N, T] bool, is_high_clipped [N, T] bool).
     """
     rho = torch.exp(log_ratio)  # [N, T]
-    a = adv[:, None]  # [N, 1]
+    a = adv[:, None] if adv.dim() == 1 else adv  # [N, 1] or [N, T]
     unclipped = rho * a  # [N, T]
     clipped = torch.clamp(rho, 1.0 - eps_low, 1.0 + eps_high) * a  # [N, T]
     surrogate = torch.minimum(unclipped, clipped)  # [N, T]
@@ -180,6 +181,28 @@ def kl_sampled(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     if estimator == "k2":
         return 0.5 * log_r**2
     return torch.exp(log_r) - log_r - 1.0
+
+
+def linear_decay(start: float, step: int, decay: float = 0.0, floor: float = 0.0) -> float:
+    """A coefficient schedule: max(start - decay * step, floor); decay = 0 is a constant.
+
+    Args:
+        start: the value at step 0; step: optimiser step >= 0; decay: >= 0 per step; floor: the minimum.
+    """
+    return max(start - decay * step, floor)
+
+
+def check_schedule(key: str, start: float, schedule: str, decay: float, floor: float) -> None:
+    """Validate a `linear_decay` schedule named `key` ("constant" needs decay 0)."""
+    check_choice(f"{key}_schedule", schedule, SCHEDULES)
+    if start < 0 or floor < 0:
+        raise ValueError(f"{key}={start} and its floor {floor} must be >= 0")
+    if decay < 0:
+        raise ValueError(f"{key} decay={decay} must be >= 0")
+    if floor > start:
+        raise ValueError(f"{key}={start} is below its floor {floor}")
+    if schedule == "constant" and decay != 0:
+        raise ValueError(f"{key}_schedule=constant with decay={decay}: use {key}_schedule=linear to decay")
 
 
 def kl_full(logits: Tensor, ref_logits: Tensor) -> Tensor:
