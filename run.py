@@ -7,23 +7,41 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from grpokd.errors import ConfigError
-from grpokd.train import train
+from grpokd.train import read_results, train, write_json
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
-    except ConfigError as err:
-        if not (Path(cfg.run_dir) / "results.json").exists():
-            shutil.rmtree(cfg.run_dir, ignore_errors=True)  # leave nothing that looks like a run
+    except Exception as err:
+        run_dir = Path(cfg.run_dir)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # one job of a sweep: leave a failure record for the sweep's table; Hydra runs the other jobs
+            if read_results(run_dir).get("status") != "complete":
+                write_json(run_dir / "results.json", failure(cfg, err))
+            raise
+        if not isinstance(err, ConfigError):
+            raise
+        if not (run_dir / "results.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # leave nothing that looks like a run
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"run directory: {results['run_dir']}")
     return results.get("test/accuracy_after", results.get("test/accuracy"))
+
+
+def failure(cfg: DictConfig, err: Exception) -> dict:
+    """What results.json holds for a failed sweep job."""
+    return {
+        "objective": cfg.objective.name, "dataset": cfg.dataset.name, "model": cfg.model.student, "seed": cfg.seed,
+        "mode": cfg.mode, "status": "failed", "error": f"{type(err).__name__}: {err}".splitlines()[0],
+    }
 
 
 if __name__ == "__main__":

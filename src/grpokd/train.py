@@ -20,10 +20,12 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from grpokd.data.datamodule import TaskData
 from grpokd.errors import ConfigError
+from grpokd.loggers import csv_logger
 from grpokd.models import loading
 from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.module import GRPOKDModule, Optim
@@ -130,13 +132,15 @@ def disable_dropout(model: torch.nn.Module | None) -> None:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") else []
+    if cfg.log.get("csv") and not any(isinstance(lg, CSVLogger) for lg in loggers):
+        loggers.append(csv_logger(str(run_dir)))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every)
     ]
-    return hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+    return hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir))
 
 
 def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str) -> float:
@@ -153,9 +157,24 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def read_results(run_dir: str | Path) -> dict[str, Any]:
+    """The run's results.json, or {} when there is none (or it cannot be read)."""
+    try:
+        return json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job (train or eval) described by `cfg`; returns what results.json holds."""
+    """Run one job (train or eval) described by `cfg`; returns what results.json holds.
+
+    With `skip_complete`, a run directory whose results.json says complete is returned as is.
+    """
     run_dir = Path(cfg.run_dir)
+    if cfg.get("skip_complete"):
+        done = read_results(run_dir)
+        if done.get("status") == "complete":
+            return done
     prep = prepare(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = time.time()

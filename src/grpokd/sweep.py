@@ -1,0 +1,272 @@
+"""The engine of `sweep.py`: a grid of rows x datasets x seeds, run as Hydra multiruns of run.py, then reported.
+
+A sweep file (conf/sweep/*.yaml) names:
+- `rows`, in table order: `student` (greedy test accuracy of the untrained
+  student), `teachers` (one such row per `model.teachers` entry), an objective
+  name (a training row), or a custom `{name, objective | eval, overrides}`;
+- `datasets` (dataset config options), `seeds`, the `model` option;
+- `overrides` for every job and `row_overrides` per row;
+- `grid`: hyperparameters to sweep, expanded only in the rows whose objective
+  config uses them (`${gamma}` appears in j3.yaml, not in j1.yaml), so no row is
+  run twice for a value it ignores.
+
+Each row (and grid point) is one `python run.py -m ...` over its datasets and
+seeds, so any Hydra launcher runs the jobs (`launcher=joblib`, a SLURM
+launcher, ...). Job directories are fixed, `<out>/<row>/<dataset>/s<seed>`, and
+jobs run with `skip_complete=true`, so rerunning a sweep only runs what is not
+complete. A failed job leaves `results.json` with `status: failed` and its
+error; the table marks it and the sweep exits with status 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from grpokd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "conf"
+LABELS = {"sft": "SFT", "grpo": "GRPO", "j1": "J'", "j2": "J''", "j3": "J'''", "kdrl": "KDRL", "tgpo": "TGPO"}
+EVAL_ROWS = ("student", "teachers")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a training objective (at one grid point) or an evaluated model."""
+
+    label: str  # as printed, e.g. "J''' (gamma=0.5)"
+    key: str  # its directory under the sweep directory
+    overrides: tuple[str, ...]  # run.py overrides that make this row
+    seeds: tuple[int, ...]
+    is_eval: bool = False
+    objective: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    row: Row
+    dataset: str  # the dataset config option (arith, gsm8k, ...)
+    dataset_name: str  # its `dataset.name` (the job directory)
+    seed: int
+    dir: Path
+
+
+def objectives() -> list[str]:
+    return sorted(p.stem for p in (CONF / "objective").glob("*.yaml"))
+
+
+def uses(objective: str, key: str) -> bool:
+    """Whether the objective's config interpolates the top-level hyperparameter `key` (e.g. ${gamma})."""
+    return "${" + key + "}" in (CONF / "objective" / f"{objective}.yaml").read_text()
+
+
+def override_key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def merge_overrides(*groups: list[str] | tuple[str, ...]) -> list[str]:
+    """Concatenate override lists; a later value for the same key replaces the earlier one (Hydra rejects repeats)."""
+    merged: dict[str, str] = {}
+    for group in groups:
+        for item in group:
+            merged.pop(override_key(item), None)
+            merged[override_key(item)] = item
+    return list(merged.values())
+
+
+def slug(text: str) -> str:
+    """A directory name safe inside a Hydra override (no '=', ',', spaces or quotes)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def teacher_names(model_cfg: DictConfig) -> list[str]:
+    return [t if isinstance(t, str) else t["name"] for t in model_cfg.teachers or []]
+
+
+def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
+    """The sweep file's rows, expanded (teachers, grid points), checked; raises ConfigError on an unknown row."""
+    known = objectives()
+    seeds = tuple(int(s) for s in spec.seeds)
+    grid = {str(k): list(v) for k, v in (spec.get("grid") or {}).items()}
+    for key, values in grid.items():
+        if not values:
+            raise ConfigError(f"sweep.grid.{key} is empty; give at least one value")
+    extra = {str(k): list(v) for k, v in (spec.get("row_overrides") or {}).items()}
+    rows: list[Row] = []
+    for entry in spec.rows:
+        if isinstance(entry, str) and entry == "student":
+            rows.append(Row("student (no training)", "student", ("mode=eval", *extra.get("student", [])), seeds[:1], True))
+        elif isinstance(entry, str) and entry == "teachers":
+            if not teachers:
+                raise ConfigError("sweep row 'teachers': the model config lists no teachers")
+            for name in teachers:
+                overrides = ("mode=eval", f"model.student={name}", *extra.get("teachers", []))
+                rows.append(Row(f"teacher: {name}", slug(f"teacher-{name}"), overrides, seeds[:1], True))
+        elif isinstance(entry, str) and entry in known:
+            rows.extend(objective_rows(entry, LABELS.get(entry, entry), entry, extra.get(entry, []), grid, seeds))
+        elif isinstance(entry, (dict, DictConfig)) and entry.get("name"):
+            rows.extend(custom_rows(entry, grid, seeds, known))
+        else:
+            raise ConfigError(
+                f"sweep row {OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry!r} is not one of "
+                f"{', '.join(EVAL_ROWS)}, an objective ({', '.join(known)}) or a {{name, objective|eval, overrides}} mapping"
+            )
+    keys = [r.key for r in rows]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"sweep rows repeat: {', '.join(k for k in keys if keys.count(k) > 1)}; give custom rows distinct names")
+    return rows
+
+
+def objective_rows(objective: str, label: str, key: str, overrides: list[str], grid: dict[str, list], seeds: tuple[int, ...]) -> list[Row]:
+    """One row per point of the grid restricted to the hyperparameters `objective` uses."""
+    used = [k for k in grid if uses(objective, k)]
+    rows = []
+    for values in itertools.product(*(grid[k] for k in used)):
+        point = dict(zip(used, values))
+        suffix = ", ".join(f"{k}={v}" for k, v in point.items())
+        rows.append(Row(
+            label=f"{label} ({suffix})" if suffix else label,
+            key=slug(f"{key}-{suffix}") if suffix else slug(key),
+            overrides=(f"objective={objective}", *(f"{k}={v}" for k, v in point.items()), *overrides),
+            seeds=seeds, objective=objective,
+        ))
+    return rows
+
+
+def custom_rows(entry: DictConfig, grid: dict[str, list], seeds: tuple[int, ...], known: list[str]) -> list[Row]:
+    name, overrides = str(entry["name"]), list(entry.get("overrides") or [])
+    if entry.get("eval"):
+        return [Row(name, slug(name), ("mode=eval", *overrides), seeds[:1], True)]
+    objective = entry.get("objective")
+    if objective not in known:
+        raise ConfigError(f"sweep row {name!r}: objective {objective!r} is not one of {', '.join(known)}")
+    return objective_rows(objective, name, name, overrides, grid, seeds)
+
+
+def job_overrides(spec: DictConfig, row: Row, dataset: str) -> list[str]:
+    """run.py overrides of one (row, dataset) job, without the seed and the Hydra settings."""
+    return merge_overrides([f"model={spec.model}", f"dataset={dataset}"], list(spec.get("overrides") or []), list(row.overrides))
+
+
+def check(spec: DictConfig, rows: list[Row], compose: Callable[[list[str]], DictConfig]) -> dict[str, str]:
+    """Every start-up check of every (row, dataset) before anything runs; returns {dataset option: dataset.name}.
+
+    Raises ConfigError naming the row and dataset (bad override, unknown model,
+    missing data, a dataset without a test split, ...).
+    """
+    from grpokd.train import prepare
+
+    names = {}
+    for row, dataset in itertools.product(rows, spec.datasets):
+        where = f"sweep row {row.label!r}, dataset {dataset!r}"
+        try:
+            cfg = compose(job_overrides(spec, row, dataset))
+            prep = prepare(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
+        except Exception as err:  # Hydra's composition errors: unknown key or group option
+            raise ConfigError(f"{where}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+        if not prep.data.test_set:
+            raise ConfigError(f"{where}: the dataset has no test examples; the table needs a test split")
+        names[dataset] = cfg.dataset.name
+    return names
+
+
+def plan_jobs(spec: DictConfig, rows: list[Row], names: dict[str, str], out: Path) -> list[Job]:
+    return [
+        Job(row, dataset, names[dataset], seed, out / row.key / names[dataset] / f"s{seed}")
+        for row in rows for dataset in spec.datasets for seed in row.seeds
+    ]
+
+
+def multirun_command(spec: DictConfig, row: Row, out: Path, launcher: str, logger: list[str]) -> list[str]:
+    """`python run.py -m ...` for one row over all its datasets and seeds."""
+    overrides = merge_overrides(
+        [f"model={spec.model}"], list(spec.get("overrides") or []), list(row.overrides),
+        [
+            f"dataset={','.join(spec.datasets)}", f"seed={','.join(str(s) for s in row.seeds)}",
+            "skip_complete=true", "log.csv=true", *logger, f"run_name={row.key}-${{dataset.name}}-s${{seed}}",
+            f"hydra.sweep.dir='{out / row.key}'", "hydra.sweep.subdir=${dataset.name}/s${seed}", f"hydra/launcher={launcher}",
+        ],
+    )
+    return [sys.executable, str(REPO / "run.py"), "-m", *overrides]
+
+
+def status(job: Job) -> dict[str, Any]:
+    from grpokd.train import read_results
+
+    results = read_results(job.dir)
+    return results or {"status": "missing", "error": "no results.json (the job did not run or was killed)"}
+
+
+def run_rows(spec: DictConfig, rows: list[Row], jobs: list[Job], out: Path, launcher: str, logger: list[str], echo: Callable[[str], None] = print) -> None:
+    """Launch one multirun per row that has jobs left; a failing row does not stop the others."""
+    for i, row in enumerate(rows, 1):
+        mine = [j for j in jobs if j.row == row]
+        todo = [j for j in mine if status(j).get("status") != "complete"]
+        echo(f"[{i}/{len(rows)}] {row.label}: {len(mine)} jobs, {len(mine) - len(todo)} complete" + ("" if todo else ", skipped"))
+        if todo:
+            done = subprocess.run(multirun_command(spec, row, out, launcher, logger), cwd=REPO)
+            if done.returncode != 0:
+                echo(f"[{i}/{len(rows)}] {row.label}: some jobs failed (exit status {done.returncode}); see the table")
+
+
+def report(rows: list[Row], jobs: list[Job], out: Path, title: str) -> tuple[str, list[Path], int]:
+    """table.md, table.csv and the figures in `out`; returns (markdown, figure paths, number of failed jobs)."""
+    from grpokd.report import curves, table
+
+    statuses = [status(j) for j in jobs]
+    labels, datasets, cells = table.build(jobs, statuses)
+    text = table.write(out, labels, datasets, cells, title)
+    trained = [r for r in rows if not r.is_eval]
+    figures: list[Path] = []
+    rewards: dict[str, dict[str, curves.Curve]] = {}
+    accuracy: dict[str, dict[str, curves.Curve]] = {}
+    for dataset in dict.fromkeys(j.dataset_name for j in jobs):
+        def mean(row: Row, key: str) -> curves.Curve:
+            return curves.mean_curve([curves.read_metric(j.dir, key) for j in jobs if j.row == row and j.dataset_name == dataset])
+
+        losses = {r.label: mean(r, "train/loss") for r in trained}
+        losses = {k: v for k, v in losses.items() if v[0]}
+        if losses:
+            path = out / f"loss_{slug(dataset)}.png"
+            curves.plot_losses(losses, f"{title}: training loss on {dataset} (dashed: power-law fit)", path)
+            figures.append(path)
+        rewards[dataset] = {r.label: c for r in trained if (c := mean(r, "train/reward_mean"))[0]}
+        accuracy[dataset] = {r.label: c for r in trained if (c := mean(r, "val/accuracy"))[0]}
+    if any(rewards.values()) or any(accuracy.values()):
+        path = out / "reward_accuracy.png"
+        curves.plot_progress(rewards, accuracy, path)
+        figures.append(path)
+    failed = sum(1 for s in statuses if s.get("status") != "complete")
+    return text, figures, failed
+
+
+def log_summary(out: Path, group: str, text: str, figures: list[Path], project: str = "grpokd") -> None:
+    """A W&B run in the sweep's group holding the table (as a W&B table and markdown) and the figures."""
+    import csv
+
+    import wandb
+
+    from grpokd.loggers import wandb_credentials, wandb_reachable
+
+    mode = None if os.environ.get("WANDB_MODE") else ("online" if wandb_credentials() and wandb_reachable() else "offline")
+    run = wandb.init(project=project, group=group, name=f"{group}-summary", job_type="summary", dir=str(out), mode=mode, reinit="finish_previous")
+    with open(out / "table.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    run.log({
+        "table": wandb.Table(columns=rows[0], data=rows[1:]),
+        "table_md": wandb.Html(f"<pre>{text}</pre>"),
+        **{f"figures/{p.stem}": wandb.Image(str(p)) for p in figures},
+    })
+    run.finish()

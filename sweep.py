@@ -1,0 +1,47 @@
+"""The ablation table: `python sweep.py [sweep=default|quick|paper_table1] [launcher=joblib] [wandb=true] [key=value ...]`.
+
+Runs every (row, dataset, seed) job of conf/sweep/<sweep>.yaml through Hydra
+multiruns of run.py (see grpokd.sweep), skipping complete ones, then writes
+table.md, table.csv and the figures into the sweep directory (`out`).
+Exit status 0 when every job completed, 1 when some failed (they are marked
+in the table), 2 on a bad sweep file or override (nothing runs).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from grpokd import sweep as sw
+from grpokd.errors import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sweeps")
+def main(cfg: DictConfig) -> None:
+    spec, out = cfg.sweep, Path(cfg.out).resolve()
+    try:
+        base = hydra.compose(config_name="config", overrides=[f"model={spec.model}"])
+        rows = sw.plan_rows(spec, sw.teacher_names(base.model))
+        names = sw.check(spec, rows, lambda overrides: hydra.compose(config_name="config", overrides=overrides))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    jobs = sw.plan_jobs(spec, rows, names, out)
+    print(f"sweep {spec.name}: {len(rows)} rows x {len(spec.datasets)} datasets, {len(jobs)} jobs -> {out}")
+    logger = ["logger=wandb", f"logger.group={cfg.wandb_group}"] if cfg.wandb else ["logger=none"]
+    sw.run_rows(spec, rows, jobs, out, cfg.launcher, logger)
+    text, figures, failed = sw.report(rows, jobs, out, f"sweep {spec.name}")
+    if cfg.wandb:
+        sw.log_summary(out, cfg.wandb_group, text, figures)
+    print(text)
+    print(f"table: {out / 'table.md'}, {out / 'table.csv'}; figures: {', '.join(p.name for p in figures) or 'none'}")
+    if failed:
+        print(f"{failed} of {len(jobs)} jobs failed; they are marked in the table", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
