@@ -67,3 +67,26 @@ def test_confidence_mixture_equals_the_naive_weighted_sum(scored):
     assert torch.allclose(scores.mixture.pbar, (weights[..., None] * tempered.exp()).sum(0), atol=1e-5)
     assert torch.allclose(scores.mixture.lbar, (weights[..., None] * tempered).sum(0), atol=1e-4)
     assert not torch.allclose(weights[0], weights[1])  # weights vary by position, so the check has teeth
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_kdrl_kd_is_zero_when_the_teacher_is_the_student(temperature):
+    """Teachers are scored at the sampling temperature for KDRL, so a copy of the student gives exactly GRPO."""
+    from grpokd import rollout as ro
+    from grpokd.data.datamodule import collate
+    from grpokd.data.rewards import NumericReward
+    from grpokd.data.sources import arith
+    from grpokd.objectives.grpo import GRPO
+    from grpokd.objectives.kdrl import KDRL
+
+    torch.manual_seed(0)
+    tokenizer = loading.load_tokenizer("tiny-t5-student")
+    student = loading.load_model("tiny-t5-student")
+    ensemble = TeacherEnsemble([loading.load_model("tiny-t5-student")], ["copy"], Uniform())
+    sampling = ro.Sampling(group_size=4, max_new_tokens=24, temperature=temperature)
+    rollout = ro.sample(student, tokenizer, collate(arith(test_size=4).test), sampling, NumericReward())
+    kdrl = KDRL(beta_kd=1.0, beta=0.0)
+    batch, _ = ro.score(student, rollout, kdrl.needs, len(tokenizer), 0, ro.Frozen(None, ensemble), temperature)
+    out = kdrl(batch)
+    assert abs(float(out.metrics["kd_reverse_kl"])) < 1e-5
+    assert torch.allclose(out.loss, GRPO(beta=0.0)(batch).loss, atol=1e-6)

@@ -121,7 +121,7 @@ def score(
         metrics = {"entropy": masked_mean(entropy(logits.detach()), mask)}
     teacher_logp = teacher_weights = kd = None
     if needs_teachers(needs):
-        teacher_logp, teacher_weights, kd, teacher_metrics = _score_teachers(student, rollout, raw, needs, vocab_size, frozen.teachers, gold)
+        teacher_logp, teacher_weights, kd, teacher_metrics = _score_teachers(student, rollout, raw, needs, vocab_size, frozen.teachers, gold, temperature)
         metrics |= teacher_metrics
     batch = Batch(
         logp=token_logp(logits, ids),  # [N, T]
@@ -155,7 +155,7 @@ def needs_gold(needs: Needs, teachers: TeacherEnsemble | None) -> bool:
 
 def _score_teachers(
     student: PreTrainedModel, rollout: Rollout, raw: Tensor, needs: Needs, vocab_size: int,
-    teachers: TeacherEnsemble | None, gold: Rollout | None,
+    teachers: TeacherEnsemble | None, gold: Rollout | None, temperature: float,
 ) -> tuple[Tensor | None, Tensor | None, KDStates | None, dict[str, Tensor]]:
     """Teacher log-probs and weights on the rollout, and the KD mixture at the KD states."""
     if teachers is None:
@@ -168,7 +168,7 @@ def _score_teachers(
         scores = teachers.score(
             rollout.prompts, rollout.completions, raw, vocab_size, needs.kd_tau,
             forward=needs.teacher_forward and not on_gold, reverse=needs.teacher_reverse and not on_gold,
-            logp=needs.teacher_logp, gold_scores=gold_scores,
+            logp=needs.teacher_logp, logp_temperature=temperature if needs.teacher_logp_tempered else 1.0, gold_scores=gold_scores,
         )
         if mix and not on_gold:
             kd = KDStates(raw, rollout.completions.mask.float(), needs.kd_tau, *scores.mixture)

@@ -145,10 +145,12 @@ class TeacherEnsemble:
         reverse: bool = False,
         logp: bool = False,
         gold_scores: Tensor | None = None,
+        logp_temperature: float = 1.0,
     ) -> TeacherScores:
         """Score completions [N, T] of prompts [B, P] (N = B*K) with every teacher, one at a time.
 
         `student_logits` [N, T, V] (detached here) only feed the per-teacher KL metrics.
+        `logp` asks for each teacher's log-probs of the completion tokens at `logp_temperature`.
         `gold_scores` [M, B] are required by competence weighting.
         """
         group = completions.ids.shape[0] // prompts.ids.shape[0]
@@ -158,7 +160,7 @@ class TeacherEnsemble:
                 Tokens(prompts.ids[b : b + chunk], prompts.mask[b : b + chunk]),
                 Tokens(completions.ids[b * group : (b + chunk) * group], completions.mask[b * group : (b + chunk) * group]),
                 student_logits[b * group : (b + chunk) * group].detach(),
-                vocab_size, tau, forward, reverse, logp,
+                vocab_size, tau, forward, reverse, logp, logp_temperature,
                 None if gold_scores is None else gold_scores[:, b : b + chunk].repeat_interleave(group, 1),
             )
             for b in range(0, prompts.ids.shape[0], chunk)
@@ -167,7 +169,7 @@ class TeacherEnsemble:
 
     def _score_rows(
         self, prompts: Tokens, completions: Tokens, student_logits: Tensor, vocab_size: int, tau: float,
-        forward: bool, reverse: bool, logp: bool, gold_score: Tensor | None,
+        forward: bool, reverse: bool, logp: bool, logp_temperature: float, gold_score: Tensor | None,
     ) -> _Chunk:
         mixer = TeacherMixer(tau, forward=forward, reverse=reverse) if (forward or reverse) else None
         mask = completions.mask.float()  # [n, T]
@@ -181,7 +183,7 @@ class TeacherEnsemble:
             if mixer is not None:
                 mixer.add(logits, log_weight=log_weight)
             if logp:
-                logps.append(token_logp(logits, completions.ids))  # [n, T]
+                logps.append(token_logp(logits / logp_temperature, completions.ids))  # [n, T]
             log_p = logits.float().log_softmax(-1)  # [n, T, V]
             diff = log_p - student_logq  # [n, T, V]
             kl_fwd.append(masked_mean(torch.linalg.vecdot(log_p.exp_(), diff), mask))  # KL(T_i || theta)

@@ -22,6 +22,7 @@ class Needs:
     ref_logits: bool = False  # reference full-vocabulary logits [N, T, V]
     logits: bool = False  # student full-vocabulary logits [N, T, V], with grad
     teacher_logp: bool = False  # each teacher's log-probs of the scored tokens [M, N, T] and the weights [M, N, T]
+    teacher_logp_tempered: bool = False  # those log-probs at the sampling temperature (as the reference's), not 1
     teacher_forward: bool = False  # forward-KD mixture at the KD states: pbar and the teachers' mean neg-entropy
     teacher_reverse: bool = False  # reverse-KD mixture at the KD states: lbar
     kd_tau: float = 1.0  # temperature of the teachers' (and student's) distributions in the mixtures

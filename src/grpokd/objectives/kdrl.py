@@ -23,9 +23,12 @@ Schedule: `constant` beta_kd, or `linear`: beta_t = max(beta_kd - decay * step, 
 Multiple teachers: pi_T is the weighted mixture at each token,
 log pi_T = logsumexp_i(log w_i + log pi_Ti), with the ensemble's weighting.
 
-Temperatures: logp is the student's sampling policy (the scored temperature,
-as GRPO's), log pi_Ti each teacher's own distribution at temperature 1. The
-KD term is reduced with this objective's aggregation over the completion mask.
+Temperatures: the KL is between the tempered policies, as GRPO's KL to the
+reference: logp is the student's sampling policy (softmax(z / temperature))
+and the teachers are scored at the same temperature, so a student equal to
+its teacher has zero KD at any temperature (with temperature 1, the KDRL
+paper's setting, it is the models' own KL). The KD term is reduced with this
+objective's aggregation over the completion mask.
 """
 
 from __future__ import annotations
@@ -113,8 +116,8 @@ class KDRL(GRPO):
 
     @property
     def needs(self) -> Needs:
-        """GRPO's, plus each teacher's log-probs of the sampled tokens (and weights) when beta_kd > 0."""
-        return replace(super().needs, teacher_logp=self.beta_kd > 0)
+        """GRPO's, plus each teacher's log-probs of the sampled tokens (tempered as the policy) and weights when beta_kd > 0."""
+        return replace(super().needs, teacher_logp=self.beta_kd > 0, teacher_logp_tempered=True)
 
     def coefficient(self, step: int) -> float:
         """beta_kd at optimiser step `step`."""

@@ -1,0 +1,217 @@
+"""sweep.py: planning the grid, the table, the curves and fits, and whole sweeps on the embedded models."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO, compose
+from grpokd import sweep as sw
+from grpokd.errors import ConfigError
+from grpokd.report import curves, table
+
+TEACHERS = ["tiny-t5-teacher-s", "tiny-t5-teacher-m"]
+
+
+def spec(**fields):
+    base = {"name": "t", "model": "tiny", "datasets": ["arith"], "seeds": [0, 1, 2], "rows": ["student"],
+            "grid": {}, "overrides": [], "row_overrides": {}}
+    return OmegaConf.create({**base, **fields})
+
+
+# --- planning ---------------------------------------------------------------------------------------------------
+
+
+def test_rows_expand_teachers_and_only_the_grid_keys_each_objective_uses():
+    rows = sw.plan_rows(spec(rows=["student", "teachers", "grpo", "j1", "j3"], grid={"gamma": [0.1, 0.5], "lam": [0.5, 1.0]}), TEACHERS)
+    labels = [r.label for r in rows]
+    assert labels == [
+        "student (no training)", "teacher: tiny-t5-teacher-s", "teacher: tiny-t5-teacher-m",
+        "GRPO",  # uses neither gamma nor lam: one row, not four
+        "J' (lam=0.5)", "J' (lam=1.0)",  # uses lam, not gamma
+        "J''' (gamma=0.1, lam=0.5)", "J''' (gamma=0.1, lam=1.0)", "J''' (gamma=0.5, lam=0.5)", "J''' (gamma=0.5, lam=1.0)",
+    ]
+    assert rows[0].seeds == (0,) and rows[0].is_eval  # greedy evaluation is deterministic: one seed
+    assert rows[1].overrides == ("mode=eval", "model.student=tiny-t5-teacher-s")
+    assert rows[3].seeds == (0, 1, 2)
+    assert rows[8].overrides == ("objective=j3", "gamma=0.5", "lam=0.5")
+    assert len({r.key for r in rows}) == len(rows) and all("=" not in r.key and "," not in r.key for r in rows)
+
+
+def test_overrides_merge_with_later_values_winning():
+    assert sw.merge_overrides(["a=1", "b=2"], ["a=3", "+c=4"]) == ["b=2", "a=3", "+c=4"]
+    s = spec(rows=["j3"], overrides=["trainer.max_steps=100", "gamma=0.2"], row_overrides={"j3": ["trainer.max_steps=7"]})
+    (row,) = sw.plan_rows(s, TEACHERS)
+    assert sw.job_overrides(s, row, "arith") == ["model=tiny", "dataset=arith", "gamma=0.2", "objective=j3", "trainer.max_steps=7"]
+
+
+@pytest.mark.parametrize(
+    "rows,message",
+    [
+        (["student", "nope"], "sweep row 'nope' is not one of student, teachers, an objective (grpo, j1, j2, j3, kdrl, sft, tgpo)"),
+        ([{"name": "mine", "objective": "ppo"}], "sweep row 'mine': objective 'ppo' is not one of grpo"),
+        (["grpo", "grpo"], "sweep rows repeat: grpo"),
+    ],
+)
+def test_unknown_or_repeated_rows_are_start_up_errors(rows, message):
+    with pytest.raises(ConfigError) as err:
+        sw.plan_rows(spec(rows=rows), TEACHERS)
+    assert message in str(err.value)
+
+
+def test_check_names_the_row_and_dataset_of_a_bad_job(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(f'{{"prompt": "what is {i} + 1 ?", "answer": "{i + 1}"}}\n' for i in range(20)))
+    s = spec(rows=["grpo"], datasets=["jsonl"], overrides=[f"dataset.path={data}", f"dataset.source.test_path={empty}"])
+    rows = sw.plan_rows(s, TEACHERS)
+    with pytest.raises(ConfigError, match=r"sweep row 'GRPO', dataset 'jsonl': .*the test split is empty"):
+        sw.check(s, rows, lambda overrides: compose(overrides, tmp_path / "run"))
+    bad = spec(rows=["grpo"], overrides=["trainer.no_such_option=1"])
+    with pytest.raises(ConfigError, match="sweep row 'GRPO', dataset 'arith'"):
+        sw.check(bad, sw.plan_rows(bad, TEACHERS), lambda overrides: compose(overrides, tmp_path / "run"))
+
+
+# --- the table ------------------------------------------------------------------------------------------------------
+
+
+def fake_jobs(tmp_path: Path):
+    rows = sw.plan_rows(spec(rows=["student", "sft", "grpo"], datasets=["arith", "arith_mc"]), TEACHERS)
+    names = {"arith": "arith", "arith_mc": "arith_mc"}
+    jobs = sw.plan_jobs(spec(datasets=["arith", "arith_mc"]), rows, names, tmp_path)
+    statuses = []
+    for job in jobs:
+        if job.row.label == "GRPO" and job.dataset == "arith_mc":
+            statuses.append({"status": "failed", "error": "ValueError: boom"})
+        elif job.row.label == "GRPO" and job.seed == 2:
+            statuses.append({"status": "missing", "error": "no results.json"})
+        elif job.row.is_eval:
+            statuses.append({"status": "complete", "test/accuracy": 0.235})
+        else:
+            statuses.append({"status": "complete", "test/accuracy_after": [0.194, 0.172, 0.216][job.seed]})
+    return jobs, statuses
+
+
+def test_table_cells_mean_std_n_and_marked_failures(tmp_path):
+    jobs, statuses = fake_jobs(tmp_path)
+    labels, datasets, cells = table.build(jobs, statuses)
+    text = table.markdown(labels, datasets, cells, "t")
+    assert "| student (no training) | 23.5 | 23.5 |" in text
+    std = 100 * math.sqrt(((0.194 - 0.194) ** 2 + (0.172 - 0.194) ** 2 + (0.216 - 0.194) ** 2) / 3)
+    assert f"| SFT | 19.4 ± {std:.1f} (n=3) | 19.4 ± {std:.1f} (n=3) |" in text
+    assert "| GRPO | 18.3 ± 1.1 (n=2, 1 failed [1]) | 3 failed [2][3][4] |" in text
+    assert "[1] GRPO / arith / seed 2: missing: no results.json" in text
+    assert "[4] GRPO / arith_mc / seed 2: failed: ValueError: boom" in text
+
+
+def test_table_csv(tmp_path):
+    jobs, statuses = fake_jobs(tmp_path)
+    table.write(tmp_path, *table.build(jobs, statuses), "t")
+    with open(tmp_path / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    grpo_mc = next(r for r in rows if r["row"] == "GRPO" and r["dataset"] == "arith_mc")
+    assert (grpo_mc["mean"], grpo_mc["n"], grpo_mc["failed"]) == ("", "0", "3")
+    sft = next(r for r in rows if r["row"] == "SFT" and r["dataset"] == "arith")
+    assert sft["values"] == "0.1940 0.1720 0.2160" and float(sft["mean"]) == pytest.approx(0.194)
+
+
+# --- curves ---------------------------------------------------------------------------------------------------------
+
+
+def test_power_law_fit_recovers_a_and_b():
+    steps = list(range(50))
+    a, b = curves.fit_power_law(steps, [3.0 * (s + 1) ** -0.4 for s in steps])
+    assert (a, b) == (pytest.approx(3.0), pytest.approx(0.4))
+    assert curves.fit_power_law([0, 1, 2], [1.0, -1.0, 0.0]) is None  # < 3 positive points: no fit
+    a, b = curves.fit_power_law(steps, [2.0 * (s + 1) ** -0.5 if s % 7 else -1.0 for s in steps])  # non-positive points skipped
+    assert (a, b) == (pytest.approx(2.0), pytest.approx(0.5))
+
+
+def test_curves_are_read_from_metrics_csv_and_averaged_at_common_steps(tmp_path):
+    for seed, rows in enumerate([[(0, 1.0), (1, 0.5), (2, 0.25)], [(0, 3.0), (2, 0.75)]]):
+        path = tmp_path / f"s{seed}" / "csv" / "metrics.csv"
+        path.parent.mkdir(parents=True)
+        path.write_text("step,train/loss,val/accuracy\n" + "".join(f"{s},{v},\n" for s, v in rows) + "2,,0.5\n")
+    per_seed = [curves.read_metric(tmp_path / f"s{seed}", "train/loss") for seed in (0, 1)]
+    assert per_seed[0] == {0: 1.0, 1: 0.5, 2: 0.25}
+    assert curves.mean_curve(per_seed) == ([0, 2], [2.0, 0.5])
+    assert curves.read_metric(tmp_path / "s0", "val/accuracy") == {2: 0.5}
+    assert curves.read_metric(tmp_path / "nowhere", "train/loss") == {}
+
+
+def test_wandb_summary_run_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    jobs, statuses = fake_jobs(tmp_path)
+    text = table.write(tmp_path, *table.build(jobs, statuses), "t")
+    figure = tmp_path / "loss.png"
+    curves.plot_losses({"SFT": ([0, 1, 2, 3], [1.0, 0.7, 0.6, 0.5])}, "t", figure)
+    sw.log_summary(tmp_path, "test-group", text, [figure])
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(run.glob("*.wandb"))
+
+
+# --- whole sweeps ---------------------------------------------------------------------------------------------------
+
+
+def sweep(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "sweep.py", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+@pytest.mark.slow
+def test_quick_sweep_fills_every_row_and_a_rerun_skips_it(tmp_path):
+    out = tmp_path / "quick"
+    done = sweep("sweep=quick", f"out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (out / "table.md").read_text()
+    for label in ["student (no training)", "teacher: tiny-t5-teacher-s", "teacher: tiny-t5-teacher-m",
+                  "SFT", "GRPO", "J'", "J''", "J'''", "KDRL", "TGPO"]:
+        line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+        assert len(cells) == 2 and all(float(c) >= 0 for c in cells), line
+    for name in ["loss_arith.png", "loss_arith_mc.png", "reward_accuracy.png", "table.csv"]:
+        assert (out / name).stat().st_size > 0
+    assert len(list(out.glob("*/*/s0/results.json"))) == 20
+    assert (out / "j1" / "arith" / "s0" / "csv" / "metrics.csv").exists()
+    again = sweep("sweep=quick", f"out={out}")
+    assert again.returncode == 0
+    assert again.stdout.count(", skipped") == 10 and "run directory:" not in again.stdout
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_marked_and_the_other_rows_still_run(tmp_path):
+    conf = tmp_path / "conf" / "sweep"
+    conf.mkdir(parents=True)
+    (conf / "broken.yaml").write_text(
+        "name: broken\nmodel: tiny\ndatasets: [arith]\nseeds: [0]\n"
+        "rows: [{name: bad-lr, objective: grpo, overrides: [optim.lr=-1]}, student]\n"
+        "grid: {}\noverrides: [trainer.max_steps=2, data.test_size=16, data.val_size=8, data.prompts_per_step=2, group_size=2]\n"
+        "row_overrides: {}\n"
+    )
+    out = tmp_path / "out"
+    done = sweep("--config-dir", str(tmp_path / "conf"), "sweep=broken", f"out={out}")
+    assert done.returncode == 1, done.stderr[-3000:]
+    text = (out / "table.md").read_text()
+    assert "| bad-lr | 1 failed [1] |" in text
+    assert "[1] bad-lr / arith / seed 0: failed: ValueError: Invalid learning rate: -1" in text
+    assert "| student (no training) | " in text and "failed" not in text.split("| student (no training) |")[1].splitlines()[0]
+
+
+def test_bad_sweep_input_fails_before_anything_runs(tmp_path):
+    out = tmp_path / "out"
+    done = sweep("sweep=quick", "sweep.rows=[student,ppo]", f"out={out}")
+    assert done.returncode == 2
+    assert "error: sweep row 'ppo' is not one of student, teachers, an objective" in done.stderr
+    assert not list(out.glob("*/*/s*"))
+    real = sweep("sweep=paper_table1", f"out={out}")
+    assert real.returncode == 2 and "google/flan-t5-small" in real.stderr and "hf download" in real.stderr
