@@ -32,7 +32,8 @@ def main(cfg: DictConfig) -> None:
     jobs = sw.plan_jobs(spec, rows, names, out)
     print(f"sweep {spec.name}: {len(rows)} rows x {len(spec.datasets)} datasets, {len(jobs)} jobs -> {out}")
     logger = ["logger=wandb", f"logger.group={cfg.wandb_group}"] if cfg.wandb else ["logger=none"]
-    sw.run_rows(spec, rows, jobs, out, cfg.launcher, logger)
+    launcher = [f"hydra/launcher={cfg.launcher}", *cfg.launcher_overrides]
+    sw.run_rows(spec, rows, jobs, out, launcher, logger)
     text, figures, failed = sw.report(rows, jobs, out, f"sweep {spec.name}")
     if cfg.wandb:
         sw.log_summary(out, cfg.wandb_group, text, figures)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpokd.models import loading
-from grpokd.models.ensemble import Confidence, TeacherEnsemble, Uniform
+from grpokd.models.ensemble import Confidence, Static, TeacherEnsemble, Uniform
 from grpokd.models.scoring import completion_logits, generate, token_logp, tokenize_prompts
 from grpokd.objectives.terms import hinton_kd, masked_mean
 
@@ -56,17 +56,23 @@ def test_chunked_scoring_equals_one_pass(scored):
         assert torch.allclose(whole.metrics[key], chunked.metrics[key], atol=1e-5), key
 
 
-def test_confidence_mixture_equals_the_naive_weighted_sum(scored):
+@pytest.mark.parametrize("weighting", ["confidence", "static"])
+def test_mixture_equals_the_naive_weighted_sum(scored, weighting):
+    """Confidence weights (per position, online softmax) and static ones (mixed directly) against a naive sum."""
     tokenizer, prompts, completions, student_logits, teacher_logits = scored
-    ensemble = TeacherEnsemble([loading.load_model(n) for n in NAMES], NAMES, Confidence(temperature=0.5))
+    scheme = Confidence(temperature=0.5) if weighting == "confidence" else Static([1.0, 3.0])
+    ensemble = TeacherEnsemble([loading.load_model(n) for n in NAMES], NAMES, scheme)
     scores = ensemble.score(prompts, completions, student_logits, len(tokenizer), tau=2.0, forward=True, reverse=True)
     log_p = torch.stack([z.log_softmax(-1) for z in teacher_logits])  # [M, N, T, V]
-    weights = ((log_p.exp() * log_p).sum(-1) / 0.5).softmax(0)  # [M, N, T] softmax of -H / temperature
+    if weighting == "confidence":
+        weights = ((log_p.exp() * log_p).sum(-1) / 0.5).softmax(0)  # [M, N, T] softmax of -H / temperature
+    else:
+        weights = torch.tensor([0.25, 0.75])[:, None, None].expand(log_p.shape[:-1])
     tempered = torch.stack([(z / 2.0).log_softmax(-1) for z in teacher_logits])  # [M, N, T, V]
     assert torch.allclose(scores.weights, weights, atol=1e-5)
     assert torch.allclose(scores.mixture.pbar, (weights[..., None] * tempered.exp()).sum(0), atol=1e-5)
     assert torch.allclose(scores.mixture.lbar, (weights[..., None] * tempered).sum(0), atol=1e-4)
-    assert not torch.allclose(weights[0], weights[1])  # weights vary by position, so the check has teeth
+    assert not torch.allclose(weights[0], weights[1])  # unequal weights, so the check has teeth
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0])

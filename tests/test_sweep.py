@@ -179,7 +179,7 @@ def test_quick_sweep_fills_every_row_and_a_rerun_skips_it(tmp_path):
         line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
         cells = [c.strip() for c in line.strip("|").split("|")[1:]]
         assert len(cells) == 2 and all(float(c) >= 0 for c in cells), line
-    for name in ["loss_arith.png", "loss_arith_mc.png", "reward_accuracy.png", "table.csv"]:
+    for name in ["loss_arith.png", "loss_arith_mc.png", "reward_accuracy.png", "table.csv", "loss_fits.csv"]:
         assert (out / name).stat().st_size > 0
     assert len(list(out.glob("*/*/s0/results.json"))) == 20
     assert (out / "j1" / "arith" / "s0" / "csv" / "metrics.csv").exists()

@@ -20,6 +20,7 @@ error; the table marks it and the sweep exits with status 1.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import os
 import re
@@ -189,14 +190,17 @@ def plan_jobs(spec: DictConfig, rows: list[Row], names: dict[str, str], out: Pat
     ]
 
 
-def multirun_command(spec: DictConfig, row: Row, out: Path, launcher: str, logger: list[str]) -> list[str]:
-    """`python run.py -m ...` for one row over all its datasets and seeds."""
+def multirun_command(spec: DictConfig, row: Row, out: Path, launcher: list[str], logger: list[str]) -> list[str]:
+    """`python run.py -m ...` for one row over all its datasets and seeds.
+
+    `launcher`: the Hydra launcher's overrides, e.g. ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"].
+    """
     overrides = merge_overrides(
         [f"model={spec.model}"], list(spec.get("overrides") or []), list(row.overrides),
         [
             f"dataset={','.join(spec.datasets)}", f"seed={','.join(str(s) for s in row.seeds)}",
             "skip_complete=true", "log.csv=true", *logger, f"run_name={row.key}-${{dataset.name}}-s${{seed}}",
-            f"hydra.sweep.dir='{out / row.key}'", "hydra.sweep.subdir=${dataset.name}/s${seed}", f"hydra/launcher={launcher}",
+            f"hydra.sweep.dir='{out / row.key}'", "hydra.sweep.subdir=${dataset.name}/s${seed}", *launcher,
         ],
     )
     return [sys.executable, str(REPO / "run.py"), "-m", *overrides]
@@ -209,7 +213,7 @@ def status(job: Job) -> dict[str, Any]:
     return results or {"status": "missing", "error": "no results.json (the job did not run or was killed)"}
 
 
-def run_rows(spec: DictConfig, rows: list[Row], jobs: list[Job], out: Path, launcher: str, logger: list[str], echo: Callable[[str], None] = print) -> None:
+def run_rows(spec: DictConfig, rows: list[Row], jobs: list[Job], out: Path, launcher: list[str], logger: list[str], echo: Callable[[str], None] = print) -> None:
     """Launch one multirun per row that has jobs left; a failing row does not stop the others."""
     for i, row in enumerate(rows, 1):
         mine = [j for j in jobs if j.row == row]
@@ -222,16 +226,18 @@ def run_rows(spec: DictConfig, rows: list[Row], jobs: list[Job], out: Path, laun
 
 
 def report(rows: list[Row], jobs: list[Job], out: Path, title: str) -> tuple[str, list[Path], int]:
-    """table.md, table.csv and the figures in `out`; returns (markdown, figure paths, number of failed jobs)."""
+    """table.md, table.csv, the figures and loss_fits.csv in `out`; returns (markdown, figure paths, failed jobs)."""
     from grpokd.report import curves, table
 
     statuses = [status(j) for j in jobs]
     labels, datasets, cells = table.build(jobs, statuses)
     text = table.write(out, labels, datasets, cells, title)
     trained = [r for r in rows if not r.is_eval]
+    colors = curves.palette([r.label for r in trained])
     figures: list[Path] = []
     rewards: dict[str, dict[str, curves.Curve]] = {}
     accuracy: dict[str, dict[str, curves.Curve]] = {}
+    fits: list[list[str]] = [["dataset", "row", "a", "b"]]  # L(t) = a t^-b
     for dataset in dict.fromkeys(j.dataset_name for j in jobs):
         def mean(row: Row, key: str) -> curves.Curve:
             return curves.mean_curve([curves.read_metric(j.dir, key) for j in jobs if j.row == row and j.dataset_name == dataset])
@@ -240,13 +246,16 @@ def report(rows: list[Row], jobs: list[Job], out: Path, title: str) -> tuple[str
         losses = {k: v for k, v in losses.items() if v[0]}
         if losses:
             path = out / f"loss_{slug(dataset)}.png"
-            curves.plot_losses(losses, f"{title}: training loss on {dataset} (dashed: power-law fit)", path)
+            fitted = curves.plot_losses(losses, f"{title}: training loss on {dataset} (dashed: power-law fit)", path, colors)
+            fits += [[dataset, label, *(f"{x:.4g}" for x in fit)] if fit else [dataset, label, "", ""] for label, fit in fitted.items()]
             figures.append(path)
         rewards[dataset] = {r.label: c for r in trained if (c := mean(r, "train/reward_mean"))[0]}
         accuracy[dataset] = {r.label: c for r in trained if (c := mean(r, "val/accuracy"))[0]}
+    with open(out / "loss_fits.csv", "w", newline="") as f:
+        csv.writer(f).writerows(fits)
     if any(rewards.values()) or any(accuracy.values()):
         path = out / "reward_accuracy.png"
-        curves.plot_progress(rewards, accuracy, path)
+        curves.plot_progress(rewards, accuracy, path, colors)
         figures.append(path)
     failed = sum(1 for s in statuses if s.get("status") != "complete")
     return text, figures, failed
@@ -254,8 +263,6 @@ def report(rows: list[Row], jobs: list[Job], out: Path, title: str) -> tuple[str
 
 def log_summary(out: Path, group: str, text: str, figures: list[Path], project: str = "grpokd") -> None:
     """A W&B run in the sweep's group holding the table (as a W&B table and markdown) and the figures."""
-    import csv
-
     import wandb
 
     from grpokd.loggers import wandb_credentials, wandb_reachable

@@ -36,6 +36,7 @@ class Uniform:
     """w_i = 1/M."""
 
     needs_gold = False
+    uses_logits = False  # the weight is known before the teacher runs
 
     def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
         return torch.zeros(logits.shape[:-1], device=logits.device)  # [N, T]
@@ -45,6 +46,7 @@ class Static:
     """w_i fixed, from a list (normalised to sum 1)."""
 
     needs_gold = False
+    uses_logits = False
 
     def __init__(self, weights: list[float]) -> None:
         if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -64,6 +66,7 @@ class _Tempered:
     """A weighting whose scores are divided by a temperature > 0 before the softmax over teachers."""
 
     needs_gold = False
+    uses_logits = False
 
     def __init__(self, temperature: float = 1.0) -> None:
         if temperature <= 0:
@@ -73,6 +76,8 @@ class _Tempered:
 
 class Confidence(_Tempered):
     """w_i proportional to exp(-H(p_i) / temperature) at each position: confident teachers weigh more."""
+
+    uses_logits = True  # known only once the teacher has run: mixed with online-softmax log-weights
 
     def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
         return -entropy(logits) / self.temperature  # [N, T]
@@ -176,12 +181,18 @@ class TeacherEnsemble:
         student_logq = student_logits.float().log_softmax(-1)  # [n, T, V]
         student_q = student_logq.exp()  # [n, T, V]
         log_weights, logps, kl_fwd, kl_rev = [], [], [], []
+        fixed = None  # [M, n, T] weights known before the teachers run: mixed directly, no online softmax
+        if not self.weighting.uses_logits:
+            positions = completions.mask.new_empty(*completions.mask.shape, 0)  # [n, T, 0]: carries the shape only
+            fixed = torch.stack([self.weighting.log_weight(i, positions, gold_score) for i in range(len(self.teachers))]).softmax(0)
         for i, teacher in enumerate(self.teachers):
             logits = completion_logits(teacher, prompts, completions, vocab_size)  # [n, T, V]
-            log_weight = self.weighting.log_weight(i, logits.float(), gold_score)  # [n, T]
-            log_weights.append(log_weight)
-            if mixer is not None:
-                mixer.add(logits, log_weight=log_weight)
+            if fixed is None:
+                log_weights.append(self.weighting.log_weight(i, logits.float(), gold_score))  # [n, T]
+            if mixer is not None and fixed is None:
+                mixer.add(logits, log_weight=log_weights[-1])
+            elif mixer is not None:
+                mixer.add(logits, weight=fixed[i])
             if logp:
                 logps.append(token_logp(logits / logp_temperature, completions.ids))  # [n, T]
             log_p = logits.float().log_softmax(-1)  # [n, T, V]
@@ -190,7 +201,7 @@ class TeacherEnsemble:
             kl_rev.append(masked_mean(-torch.linalg.vecdot(student_q, diff), mask))  # KL(theta || T_i)
             del logits, log_p, diff  # one teacher's [n, T, V] at a time
         return _Chunk(
-            weights=torch.stack(log_weights).softmax(0),  # [M, n, T]
+            weights=fixed if fixed is not None else torch.stack(log_weights).softmax(0),  # [M, n, T]
             logp=torch.stack(logps) if logp else None,  # [M, n, T]
             mixture=mixer.result() if mixer is not None else None,
             tokens=mask.sum(),

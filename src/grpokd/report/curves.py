@@ -65,12 +65,18 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_losses(curves: dict[str, Curve], title: str, path: Path) -> dict[str, tuple[float, float] | None]:
+def palette(labels: list[str]) -> dict[str, str]:
+    """One colour per row label, the same in every figure of a sweep."""
+    return {label: f"C{i % 10}" for i, label in enumerate(labels)}
+
+
+def plot_losses(curves: dict[str, Curve], title: str, path: Path, colors: dict[str, str] | None = None) -> dict[str, tuple[float, float] | None]:
     """One PNG: each row's mean training loss and its power-law fit on log axes; returns the fits."""
+    colors = colors or palette(list(curves))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fits = {}
-    for i, (label, (steps, values)) in enumerate(curves.items()):
-        color = f"C{i % 10}"
+    for label, (steps, values) in curves.items():
+        color = colors[label]
         t = [s + 1 for s, v in zip(steps, values) if v > 0]
         ax.plot(t, [v for v in values if v > 0], color=color, alpha=0.45, linewidth=1)
         fits[label] = fit = fit_power_law(steps, values)
@@ -91,16 +97,20 @@ def plot_losses(curves: dict[str, Curve], title: str, path: Path) -> dict[str, t
     return fits
 
 
-def plot_progress(reward: dict[str, dict[str, Curve]], accuracy: dict[str, dict[str, Curve]], path: Path, window: int = 10) -> None:
+def plot_progress(
+    reward: dict[str, dict[str, Curve]], accuracy: dict[str, dict[str, Curve]], path: Path,
+    colors: dict[str, str] | None = None, window: int = 10,
+) -> None:
     """One PNG: per dataset (columns), sampled reward (top, moving average) and val accuracy (bottom) against step."""
     datasets = list(reward)
+    colors = colors or palette(list(dict.fromkeys(k for d in datasets for k in [*reward[d], *accuracy[d]])))
     fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 7), squeeze=False)
     for col, dataset in enumerate(datasets):
         top, bottom = axes[0][col], axes[1][col]
-        for i, (label, (steps, values)) in enumerate(reward[dataset].items()):
-            top.plot(steps, smooth(values, window), color=f"C{i % 10}", label=label)
-        for i, (label, (steps, values)) in enumerate(accuracy[dataset].items()):
-            bottom.plot(steps, [100 * v for v in values], color=f"C{i % 10}", marker="o", label=label)
+        for label, (steps, values) in reward[dataset].items():
+            top.plot(steps, smooth(values, window), color=colors[label], label=label)
+        for label, (steps, values) in accuracy[dataset].items():
+            bottom.plot(steps, [100 * v for v in values], color=colors[label], marker="o", label=label)
         top.set_title(f"{dataset}: sampled reward (moving average of {window} steps)")
         bottom.set_title(f"{dataset}: greedy val accuracy")
         top.set_xlabel("step")
