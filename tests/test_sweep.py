@@ -57,13 +57,19 @@ def test_overrides_merge_with_later_values_winning():
     [
         (["student", "nope"], "sweep row 'nope' is not one of student, teachers, an objective (grpo, j1, j2, j3, kdrl, sft, tgpo)"),
         ([{"name": "mine", "objective": "ppo"}], "sweep row 'mine': objective 'ppo' is not one of grpo"),
-        (["grpo", "grpo"], "sweep rows repeat: grpo"),
+        (["grpo", "grpo"], "sweep rows repeat: grpo;"),
+        ([], "sweep.rows is empty"),
     ],
 )
 def test_unknown_or_repeated_rows_are_start_up_errors(rows, message):
     with pytest.raises(ConfigError) as err:
         sw.plan_rows(spec(rows=rows), TEACHERS)
     assert message in str(err.value)
+
+
+def test_a_grid_key_no_row_uses_is_an_error():
+    with pytest.raises(ConfigError, match="sweep.grid key\\(s\\) gama are used by no row"):
+        sw.plan_rows(spec(rows=["grpo", "j3"], grid={"gama": [0.1]}), TEACHERS)
 
 
 def test_check_names_the_row_and_dataset_of_a_bad_job(tmp_path):

@@ -97,6 +97,9 @@ def teacher_names(model_cfg: DictConfig) -> list[str]:
 def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
     """The sweep file's rows, expanded (teachers, grid points), checked; raises ConfigError on an unknown row."""
     known = objectives()
+    for key in ("rows", "datasets", "seeds"):
+        if not spec.get(key):
+            raise ConfigError(f"sweep.{key} is empty; give at least one")
     seeds = tuple(int(s) for s in spec.seeds)
     grid = {str(k): list(v) for k, v in (spec.get("grid") or {}).items()}
     for key, values in grid.items():
@@ -124,7 +127,11 @@ def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
             )
     keys = [r.key for r in rows]
     if len(set(keys)) != len(keys):
-        raise ConfigError(f"sweep rows repeat: {', '.join(k for k in keys if keys.count(k) > 1)}; give custom rows distinct names")
+        repeated = dict.fromkeys(k for k in keys if keys.count(k) > 1)
+        raise ConfigError(f"sweep rows repeat: {', '.join(repeated)}; give custom rows distinct names")
+    unused = [k for k in grid if not any(r.objective and uses(r.objective, k) for r in rows)]
+    if unused:
+        raise ConfigError(f"sweep.grid key(s) {', '.join(unused)} are used by no row's objective config (a typo?)")
     return rows
 
 

@@ -111,7 +111,7 @@ class TGPO(GRPO):
 
     @property
     def needs(self) -> Needs:
-        """GRPO's, plus the teachers' mixture pbar (temperature 1) on the rollouts when lam > 0 or an entropy bonus."""
+        """GRPO's, plus the teachers' mixture pbar (temperature 1) on the rollouts when lam > 0, and the student's logits for an entropy bonus."""
         base = super().needs
         return replace(base, teacher_forward=self.lam > 0, kd_tau=1.0, kd_states="rollouts",
                        logits=base.logits or self.entropy_coef > 0)
