@@ -64,14 +64,14 @@ def test_cli_multirun_sweeps_top_level_hyperparameters(tmp_path):
 
     sweep = tmp_path / "sweep"
     cmd = [
-        sys.executable, "run.py", "-m", "objective=sft,grpo", "gamma=0.1,0.5", "experiment=smoke", "logger=none",
+        sys.executable, "run.py", "-m", "objective=j1,j2,j3", "gamma=0.1,0.5", "experiment=smoke", "logger=none",
         "trainer.max_steps=2", "data.test_size=16", "data.val_size=8", "eval_before=false", f"hydra.sweep.dir={sweep}",
     ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     results = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
-    assert len(results) == 4
-    assert sorted(r["objective"] for r in results) == ["grpo", "grpo", "sft", "sft"]
+    assert len(results) == 6  # the paper's `-m objective=j1,j2,j3 gamma=0.1,0.5`
+    assert sorted(r["objective"] for r in results) == ["j1", "j1", "j2", "j2", "j3", "j3"]
     configs = [p.read_text() for p in sorted(sweep.rglob(".hydra/config.yaml"))]
-    assert sum("gamma: 0.5" in c for c in configs) == 2
-    assert out.stdout.count("run directory:") == 4
+    assert sum("gamma: 0.5" in c for c in configs) == 3
+    assert out.stdout.count("run directory:") == 6
