@@ -124,10 +124,9 @@ class KDRL(GRPO):
         return linear_decay(self.beta_kd, step, self.beta_kd_decay, self.beta_kd_min)
 
     def __call__(self, batch: Batch) -> LossOut:
-        adv = self.advantages(batch)  # [N]
         if self.beta_kd == 0:
-            per_token, metrics = self.per_token_loss(batch, adv)  # [N, T]
-            return LossOut(loss=self.reduce(per_token, batch.mask), metrics=metrics, adv=adv)
+            return super().__call__(batch)
+        adv = self.advantages(batch)  # [N]
         if batch.teacher_logp is None:
             raise ValueError("KDRL with beta_kd > 0 needs batch.teacher_logp")
         beta = self.coefficient(batch.step)
