@@ -72,6 +72,10 @@ def test_arith_mc_options_hold_the_answer_exactly_once_at_its_letter():
         value = example.solution.split(" . ")[-2].split()[-1]  # the last step's result
         assert values.count(int(value)) == 1
         assert values["ABCDE".index(example.answer)] == int(value)
+        # the solution scans the options in order up to the answer: "... = 6 . A 9 B 4 C 6 #### C"
+        scan = example.solution.split(" . ")[-1].split(" #### ")[0].split()
+        k = "ABCDE".index(example.answer)
+        assert scan[0::2] == list("ABCDE"[: k + 1]) and [int(v) for v in scan[1::2]] == values[: k + 1]
         assert numeric(example.solution.replace(f"#### {example.answer}", f"#### {value}"), value) == 1.0
 
 

@@ -24,9 +24,31 @@ def test_builds_are_cached_by_recipe_even_when_first_used_under_no_grad(monkeypa
     assert zoo.ensure("test-t5") != first  # a changed recipe rebuilds
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["t5", "llama"])
-def test_embedded_teachers_are_clearly_better_than_the_student(family):
-    accuracy = {name: json.loads((zoo.ensure(name) / "build.json").read_text())["accuracy_arith"] for name in zoo.ZOO if f"-{family}-" in name}
-    student = accuracy.pop(f"tiny-{family}-student")
-    assert accuracy and all(acc >= 2 * student for acc in accuracy.values()), (student, accuracy)
+def test_every_embedded_model_ships_with_the_package():
+    """A recipe or task change without `python -m grpokd.models.zoo --ship` would make every fresh install train."""
+    for name, recipe in zoo.ZOO.items():
+        shipped = zoo.EMBEDDED_DIR / f"{name}-{zoo.recipe_key(recipe)}"
+        assert (shipped / "build.json").exists(), f"{name}: no shipped build for the current recipe; run python -m grpokd.models.zoo --ship"
+        assert zoo.ensure(name) == shipped
+    assert len(list(zoo.EMBEDDED_DIR.glob("*/build.json"))) == len(zoo.ZOO)  # no stale copies left behind
+
+
+def build(name: str) -> dict:
+    return json.loads((zoo.ensure(name) / "build.json").read_text())
+
+
+def test_the_causal_testbed_leaves_room_for_rl_and_distillation():
+    """The issue's testbed targets, on the shipped build reports (200 held-out problems per task)."""
+    student = build("tiny-llama-student")
+    assert 0.15 <= student["accuracy_arith"] <= 0.40  # half-knows the numeric task
+    assert student["arith_train_pass8_t1"] >= 2 * student["arith_train_pass1_t1"]  # groups carry reward variance
+    for name in ("tiny-llama-teacher-s", "tiny-llama-teacher-m"):
+        teacher = build(name)
+        for task in ("accuracy_arith", "accuracy_arith_mc"):
+            assert teacher[task] >= 2.5 * student[task], (name, task, teacher[task], student[task])
+        assert teacher["accuracy_arith_mc"] >= 0.6
+
+
+def test_t5_teachers_are_better_than_the_t5_student():
+    student = build("tiny-t5-student")["accuracy_arith"]
+    assert all(build(name)["accuracy_arith"] > 1.5 * student for name in ("tiny-t5-teacher-s", "tiny-t5-teacher-m"))

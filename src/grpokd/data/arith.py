@@ -7,7 +7,12 @@ CPU in minutes:
 - the closed vocabulary is `vocabulary()`: a few dozen words and the numbers
   0..MAX_NUMBER; every operand, intermediate and final value stays in range;
 - solutions are GSM8K-style worked steps then the answer marker:
-  "5 + 3 = 8 . 8 - 2 = 6 . #### 6" (or "#### B" for `arith_mc`).
+  "5 + 3 = 8 . 8 - 2 = 6 . #### 6";
+- `arith_mc` solutions compute the value the same way, then scan the options
+  in order up to the one that holds it: "... = 6 . A 9 B 4 C 6 #### C".
+  The scan is a procedure a tiny model learns (copying options is an
+  induction-style lookup that every scanned token trains); with the bare
+  "#### C" the value -> letter look-up stayed at chance for 1200 SFT steps.
 
 A problem is a start sentence and 0-2 operation sentences; 40% have one
 computation step, 60% two. Generation is a pure function of the seed
@@ -22,8 +27,8 @@ from dataclasses import dataclass
 
 from grpokd.data.example import Example
 
-MAX_NUMBER = 999
-MAX_FACTOR = 12  # operands of "*" stay small: the tables up to 12 x 12
+MAX_NUMBER = 99
+MAX_FACTOR = 9  # operands of "*" stay small: the tables up to 9 x 9
 ONE_STEP_FRACTION = 0.4
 CHOICE_LETTERS = ("A", "B", "C", "D", "E")
 DISTRACTOR_SPREAD = 5  # distractors lie within +-5 of the answer
@@ -48,7 +53,7 @@ class Problem:
 
 
 def vocabulary() -> list[str]:
-    """Every token any `arith`/`arith_mc` prompt or solution can contain: words sorted, then "0".."999"."""
+    """Every token any `arith`/`arith_mc` prompt or solution can contain: words sorted, then "0".."99"."""
     words = {"has", "How", "many", "does", "have", "now", "bags", "with", "in", "each", "bag", *_NAMES, *_ITEMS}
     words |= set(_OBJECT.values()) | set(_NAMES.values()) | set(_SYMBOLS)
     for template in _ADD + _SUB + _MUL:
@@ -109,7 +114,7 @@ def _numeric_example(rng: random.Random, max_operand: int) -> Example:
 
 
 def _choice_example(rng: random.Random, max_operand: int) -> Example:
-    """Five distinct options: the answer at a random letter and four distractors within +-5 of it."""
+    """Five distinct options (the answer at a random letter, four distractors within +-5); the solution scans them."""
     problem = make_problem(rng, max_operand)
     low, high = problem.value - DISTRACTOR_SPREAD, problem.value + DISTRACTOR_SPREAD
     near = [v for v in range(max(0, low), min(MAX_NUMBER, high) + 1) if v != problem.value]
@@ -118,7 +123,8 @@ def _choice_example(rng: random.Random, max_operand: int) -> Example:
     letter = CHOICE_LETTERS[options.index(problem.value)]
     listed = " ".join(f"{label} ) {value}" for label, value in zip(CHOICE_LETTERS, options))
     prompt = f"{problem.question} Options : {listed}"
-    return Example(prompt, " ".join([*problem.steps, "####", letter]), letter)
+    scan = " ".join(f"{label} {value}" for label, value in zip(CHOICE_LETTERS, options[: options.index(problem.value) + 1]))
+    return Example(prompt, " ".join([*problem.steps, scan, "####", letter]), letter)
 
 
 def _generate(
@@ -143,7 +149,7 @@ def make_arith(n: int, seed: int, max_operand: int = 20, exclude: Collection[str
     """`n` numeric word problems from `random.Random(seed)`, skipping prompts in `exclude`.
 
     answer is the final value ("6"); solution is "5 + 3 = 8 . 8 - 2 = 6 . #### 6".
-    Additive operands are 1..max_operand (start 2..max_operand), factors 2..12.
+    Additive operands are 1..max_operand (start 2..max_operand), factors 2..9.
     """
     return _generate(_numeric_example, n, seed, max_operand, exclude)
 
@@ -152,6 +158,6 @@ def make_arith_mc(n: int, seed: int, max_operand: int = 20, exclude: Collection[
     """`n` multiple-choice word problems: prompt ends in "Options : A ) 5 B ) 8 C ) 11 D ) 3 E ) 7".
 
     Problems from the same generator as `make_arith`; answer is the correct letter and the
-    solution is the worked steps then "#### B".
+    solution is the worked steps, the options scanned up to the answer, then "#### B".
     """
     return _generate(_choice_example, n, seed, max_operand, exclude)
