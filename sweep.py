@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> None:
     try:
         base = hydra.compose(config_name="config", overrides=[f"model={spec.model}"])
         rows = sw.plan_rows(spec, sw.teacher_names(base.model))
+        sw.metric_overrides(spec)
         names = sw.check(spec, rows, lambda overrides: hydra.compose(config_name="config", overrides=overrides))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -34,7 +35,7 @@ def main(cfg: DictConfig) -> None:
     logger = ["logger=wandb", f"logger.group={cfg.wandb_group}"] if cfg.wandb else ["logger=none"]
     launcher = [f"hydra/launcher={cfg.launcher}", *cfg.launcher_overrides]
     sw.run_rows(spec, rows, jobs, out, launcher, logger)
-    text, figures, failed = sw.report(rows, jobs, out, f"sweep {spec.name}")
+    text, figures, failed = sw.report(rows, jobs, out, f"sweep {spec.name}", spec.get("metric", "test"))
     if cfg.wandb:
         sw.log_summary(out, cfg.wandb_group, text, figures)
     print(text)

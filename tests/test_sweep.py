@@ -68,8 +68,30 @@ def test_unknown_or_repeated_rows_are_start_up_errors(rows, message):
 
 
 def test_a_grid_key_no_row_uses_is_an_error():
-    with pytest.raises(ConfigError, match="sweep.grid key\\(s\\) gama are used by no row"):
+    with pytest.raises(ConfigError, match="sweep.grid / row_grid key\\(s\\) gama are empty or used by no row"):
         sw.plan_rows(spec(rows=["grpo", "j3"], grid={"gama": [0.1]}), TEACHERS)
+    with pytest.raises(ConfigError, match="key\\(s\\) kdrl: objective.beta_kd are empty or used by no row"):
+        sw.plan_rows(spec(rows=["grpo"], row_grid={"kdrl": {"objective.beta_kd": [1.0]}}), TEACHERS)
+
+
+def test_dotted_grid_keys_reach_every_training_row_and_row_grids_only_theirs():
+    s = spec(rows=["student", "sft", "kdrl"], grid={"optim.lr": [1e-3, 2e-3]}, row_grid={"kdrl": {"objective.beta_kd": [0.1, 1.0]}})
+    rows = sw.plan_rows(s, TEACHERS)
+    assert [r.label for r in rows] == [
+        "student (no training)", "SFT (optim.lr=0.001)", "SFT (optim.lr=0.002)",
+        "KDRL (optim.lr=0.001, objective.beta_kd=0.1)", "KDRL (optim.lr=0.001, objective.beta_kd=1.0)",
+        "KDRL (optim.lr=0.002, objective.beta_kd=0.1)", "KDRL (optim.lr=0.002, objective.beta_kd=1.0)",
+    ]
+    assert rows[4].overrides == ("objective=kdrl", "optim.lr=0.001", "objective.beta_kd=1.0")
+
+
+def test_metric_val_never_scores_test_and_bad_metrics_are_errors():
+    s = spec(rows=["grpo"], metric="val")
+    (row,) = sw.plan_rows(s, TEACHERS)
+    assert "eval_test=false" in sw.job_overrides(s, row, "arith")
+    assert "eval_test=false" not in sw.job_overrides(spec(rows=["grpo"]), row, "arith")
+    with pytest.raises(ConfigError, match="sweep.metric='dev': allowed values are test, val"):
+        sw.metric_overrides(spec(metric="dev"))
 
 
 def test_check_names_the_row_and_dataset_of_a_bad_job(tmp_path):
@@ -111,9 +133,9 @@ def test_table_cells_mean_std_n_and_marked_failures(tmp_path):
     labels, datasets, cells = table.build(jobs, statuses)
     text = table.markdown(labels, datasets, cells, "t")
     assert "| student (no training) | 23.5 | 23.5 |" in text
-    std = 100 * math.sqrt(((0.194 - 0.194) ** 2 + (0.172 - 0.194) ** 2 + (0.216 - 0.194) ** 2) / 3)
+    std = 100 * math.sqrt(((0.194 - 0.194) ** 2 + (0.172 - 0.194) ** 2 + (0.216 - 0.194) ** 2) / 2)  # sample std: n - 1
     assert f"| SFT | 19.4 ± {std:.1f} (n=3) | 19.4 ± {std:.1f} (n=3) |" in text
-    assert "| GRPO | 18.3 ± 1.1 (n=2, 1 failed [1]) | 3 failed [2][3][4] |" in text
+    assert "| GRPO | 18.3 ± 1.6 (n=2, 1 failed [1]) | 3 failed [2][3][4] |" in text
     assert "[1] GRPO / arith / seed 2: missing: no results.json" in text
     assert "[4] GRPO / arith_mc / seed 2: failed: ValueError: boom" in text
 
@@ -128,6 +150,44 @@ def test_table_csv(tmp_path):
     assert (grpo_mc["mean"], grpo_mc["n"], grpo_mc["failed"]) == ("", "0", "3")
     sft = next(r for r in rows if r["row"] == "SFT" and r["dataset"] == "arith")
     assert sft["values"] == "0.1940 0.1720 0.2160" and float(sft["mean"]) == pytest.approx(0.194)
+
+
+def test_welch_p_values_against_hand_computed_cases():
+    # a = [1, 2, 3], b = [4, 5, 6]: means differ by 3, each variance 1, se = sqrt(1/3 + 1/3) = 0.8165, t = -3.674,
+    # Welch df = (2/3)^2 / (2 * (1/3)^2 / 2) = 4; two-sided p = 2 * P(T_4 > 3.674) = 0.0213
+    assert table.welch([1, 2, 3], [4, 5, 6]) == pytest.approx(0.02131, abs=1e-4)
+    assert table.welch([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+    assert table.welch([0.5, 0.5], [0.5, 0.5]) == 1.0 and table.welch([0.6, 0.6], [0.5, 0.5]) == 0.0  # no spread at all
+    assert table.welch([0.5], [0.4, 0.6]) is None  # one seed: no test
+
+
+def test_table_compares_every_row_with_grpo(tmp_path):
+    rows = sw.plan_rows(spec(rows=["student", "sft", "grpo"]), TEACHERS)
+    jobs = sw.plan_jobs(spec(), rows, {"arith": "arith"}, tmp_path)
+    values = {"SFT": [0.30, 0.31, 0.32], "GRPO": [0.20, 0.21, 0.22]}
+    statuses = [{"status": "complete", "test/accuracy": 0.1} if j.row.is_eval else
+                {"status": "complete", "test/accuracy_after": values[j.row.label][j.seed]} for j in jobs]
+    text = table.write(tmp_path, *table.build(jobs, statuses), "t", "test", "GRPO")
+    assert "| row | arith | arith vs GRPO |" in text
+    p = table.welch(values["SFT"], values["GRPO"])
+    assert p < 0.05 and f"| SFT | 31.0 ± 1.0 (n=3) | +10.0 (p={p:.2g}*) |" in text
+    assert "| GRPO | 21.0 ± 1.0 (n=3) |  |" in text
+    assert "| student (no training) | 10.0 | -11.0 |" in text  # one value: the difference, no test
+    with open(tmp_path / "table.csv", newline="") as f:
+        assert float(next(r for r in csv.DictReader(f) if r["row"] == "SFT")["p_vs_baseline"]) == pytest.approx(p, rel=1e-3)
+
+
+def test_tuning_reports_val_accuracy_and_the_best_point_per_objective(tmp_path):
+    s = spec(rows=["grpo", "kdrl"], seeds=[0], metric="val", grid={"optim.lr": [1e-3, 2e-3]})
+    rows = sw.plan_rows(s, TEACHERS)
+    jobs = sw.plan_jobs(s, rows, {"arith": "arith"}, tmp_path)
+    val = {"GRPO (optim.lr=0.001)": 0.3, "GRPO (optim.lr=0.002)": 0.2, "KDRL (optim.lr=0.001)": 0.25, "KDRL (optim.lr=0.002)": 0.4}
+    statuses = [{"status": "complete", "val/accuracy": val[j.row.label], "test/accuracy_after": 0.99} for j in jobs]
+    labels, datasets, cells = table.build(jobs, statuses, "val")
+    assert cells[("KDRL (optim.lr=0.002)", "arith")].values == [0.4]  # val, never the test number
+    best = table.write_best(tmp_path, {r.label: r.objective for r in rows}, datasets, cells)
+    assert "| grpo | arith | GRPO (optim.lr=0.001) | 30.0 |" in best and "| kdrl | arith | KDRL (optim.lr=0.002) | 40.0 |" in best
+    assert (tmp_path / "best.md").read_text() == best
 
 
 # --- curves ---------------------------------------------------------------------------------------------------------
@@ -150,6 +210,8 @@ def test_curves_are_read_from_metrics_csv_and_averaged_at_common_steps(tmp_path)
     per_seed = [curves.read_metric(tmp_path / f"s{seed}", "train/loss") for seed in (0, 1)]
     assert per_seed[0] == {0: 1.0, 1: 0.5, 2: 0.25}
     assert curves.mean_curve(per_seed) == ([0, 2], [2.0, 0.5])
+    steps, mean, std = curves.band_curve(per_seed)
+    assert (steps, mean) == ([0, 2], [2.0, 0.5]) and std == pytest.approx([2 ** 0.5, 0.125 ** 0.5])  # sample std of [1, 3] and [0.25, 0.75]
     assert curves.read_metric(tmp_path / "s0", "val/accuracy") == {2: 0.5}
     assert curves.read_metric(tmp_path / "nowhere", "train/loss") == {}
 
@@ -180,11 +242,12 @@ def test_quick_sweep_fills_every_row_and_a_rerun_skips_it(tmp_path):
     done = sweep("sweep=quick", f"out={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     text = (out / "table.md").read_text()
-    for label in ["student (no training)", "teacher: tiny-t5-teacher-s", "teacher: tiny-t5-teacher-m",
+    for label in ["student (no training)", "teacher: tiny-llama-teacher-s", "teacher: tiny-llama-teacher-m",
                   "SFT", "GRPO", "J'", "J''", "J'''", "KDRL", "TGPO"]:
         line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
-        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
-        assert len(cells) == 2 and all(float(c) >= 0 for c in cells), line
+        cells = [c.strip() for c in line.strip("|").split("|")[1:]]  # arith, arith vs GRPO, arith_mc, arith_mc vs GRPO
+        assert len(cells) == 4 and all(float(c) >= 0 for c in cells[0::2]), line
+        assert all((c == "") == (label == "GRPO") for c in cells[1::2]), line
     for name in ["loss_arith.png", "loss_arith_mc.png", "reward_accuracy.png", "table.csv", "loss_fits.csv"]:
         assert (out / name).stat().st_size > 0
     assert len(list(out.glob("*/*/s0/results.json"))) == 20

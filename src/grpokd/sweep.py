@@ -6,9 +6,14 @@ A sweep file (conf/sweep/*.yaml) names:
   name (a training row), or a custom `{name, objective | eval, overrides}`;
 - `datasets` (dataset config options), `seeds`, the `model` option;
 - `overrides` for every job and `row_overrides` per row;
-- `grid`: hyperparameters to sweep, expanded only in the rows whose objective
-  config uses them (`${gamma}` appears in j3.yaml, not in j1.yaml), so no row is
-  run twice for a value it ignores.
+- `grid`: hyperparameters to sweep. A top-level one (`gamma`) is expanded only
+  in the rows whose objective config uses it (`${gamma}` appears in j3.yaml,
+  not in j1.yaml), so no row is run twice for a value it ignores; a dotted
+  key (`optim.lr`) is expanded in every training row;
+- `row_grid`: per row, its own grid ({kdrl: {objective.beta_kd: [0.1, 1]}});
+- `metric`: `test` (the table: test accuracy) or `val` (hyperparameter search:
+  final greedy val accuracy; jobs then run with `eval_test=false` and never
+  touch the test split, and `best.md` names each row's best grid point).
 
 Each row (and grid point) is one `python run.py -m ...` over its datasets and
 seeds, so any Hydra launcher runs the jobs (`launcher=joblib`, a SLURM
@@ -106,6 +111,7 @@ def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
         if not values:
             raise ConfigError(f"sweep.grid.{key} is empty; give at least one value")
     extra = {str(k): list(v) for k, v in (spec.get("row_overrides") or {}).items()}
+    row_grid = {str(r): {str(k): list(v) for k, v in g.items()} for r, g in (spec.get("row_grid") or {}).items()}
     rows: list[Row] = []
     for entry in spec.rows:
         if isinstance(entry, str) and entry == "student":
@@ -117,7 +123,7 @@ def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
                 overrides = ("mode=eval", f"model.student={name}", *extra.get("teachers", []))
                 rows.append(Row(f"teacher: {name}", slug(f"teacher-{name}"), overrides, seeds[:1], True))
         elif isinstance(entry, str) and entry in known:
-            rows.extend(objective_rows(entry, LABELS.get(entry, entry), entry, extra.get(entry, []), grid, seeds))
+            rows.extend(objective_rows(entry, LABELS.get(entry, entry), entry, extra.get(entry, []), grid | row_grid.get(entry, {}), seeds))
         elif isinstance(entry, (dict, DictConfig)) and entry.get("name"):
             rows.extend(custom_rows(entry, grid, seeds, known))
         else:
@@ -129,15 +135,16 @@ def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
     if len(set(keys)) != len(keys):
         repeated = dict.fromkeys(k for k in keys if keys.count(k) > 1)
         raise ConfigError(f"sweep rows repeat: {', '.join(repeated)}; give custom rows distinct names")
-    unused = [k for k in grid if not any(r.objective and uses(r.objective, k) for r in rows)]
+    unused = [k for k in grid if not any(r.objective and ("." in k or uses(r.objective, k)) for r in rows)]
+    unused += [f"{r}: {k}" for r, g in row_grid.items() for k, v in g.items() if not v or r not in [e for e in spec.rows if isinstance(e, str)]]
     if unused:
-        raise ConfigError(f"sweep.grid key(s) {', '.join(unused)} are used by no row's objective config (a typo?)")
+        raise ConfigError(f"sweep.grid / row_grid key(s) {', '.join(unused)} are empty or used by no row (a typo?)")
     return rows
 
 
 def objective_rows(objective: str, label: str, key: str, overrides: list[str], grid: dict[str, list], seeds: tuple[int, ...]) -> list[Row]:
-    """One row per point of the grid restricted to the hyperparameters `objective` uses."""
-    used = [k for k in grid if uses(objective, k)]
+    """One row per point of the grid restricted to the hyperparameters `objective` uses (dotted keys: all)."""
+    used = [k for k in grid if "." in k or uses(objective, k)]
     rows = []
     for values in itertools.product(*(grid[k] for k in used)):
         point = dict(zip(used, values))
@@ -161,9 +168,21 @@ def custom_rows(entry: DictConfig, grid: dict[str, list], seeds: tuple[int, ...]
     return objective_rows(objective, name, name, overrides, grid, seeds)
 
 
+METRICS = {"test": (), "val": ("eval_test=false",)}  # the job overrides each selection metric implies
+
+
+def metric_overrides(spec: DictConfig) -> tuple[str, ...]:
+    metric = spec.get("metric", "test")
+    if metric not in METRICS:
+        raise ConfigError(f"sweep.metric={metric!r}: allowed values are {', '.join(METRICS)}")
+    return METRICS[metric]
+
+
 def job_overrides(spec: DictConfig, row: Row, dataset: str) -> list[str]:
     """run.py overrides of one (row, dataset) job, without the seed and the Hydra settings."""
-    return merge_overrides([f"model={spec.model}", f"dataset={dataset}"], list(spec.get("overrides") or []), list(row.overrides))
+    return merge_overrides(
+        [f"model={spec.model}", f"dataset={dataset}"], list(spec.get("overrides") or []), list(row.overrides), metric_overrides(spec)
+    )
 
 
 def check(spec: DictConfig, rows: list[Row], compose: Callable[[list[str]], DictConfig]) -> dict[str, str]:
@@ -203,7 +222,7 @@ def multirun_command(spec: DictConfig, row: Row, out: Path, launcher: list[str],
     `launcher`: the Hydra launcher's overrides, e.g. ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"].
     """
     overrides = merge_overrides(
-        [f"model={spec.model}"], list(spec.get("overrides") or []), list(row.overrides),
+        [f"model={spec.model}"], list(spec.get("overrides") or []), list(row.overrides), metric_overrides(spec),
         [
             f"dataset={','.join(spec.datasets)}", f"seed={','.join(str(s) for s in row.seeds)}",
             "skip_complete=true", "log.csv=true", *logger, f"run_name={row.key}-${{dataset.name}}-s${{seed}}",
@@ -232,22 +251,32 @@ def run_rows(spec: DictConfig, rows: list[Row], jobs: list[Job], out: Path, laun
                 echo(f"[{i}/{len(rows)}] {row.label}: some jobs failed (exit status {done.returncode}); see the table")
 
 
-def report(rows: list[Row], jobs: list[Job], out: Path, title: str) -> tuple[str, list[Path], int]:
-    """table.md, table.csv, the figures and loss_fits.csv in `out`; returns (markdown, figure paths, failed jobs)."""
+def report(rows: list[Row], jobs: list[Job], out: Path, title: str, metric: str = "test") -> tuple[str, list[Path], int]:
+    """table.md, table.csv, the figures and loss_fits.csv in `out` (and best.md for metric=val).
+
+    Returns (markdown, figure paths, failed jobs).
+    """
     from grpokd.report import curves, table
 
     statuses = [status(j) for j in jobs]
-    labels, datasets, cells = table.build(jobs, statuses)
-    text = table.write(out, labels, datasets, cells, title)
+    labels, datasets, cells = table.build(jobs, statuses, metric)
+    baseline = next((r.label for r in rows if r.objective == "grpo" and metric == "test"), None)
+    text = table.write(out, labels, datasets, cells, title, metric, baseline)
+    if metric == "val":
+        groups = {r.label: (r.objective or r.label) for r in rows if not r.is_eval}
+        text += "\n" + table.write_best(out, groups, datasets, cells)
     trained = [r for r in rows if not r.is_eval]
     colors = curves.palette([r.label for r in trained])
     figures: list[Path] = []
-    rewards: dict[str, dict[str, curves.Curve]] = {}
-    accuracy: dict[str, dict[str, curves.Curve]] = {}
+    rewards: dict[str, dict[str, curves.Band]] = {}
+    accuracy: dict[str, dict[str, curves.Band]] = {}
     fits: list[list[str]] = [["dataset", "row", "a", "b"]]  # L(t) = a t^-b
     for dataset in dict.fromkeys(j.dataset_name for j in jobs):
+        def band(row: Row, key: str) -> curves.Band:
+            return curves.band_curve([curves.read_metric(j.dir, key) for j in jobs if j.row == row and j.dataset_name == dataset])
+
         def mean(row: Row, key: str) -> curves.Curve:
-            return curves.mean_curve([curves.read_metric(j.dir, key) for j in jobs if j.row == row and j.dataset_name == dataset])
+            return band(row, key)[:2]
 
         losses = {r.label: mean(r, "train/loss") for r in trained}
         losses = {k: v for k, v in losses.items() if v[0]}
@@ -256,8 +285,8 @@ def report(rows: list[Row], jobs: list[Job], out: Path, title: str) -> tuple[str
             fitted = curves.plot_losses(losses, f"{title}: training loss on {dataset} (dashed: power-law fit)", path, colors)
             fits += [[dataset, label, *(f"{x:.4g}" for x in fit)] if fit else [dataset, label, "", ""] for label, fit in fitted.items()]
             figures.append(path)
-        rewards[dataset] = {r.label: c for r in trained if (c := mean(r, "train/reward_mean"))[0]}
-        accuracy[dataset] = {r.label: c for r in trained if (c := mean(r, "val/accuracy"))[0]}
+        rewards[dataset] = {r.label: c for r in trained if (c := band(r, "train/reward_mean"))[0]}
+        accuracy[dataset] = {r.label: c for r in trained if (c := band(r, "val/accuracy"))[0]}
     with open(out / "loss_fits.csv", "w", newline="") as f:
         csv.writer(f).writerows(fits)
     if any(rewards.values()) or any(accuracy.values()):

@@ -190,10 +190,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode == "eval":
         results["test/accuracy"] = evaluate(trainer, module, prep.data, "accuracy")
     else:
-        if cfg.eval_before:
+        if cfg.eval_before and cfg.eval_test:
             results["test/accuracy_before"] = evaluate(trainer, module, prep.data, "accuracy_before")
         trainer.fit(module, datamodule=prep.data, ckpt_path=cfg.ckpt_path)
-        results["test/accuracy_after"] = evaluate(trainer, module, prep.data, "accuracy_after")
+        if prep.data.val_set:  # the final model's greedy val accuracy: what `sweep=tune` selects on
+            results["val/accuracy"] = float(trainer.validate(module, datamodule=prep.data, verbose=False)[0]["val/accuracy"])
+        if cfg.eval_test:
+            results["test/accuracy_after"] = evaluate(trainer, module, prep.data, "accuracy_after")
         export = run_dir / "student"
         module.student.save_pretrained(export)
         module.tokenizer.save_pretrained(export)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +20,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 Curve = tuple[list[int], list[float]]  # steps, values
+Band = tuple[list[int], list[float], list[float]]  # steps, mean over seeds, std over seeds (0 for one seed)
 
 
 def read_metric(job_dir: Path, key: str) -> dict[int, float]:
@@ -32,11 +34,17 @@ def read_metric(job_dir: Path, key: str) -> dict[int, float]:
 
 def mean_curve(per_seed: list[dict[int, float]]) -> Curve:
     """The mean over seeds at the steps all of them logged."""
+    return band_curve(per_seed)[:2]
+
+
+def band_curve(per_seed: list[dict[int, float]]) -> Band:
+    """Mean and sample std over seeds at the steps all of them logged."""
     per_seed = [c for c in per_seed if c]
     if not per_seed:
-        return [], []
+        return [], [], []
     steps = sorted(set.intersection(*(set(c) for c in per_seed)))
-    return steps, [sum(c[s] for c in per_seed) / len(per_seed) for s in steps]
+    columns = [[c[s] for c in per_seed] for s in steps]
+    return steps, [statistics.fmean(v) for v in columns], [statistics.stdev(v) if len(v) > 1 else 0.0 for v in columns]
 
 
 def fit_power_law(steps: list[int], values: list[float]) -> tuple[float, float] | None:
@@ -98,21 +106,27 @@ def plot_losses(curves: dict[str, Curve], title: str, path: Path, colors: dict[s
 
 
 def plot_progress(
-    reward: dict[str, dict[str, Curve]], accuracy: dict[str, dict[str, Curve]], path: Path,
+    reward: dict[str, dict[str, Band]], accuracy: dict[str, dict[str, Band]], path: Path,
     colors: dict[str, str] | None = None, window: int = 10,
 ) -> None:
-    """One PNG: per dataset (columns), sampled reward (top, moving average) and val accuracy (bottom) against step."""
+    """One PNG: per dataset (columns), sampled reward (top, moving average) and val accuracy (bottom) against step.
+
+    Lines are means over seeds; the shaded bands are ± one std over seeds.
+    """
     datasets = list(reward)
     colors = colors or palette(list(dict.fromkeys(k for d in datasets for k in [*reward[d], *accuracy[d]])))
     fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 7), squeeze=False)
     for col, dataset in enumerate(datasets):
         top, bottom = axes[0][col], axes[1][col]
-        for label, (steps, values) in reward[dataset].items():
-            top.plot(steps, smooth(values, window), color=colors[label], label=label)
-        for label, (steps, values) in accuracy[dataset].items():
+        for label, (steps, values, std) in reward[dataset].items():
+            mean, spread = smooth(values, window), smooth(std, window)
+            top.plot(steps, mean, color=colors[label], label=label)
+            top.fill_between(steps, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], color=colors[label], alpha=0.15)
+        for label, (steps, values, std) in accuracy[dataset].items():
             bottom.plot(steps, [100 * v for v in values], color=colors[label], marker="o", label=label)
-        top.set_title(f"{dataset}: sampled reward (moving average of {window} steps)")
-        bottom.set_title(f"{dataset}: greedy val accuracy")
+            bottom.fill_between(steps, [100 * (v - s) for v, s in zip(values, std)], [100 * (v + s) for v, s in zip(values, std)], color=colors[label], alpha=0.15)
+        top.set_title(f"{dataset}: sampled reward (moving average of {window} steps, band ± std over seeds)")
+        bottom.set_title(f"{dataset}: greedy val accuracy (band ± std over seeds)")
         top.set_xlabel("step")
         bottom.set_xlabel("step")
         top.set_ylabel("reward")

@@ -1,10 +1,17 @@
-"""The sweep's table: rows x datasets, mean ± std of test accuracy over seeds, failures marked.
+"""The sweep's table: rows x datasets, mean ± std of accuracy over seeds, failures marked, tests against GRPO.
 
-A cell holds the complete jobs' accuracies (the training rows' `test/accuracy_after`,
-the eval rows' `test/accuracy`) and the errors of the jobs that failed or are
-missing. It renders as "19.4 ± 1.8 (n=3)", "23.5" for a single value,
+A cell holds the complete jobs' accuracies (metric `test`: the training rows'
+`test/accuracy_after`, the eval rows' `test/accuracy`; metric `val`: the final
+`val/accuracy`) and the errors of the jobs that failed or are missing. It
+renders as "19.4 ± 1.8 (n=3)" (sample std, n - 1), "23.5" for a single value,
 "failed [1]" when nothing completed, or "12.0 ± 0.5 (n=2, 1 failed [1])"; the
 footnotes list the errors.
+
+With a baseline row (GRPO), each dataset gets a "vs baseline" column: the
+difference of means in points and the two-sided p-value of Welch's t-test
+(unequal variances), marked "*" when p < 0.05, i.e. beyond seed noise at
+that level. With 3 seeds the test has little power: a real difference of a
+few points can read as noise, which the table then says.
 """
 
 from __future__ import annotations
@@ -27,23 +34,52 @@ class Cell:
 
     @property
     def std(self) -> float | None:
-        return statistics.pstdev(self.values) if len(self.values) > 1 else None
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
 
 
-def accuracy(results: dict[str, Any]) -> float | None:
-    """The job's headline number: accuracy after training, or the eval row's accuracy."""
-    value = results.get("test/accuracy_after", results.get("test/accuracy"))
+ALPHA = 0.05  # the level at which a difference to the baseline is called beyond noise
+
+
+def welch(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test of mean(a) = mean(b); None with fewer than 2 values a side.
+
+    Two groups without any spread: 1.0 if their means are equal, else 0.0.
+    """
+    if len(a) < 2 or len(b) < 2:
+        return None
+    from scipy import stats
+
+    if statistics.variance(a) == 0 and statistics.variance(b) == 0:
+        return 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def versus(cell: Cell, base: Cell) -> str:
+    """"+5.2 (p=0.01*)": the difference of means in points and Welch's p-value against the baseline cell."""
+    if not cell.values or not base.values:
+        return "—"
+    diff = f"{100 * (cell.mean - base.mean):+.1f}"
+    p = welch(cell.values, base.values)
+    return diff if p is None else f"{diff} (p={p:.2g}{'*' if p < ALPHA else ''})"
+
+
+def accuracy(results: dict[str, Any], metric: str = "test") -> float | None:
+    """The job's headline number: test accuracy after training (or the eval row's), or the final val accuracy."""
+    if metric == "val":
+        value = results.get("val/accuracy")
+    else:
+        value = results.get("test/accuracy_after", results.get("test/accuracy"))
     return float(value) if value is not None else None
 
 
-def build(jobs: list, statuses: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
+def build(jobs: list, statuses: list[dict[str, Any]], metric: str = "test") -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
     """(row labels, dataset names, cells keyed by (label, dataset)) from the jobs and their results."""
     labels = list(dict.fromkeys(job.row.label for job in jobs))
     datasets = list(dict.fromkeys(job.dataset_name for job in jobs))
     cells = {(r, d): Cell() for r in labels for d in datasets}
     for job, results in zip(jobs, statuses):
         cell = cells[(job.row.label, job.dataset_name)]
-        value = accuracy(results) if results.get("status") == "complete" else None
+        value = accuracy(results, metric) if results.get("status") == "complete" else None
         if value is None:
             cell.errors.append(f"{job.row.label} / {job.dataset_name} / seed {job.seed}: {results.get('status', 'failed')}: "
                                f"{results.get('error', 'no accuracy in results.json')}")
@@ -68,30 +104,60 @@ def render_cell(cell: Cell, notes: list[str]) -> str:
     return text + (f" ({', '.join(details)})" if details else "")
 
 
-def markdown(labels: list[str], datasets: list[str], cells: dict[tuple[str, str], Cell], title: str) -> str:
-    """The table as markdown, with footnotes for failed jobs."""
+def markdown(
+    labels: list[str], datasets: list[str], cells: dict[tuple[str, str], Cell], title: str,
+    metric: str = "test", baseline: str | None = None,
+) -> str:
+    """The table as markdown, with a column per dataset against `baseline` and footnotes for failed jobs."""
     notes: list[str] = []
-    lines = [f"# {title}", "", "Test accuracy (%), greedy decoding; mean ± std over seeds (population std), n = seeds completed.", ""]
-    lines += ["| row | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    what = "Test accuracy" if metric == "test" else "Final greedy val accuracy"
+    lines = [f"# {title}", "", f"{what} (%), greedy decoding; mean ± std over seeds (sample std), n = seeds completed."]
+    if baseline:
+        lines.append(f"vs {baseline}: difference of means (points) and Welch's t-test p-value; * marks p < {ALPHA}.")
+    columns = [c for d in datasets for c in ([d, f"{d} vs {baseline}"] if baseline else [d])]
+    lines += ["", "| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for label in labels:
-        lines.append(f"| {label} | " + " | ".join(render_cell(cells[(label, d)], notes) for d in datasets) + " |")
+        row = []
+        for d in datasets:
+            row.append(render_cell(cells[(label, d)], notes))
+            if baseline:
+                row.append("" if label == baseline else versus(cells[(label, d)], cells[(baseline, d)]))
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
     if notes:
         lines += ["", "Failed or missing jobs:", ""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, labels: list[str], datasets: list[str], cells: dict[tuple[str, str], Cell], title: str) -> str:
+def write(
+    out: Path, labels: list[str], datasets: list[str], cells: dict[tuple[str, str], Cell], title: str,
+    metric: str = "test", baseline: str | None = None,
+) -> str:
     """Write table.md and table.csv into `out`; returns the markdown."""
-    text = markdown(labels, datasets, cells, title)
+    text = markdown(labels, datasets, cells, title, metric, baseline)
     (out / "table.md").write_text(text)
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "dataset", "mean", "std", "n", "failed", "values"])
+        writer.writerow(["row", "dataset", "mean", "std", "n", "failed", "values", "p_vs_baseline"])
         for label in labels:
             for d in datasets:
                 c = cells[(label, d)]
+                p = welch(c.values, cells[(baseline, d)].values) if baseline and label != baseline else None
                 writer.writerow([
                     label, d, "" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}",
-                    len(c.values), len(c.errors), " ".join(f"{v:.4f}" for v in c.values),
+                    len(c.values), len(c.errors), " ".join(f"{v:.4f}" for v in c.values), "" if p is None else f"{p:.4g}",
                 ])
+    return text
+
+
+def write_best(out: Path, groups: dict[str, str], datasets: list[str], cells: dict[tuple[str, str], Cell]) -> str:
+    """best.md: per group of rows (one objective over its grid) and dataset, the row with the highest mean; returns it."""
+    lines = ["# Best grid point per objective (highest mean)", "", "| objective | dataset | best row | mean (%) |", "|---|---|---|---|"]
+    for group in dict.fromkeys(groups.values()):
+        for d in datasets:
+            scored = [(cells[(label, d)].mean, label) for label, g in groups.items() if g == group and cells[(label, d)].values]
+            if scored:
+                mean, label = max(scored)
+                lines.append(f"| {group} | {d} | {label} | {100 * mean:.1f} |")
+    text = "\n".join(lines) + "\n"
+    (out / "best.md").write_text(text)
     return text
