@@ -29,10 +29,12 @@ def test_objectives_instantiate_and_declare_needs(objective, tmp_path):
 
 
 def test_the_default_objective_is_j1_with_the_embedded_teachers(tmp_path):
-    """The paper's primary objective, J', is what `python run.py` trains."""
+    """The paper's primary objective, J', is what `python run.py` trains, on the embedded causal testbed."""
     cfg = compose([], tmp_path)
     assert cfg.objective.name == "j1" and cfg.objective.kl_estimator == "full"
-    assert list(cfg.model.teachers) == ["tiny-t5-teacher-s", "tiny-t5-teacher-m"]
+    assert cfg.model.student == "tiny-llama-student"
+    assert list(cfg.model.teachers) == ["tiny-llama-teacher-s", "tiny-llama-teacher-m"]
+    assert list(compose(["model=tiny"], tmp_path).model.teachers) == ["tiny-t5-teacher-s", "tiny-t5-teacher-m"]
 
 
 def test_top_level_hyperparameters_reach_the_objective(tmp_path):
