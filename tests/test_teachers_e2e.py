@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForSeq2SeqLM
+from transformers import AutoModelForCausalLM
 
 from grpokd.errors import ConfigError
 from grpokd.models import loading
@@ -26,11 +26,11 @@ KD = [
 
 @torch.no_grad()
 def loglik_of_teacher_answers(student, prompts: list[str]) -> float:
-    """Mean token log-likelihood, under `student`, of each embedded T5 teacher's greedy answers to `prompts`."""
-    tokenizer = loading.load_tokenizer("tiny-t5-student")
+    """Mean token log-likelihood, under `student`, of each embedded teacher's greedy answers to `prompts`."""
+    tokenizer = loading.load_tokenizer("tiny-llama-student")
     tokens = tokenize_prompts(tokenizer, prompts, 64)
     total = 0.0
-    for name in ("tiny-t5-teacher-s", "tiny-t5-teacher-m"):
+    for name in ("tiny-llama-teacher-s", "tiny-llama-teacher-m"):
         answers = generate(loading.load_model(name), tokenizer, tokens, do_sample=False, max_new_tokens=48)
         logp = token_logp(completion_logits(student.eval(), tokens, answers), answers.ids)  # [B, T]
         total += float((logp * answers.mask).sum() / answers.mask.sum()) / 2
@@ -49,9 +49,9 @@ def loglik_of_teacher_answers(student, prompts: list[str]) -> float:
 def test_kd_objectives_move_the_student_towards_the_teachers(objective, extra, quick_cfg, tmp_path):
     cfg = quick_cfg(f"objective={objective}", *KD, *extra)
     prompts = [ex.prompt for ex in prepare(cfg).data.train_set]
-    before = loglik_of_teacher_answers(loading.load_model("tiny-t5-student"), prompts)
+    before = loglik_of_teacher_answers(loading.load_model("tiny-llama-student"), prompts)
     results = train(cfg)
-    after = loglik_of_teacher_answers(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "student"), prompts)
+    after = loglik_of_teacher_answers(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student"), prompts)
     assert results["steps"] == 12
     assert after > before + 0.05, (before, after)
 
@@ -59,8 +59,8 @@ def test_kd_objectives_move_the_student_towards_the_teachers(objective, extra, q
 @torch.no_grad()
 def reverse_kd_on_gold(student, examples) -> float:
     """sum_i w_i KL(student || T_i) (uniform w, tau 1) on the gold solutions of `examples`: what J'' minimises."""
-    tokenizer = loading.load_tokenizer("tiny-t5-student")
-    names = ["tiny-t5-teacher-s", "tiny-t5-teacher-m"]
+    tokenizer = loading.load_tokenizer("tiny-llama-student")
+    names = ["tiny-llama-teacher-s", "tiny-llama-teacher-m"]
     ensemble = TeacherEnsemble([loading.load_model(n) for n in names], names, Uniform())
     prompts = tokenize_prompts(tokenizer, [ex.prompt for ex in examples], 64)
     gold = tokenize_targets(tokenizer, [ex.solution for ex in examples], 48)
@@ -73,9 +73,9 @@ def test_j2_moves_the_student_towards_the_teacher_anchor(quick_cfg, tmp_path):
     """Reverse KD is mode-seeking, so J'' is checked on what it minimises rather than on the teachers' answers."""
     cfg = quick_cfg("objective=j2", *KD, "beta=5", "objective.kd_states=gold", "weighting=confidence")
     examples = prepare(cfg).data.train_set
-    before = reverse_kd_on_gold(loading.load_model("tiny-t5-student"), examples)
+    before = reverse_kd_on_gold(loading.load_model("tiny-llama-student"), examples)
     train(cfg)
-    after = reverse_kd_on_gold(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "student"), examples)
+    after = reverse_kd_on_gold(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student"), examples)
     assert after < 0.9 * before, (before, after)
 
 
@@ -83,8 +83,8 @@ def test_j2_moves_the_student_towards_the_teacher_anchor(quick_cfg, tmp_path):
 def reverse_kl_on_own_samples(student, examples) -> float:
     """KL(student || uniform teacher mixture), per token, on 4 seeded samples per prompt from the student (T=1)."""
     torch.manual_seed(0)
-    tokenizer = loading.load_tokenizer("tiny-t5-student")
-    names = ["tiny-t5-teacher-s", "tiny-t5-teacher-m"]
+    tokenizer = loading.load_tokenizer("tiny-llama-student")
+    names = ["tiny-llama-teacher-s", "tiny-llama-teacher-m"]
     teachers = [loading.load_model(n) for n in names]
     prompts = tokenize_prompts(tokenizer, [ex.prompt for ex in examples], 64)
     samples = generate(student.eval(), tokenizer, prompts, 4, 48, do_sample=True, temperature=1.0, top_k=0)
@@ -98,9 +98,9 @@ def test_kdrl_lowers_the_reverse_kl_to_the_teachers_on_its_own_samples(quick_cfg
     """KDRL's reverse KL is estimated on the student's samples; it is checked there, against the exact KL."""
     cfg = quick_cfg("objective=kdrl", *KD, "beta=0", "objective.beta_kd=5", "rollout.sampling.temperature=1", "trainer.max_steps=60", "optim.lr=3e-4")
     examples = prepare(cfg).data.train_set
-    before = reverse_kl_on_own_samples(loading.load_model("tiny-t5-student"), examples)
+    before = reverse_kl_on_own_samples(loading.load_model("tiny-llama-student"), examples)
     train(cfg)
-    after = reverse_kl_on_own_samples(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "student"), examples)
+    after = reverse_kl_on_own_samples(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student"), examples)
     assert after < 0.9 * before, (before, after)
 
 
@@ -133,7 +133,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_both(quick_cfg, tmp_
     other = tmp_path / "other-teacher"
     init_model(Recipe("t5", d_model=32, layers=1, heads=2, d_ff=64, steps=0), tokenizer).save_pretrained(other)
     tokenizer.save_pretrained(other)
-    with pytest.raises(ConfigError, match=r"model.teachers\[0\].*other-teacher.*tiny-t5-student"):
+    with pytest.raises(ConfigError, match=r"model.teachers\[0\].*other-teacher.*tiny-llama-student"):
         train(quick_cfg("objective=j1", f"model.teachers=[{other}]"))
 
 

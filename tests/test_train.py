@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForSeq2SeqLM
+from transformers import AutoModelForCausalLM
 
 from grpokd.train import train
 
@@ -22,7 +22,7 @@ def test_grpo_run_writes_a_complete_run_directory(quick_cfg, tmp_path):
         assert key in saved
     assert saved["steps"] == 4 and saved["objective"] == "grpo" and saved["status"] == "complete"
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
-    exported = AutoModelForSeq2SeqLM.from_pretrained(run_dir / "student")
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "student")
     assert exported.num_parameters() > 0
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert rows and {"prompt", "completion", "reward", "adv"} <= set(rows[0])
@@ -36,8 +36,8 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(quick_cfg, tmp_
     resumed = tmp_path / "resumed"
     results = train(quick_cfg("eval_before=false", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", run_dir=resumed))
     assert results["steps"] == 4
-    a = AutoModelForSeq2SeqLM.from_pretrained(straight / "student").state_dict()
-    b = AutoModelForSeq2SeqLM.from_pretrained(resumed / "student").state_dict()
+    a = AutoModelForCausalLM.from_pretrained(straight / "student").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed / "student").state_dict()
     assert all(torch.allclose(a[k], b[k]) for k in a)
 
 
