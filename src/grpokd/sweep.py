@@ -76,6 +76,11 @@ def uses(objective: str, key: str) -> bool:
     return "${" + key + "}" in (CONF / "objective" / f"{objective}.yaml").read_text()
 
 
+def applies(objective: str, key: str) -> bool:
+    """Whether a grid key varies `objective`: a dotted key (optim.lr) always, a top-level one if its config uses it."""
+    return "." in key or uses(objective, key)
+
+
 def override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
@@ -135,7 +140,7 @@ def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
     if len(set(keys)) != len(keys):
         repeated = dict.fromkeys(k for k in keys if keys.count(k) > 1)
         raise ConfigError(f"sweep rows repeat: {', '.join(repeated)}; give custom rows distinct names")
-    unused = [k for k in grid if not any(r.objective and ("." in k or uses(r.objective, k)) for r in rows)]
+    unused = [k for k in grid if not any(r.objective and applies(r.objective, k) for r in rows)]
     unused += [f"{r}: {k}" for r, g in row_grid.items() for k, v in g.items() if not v or r not in [e for e in spec.rows if isinstance(e, str)]]
     if unused:
         raise ConfigError(f"sweep.grid / row_grid key(s) {', '.join(unused)} are empty or used by no row (a typo?)")
@@ -144,7 +149,7 @@ def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
 
 def objective_rows(objective: str, label: str, key: str, overrides: list[str], grid: dict[str, list], seeds: tuple[int, ...]) -> list[Row]:
     """One row per point of the grid restricted to the hyperparameters `objective` uses (dotted keys: all)."""
-    used = [k for k in grid if "." in k or uses(objective, k)]
+    used = [k for k in grid if applies(objective, k)]
     rows = []
     for values in itertools.product(*(grid[k] for k in used)):
         point = dict(zip(used, values))
