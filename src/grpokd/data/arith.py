@@ -14,6 +14,14 @@ CPU in minutes:
   induction-style lookup that every scanned token trains); with the bare
   "#### C" the value -> letter look-up stayed at chance for 1200 SFT steps.
 
+Numbers stop at 20 so that the space of arithmetic facts is small (about 430
+distinct steps such as "7 * 2 = 14"). An undertrained model's errors on these
+tasks are almost all wrong facts (measured: 206 of 229 errors of the earlier
+0..99 student); with 0..99 (about 4000 facts) a 100-step RL run met each fact
+about once and GRPO did not move the held-out accuracy in 400 steps, although it
+raised the reward of a fixed set of 16 prompts from 10% to 46% in 40 steps.
+With 0..20 every fact recurs in training several times within 100 RL steps.
+
 A problem is a start sentence and 0-2 operation sentences; 40% have one
 computation step, 60% two. Generation is a pure function of the seed
 (`random.Random(seed)`).
@@ -27,8 +35,8 @@ from dataclasses import dataclass
 
 from grpokd.data.example import Example
 
-MAX_NUMBER = 99
-MAX_FACTOR = 9  # operands of "*" stay small: the tables up to 9 x 9
+MAX_NUMBER = 20
+MAX_FACTOR = 9  # factors of "*" are 2..9, products stay <= MAX_NUMBER
 ONE_STEP_FRACTION = 0.4
 CHOICE_LETTERS = ("A", "B", "C", "D", "E")
 DISTRACTOR_SPREAD = 5  # distractors lie within +-5 of the answer
@@ -74,14 +82,14 @@ def _operation(rng: random.Random, value: int, max_operand: int) -> tuple[str, i
         ops.append("+")
     if value >= 1:
         ops.append("-")
-    if 2 <= value <= MAX_FACTOR:
+    if 2 <= value <= MAX_NUMBER // 2:
         ops.append("*")
     op = rng.choice(ops)
     if op == "+":
         return op, rng.randint(1, min(max_operand, MAX_NUMBER - value))
     if op == "-":
         return op, rng.randint(1, min(max_operand, value))
-    return op, rng.randint(2, min(MAX_FACTOR, max(2, max_operand)))
+    return op, rng.randint(2, min(MAX_FACTOR, MAX_NUMBER // value))
 
 
 def make_problem(rng: random.Random, max_operand: int = 20) -> Problem:
@@ -91,7 +99,8 @@ def make_problem(rng: random.Random, max_operand: int = 20) -> Problem:
     n_steps = 1 if rng.random() < ONE_STEP_FRACTION else 2
     sentences, steps = [], []
     if rng.random() < 0.25:  # the bags start: a product is the first step
-        bags, per_bag = rng.randint(2, min(MAX_FACTOR, max(2, max_operand))), rng.randint(2, MAX_FACTOR)
+        bags = rng.randint(2, min(MAX_FACTOR, max_operand, MAX_NUMBER // 2))
+        per_bag = rng.randint(2, min(MAX_FACTOR, MAX_NUMBER // bags))
         sentences.append(f"{name} has {bags} bags with {per_bag} {item} in each bag .")
         step, value = _step(bags, "*", per_bag)
         steps.append(step)

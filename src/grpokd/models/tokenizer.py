@@ -1,7 +1,7 @@
 """The embedded word-level tokenizer, built from the synthetic tasks' closed vocabulary.
 
 Every token of the synthetic tasks is a space-separated word or a number
-0..99, so a word-level vocabulary of about 160 entries covers them
+0..20, so a word-level vocabulary of about 80 entries covers them
 exactly and keeps sequences short (a tiny model learns them in minutes).
 Special tokens follow T5's layout (pad=0, eos=1, unk=2) plus a bos for the
 decoder-only family. Anything outside the vocabulary maps to <unk>.

@@ -74,10 +74,10 @@ class Recipe:
 # the default) and the T5 family keeps the encoder-decoder path covered (`model=tiny`). Teachers differ in
 # size and length (s < m); students are stopped early so that greedy accuracy is low and pass@8 well above it.
 ZOO: dict[str, Recipe] = {
-    "tiny-t5-student": Recipe("t5", d_model=128, layers=2, heads=4, d_ff=256, steps=250),
+    "tiny-t5-student": Recipe("t5", d_model=128, layers=2, heads=4, d_ff=256, steps=100),
     "tiny-t5-teacher-s": Recipe("t5", d_model=128, layers=2, heads=4, d_ff=256, steps=700, seed=1),
     "tiny-t5-teacher-m": Recipe("t5", d_model=160, layers=2, heads=4, d_ff=384, steps=1000, seed=2),
-    "tiny-llama-student": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=250),
+    "tiny-llama-student": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=150),
     "tiny-llama-teacher-s": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=1500, seed=1),
     "tiny-llama-teacher-m": Recipe("llama", d_model=160, layers=4, heads=4, d_ff=320, steps=1500, seed=2),
 }
