@@ -3,7 +3,7 @@
 Each run trains the shipped student with the objective's own defaults (the tuned ones) on 16 fixed
 `arith` prompts, every step seeing all of them, then compares pass@1 at temperature 1 on those prompts
 (32 samples each) before and after. Every objective in conf/objective/ is run; a new one is tested
-without touching this file. The margin is well below what each method reaches (see MARGIN) and well
+without touching this file. The margin is half or less of what each method reaches (see MARGIN) and well
 above sampling noise (the std of a 512-sample pass@1 near 0.2 is about 0.02).
 """
 
@@ -26,7 +26,9 @@ FIXED = [  # 32 training problems, 16 of them held out as val: every step trains
     "model=tiny_causal", "dataset=arith", "dataset.source.train_size=32", "data.val_size=16", "data.test_size=16",
     "data.prompts_per_step=16", "group_size=8", "trainer.max_steps=30", "trainer.val_check_interval=30", "eval_before=false",
 ]
-MARGIN = 0.1  # pass@1 gain on the trained prompts that every objective must clear
+# pass@1 gain on the trained prompts that every objective must clear. Measured (this machine, from 12.9%):
+# GRPO +21.7, J' +21.5, J'' +38.3, J''' +36.9, KDRL +30.9, TGPO +34.8, SFT +82.6 points.
+MARGIN = 0.1
 
 
 @torch.no_grad()

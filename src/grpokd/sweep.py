@@ -277,21 +277,18 @@ def report(rows: list[Row], jobs: list[Job], out: Path, title: str, metric: str 
     accuracy: dict[str, dict[str, curves.Band]] = {}
     fits: list[list[str]] = [["dataset", "row", "a", "b"]]  # L(t) = a t^-b
     for dataset in dict.fromkeys(j.dataset_name for j in jobs):
-        def band(row: Row, key: str) -> curves.Band:
-            return curves.band_curve([curves.read_metric(j.dir, key) for j in jobs if j.row == row and j.dataset_name == dataset])
+        def per_seed(row: Row, key: str) -> list[dict[int, float]]:
+            return [curves.read_metric(j.dir, key) for j in jobs if j.row == row and j.dataset_name == dataset]
 
-        def mean(row: Row, key: str) -> curves.Curve:
-            return band(row, key)[:2]
-
-        losses = {r.label: mean(r, "train/loss") for r in trained}
+        losses = {r.label: curves.mean_curve(per_seed(r, "train/loss")) for r in trained}
         losses = {k: v for k, v in losses.items() if v[0]}
         if losses:
             path = out / f"loss_{slug(dataset)}.png"
             fitted = curves.plot_losses(losses, f"{title}: training loss on {dataset} (dashed: power-law fit)", path, colors)
             fits += [[dataset, label, *(f"{x:.4g}" for x in fit)] if fit else [dataset, label, "", ""] for label, fit in fitted.items()]
             figures.append(path)
-        rewards[dataset] = {r.label: c for r in trained if (c := band(r, "train/reward_mean"))[0]}
-        accuracy[dataset] = {r.label: c for r in trained if (c := band(r, "val/accuracy"))[0]}
+        rewards[dataset] = {r.label: c for r in trained if (c := curves.band_curve(per_seed(r, "train/reward_mean")))[0]}
+        accuracy[dataset] = {r.label: c for r in trained if (c := curves.band_curve(per_seed(r, "val/accuracy")))[0]}
     with open(out / "loss_fits.csv", "w", newline="") as f:
         csv.writer(f).writerows(fits)
     if any(rewards.values()) or any(accuracy.values()):

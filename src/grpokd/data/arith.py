@@ -61,7 +61,7 @@ class Problem:
 
 
 def vocabulary() -> list[str]:
-    """Every token any `arith`/`arith_mc` prompt or solution can contain: words sorted, then "0".."99"."""
+    """Every token any `arith`/`arith_mc` prompt or solution can contain: words sorted, then "0".."MAX_NUMBER"."""
     words = {"has", "How", "many", "does", "have", "now", "bags", "with", "in", "each", "bag", *_NAMES, *_ITEMS}
     words |= set(_OBJECT.values()) | set(_NAMES.values()) | set(_SYMBOLS)
     for template in _ADD + _SUB + _MUL:
