@@ -216,3 +216,39 @@ def test_splits_is_a_frozen_bundle():
     splits = Splits(train=[], test=[])
     with pytest.raises(AttributeError):
         splits.train = []  # type: ignore[misc]
+
+
+# --- the data module's splits ------------------------------------------------------------------
+
+
+def test_training_never_sees_a_val_or_test_prompt():
+    """arith's generator repeats prompts: without `held_out`, 33 of the 200 val prompts were also trained on."""
+    from grpokd.data.datamodule import TaskData
+
+    splits = sources.arith(seed=0)
+    data = TaskData(splits, prompts_per_step=16, val_size=200, test_size=500)
+    trained = {ex.prompt for ex in data.train_set}
+    assert len(data.val_set) == 200 and len(data.test_set) == 500
+    assert not trained & {ex.prompt for ex in data.val_set}
+    assert not trained & {ex.prompt for ex in data.test_set}
+    raw_train = {ex.prompt for ex in splits.train[:-200]}
+    assert sum(ex.prompt in raw_train for ex in data.val_set) > 10  # the duplicates this guards against exist
+    assert len(data.train_set) > 19000
+
+
+def test_held_out_keeps_order_and_drops_only_evaluated_prompts():
+    from grpokd.data.datamodule import held_out
+
+    ex = [Example(p, "s", "1") for p in ["a", "b", "c", "a", "d", "e"]]
+    train, val = held_out(ex, 2, [Example("b", "s", "1")])
+    assert [e.prompt for e in val] == ["d", "e"]
+    assert [e.prompt for e in train] == ["a", "c", "a"]
+
+
+def test_too_few_train_prompts_after_holding_out_is_a_config_error():
+    from grpokd.data.datamodule import TaskData
+    from grpokd.errors import ConfigError
+
+    same = [Example("q", "s", "1")] * 30
+    with pytest.raises(ConfigError, match="differ from the val and test prompts"):
+        TaskData(Splits(train=same, test=[Example("q", "s", "1")]), prompts_per_step=4, val_size=5)
