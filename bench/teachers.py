@@ -57,7 +57,7 @@ def measure(objective: str, teachers: int, args: argparse.Namespace) -> dict:
     for _ in range(args.repeats + 1):  # the first is a warm-up
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            batch, _ = ro.score(student, rollout, objective_fn.needs, len(tokenizer), 0, frozen)
+            batch, _, _ = ro.score(student, rollout, objective_fn.needs, len(tokenizer), 0, frozen)
             loss = objective_fn(batch).loss
         loss.backward()
         student.zero_grad(set_to_none=True)

@@ -31,7 +31,7 @@ def test_objectives_instantiate_and_declare_needs(objective, tmp_path):
 def test_the_default_objective_is_j1_with_the_embedded_teachers(tmp_path):
     """The paper's primary objective, J', is what `python run.py` trains, on the embedded causal testbed."""
     cfg = compose([], tmp_path)
-    assert cfg.objective.name == "j1" and cfg.objective.kl_estimator == "full"
+    assert cfg.objective.name == "j1" and cfg.objective.terms.kl.estimator == "full"
     assert cfg.model.student == "tiny-llama-student"
     assert list(cfg.model.teachers) == ["tiny-llama-teacher-s", "tiny-llama-teacher-m"]
     assert list(compose(["model=tiny"], tmp_path).model.teachers) == ["tiny-t5-teacher-s", "tiny-t5-teacher-m"]
@@ -40,7 +40,7 @@ def test_the_default_objective_is_j1_with_the_embedded_teachers(tmp_path):
 def test_top_level_hyperparameters_reach_the_objective(tmp_path):
     cfg = compose(["objective=grpo", "beta=0.3", "epsilon=0.1"], tmp_path)
     grpo = instantiate_group(cfg.objective, "objective")
-    assert (grpo.beta, grpo.epsilon_low, grpo.epsilon_high) == (0.3, 0.1, 0.1)
+    assert (grpo.terms["kl"].weight, grpo.epsilon_low, grpo.epsilon_high) == (0.3, 0.1, 0.1)
     assert compose(["group_size=3"], tmp_path).rollout.sampling.group_size == 3
 
 
@@ -96,14 +96,19 @@ def test_loggers_instantiate_offline(tmp_path, monkeypatch):
     "overrides,message",
     [
         (["objective=grpo", "group_size=1"], "group_size=1"),
-        (["objective.kl_estimator=k9"], "kl_estimator"),
+        (["objective.terms.kl.estimator=k9"], "kl_estimator"),
         (["model.student=/no/such/model"], "model.student"),
         (["model.student=some-org/some-model-that-is-not-here"], "hf download"),
         (["dataset=gsm8k", "dataset.path=/no/such/dir"], "/no/such/dir"),
         (["mode=predict"], "mode"),
-        (["objective=kdrl", "objective.kd_mask=easy"], "kd_mask='easy' is not one of none, incorrect_only, hard_prompts"),
-        (["objective=tgpo", "objective.target=beam"], "target='beam' is not one of argmax, sampled, topk"),
+        (["objective=kdrl", "objective.terms.kd.kd_mask=easy"], "kd_mask='easy' is not one of none, incorrect_only, hard_prompts"),
+        (["objective=tgpo", "objective.terms.guide.target=beam"], "target='beam' is not one of argmax, sampled, topk"),
         (["objective=kdrl", "model.teachers=[]"], "model.teachers is empty"),
+        (["+reward.weights.lenght=1"], "reward.weights names lenght"),
+        (["updates_per_rollout=0"], "updates_per_rollout=0"),
+        (["rollout.minibatches=3"], "rollout.minibatches=3 must divide data.prompts_per_step=16"),
+        (["updates_per_rollout=2", "+trainer.accumulate_grad_batches=2"], "accumulate_grad_batches"),
+        (["objective=j3", "+term@objective.terms.rkl=teacher_kl"], "disagree on teacher_logp_tempered"),
     ],
 )
 def test_bad_configs_fail_at_start_up_with_the_key_named(overrides, message, tmp_path, monkeypatch):

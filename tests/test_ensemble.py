@@ -92,7 +92,7 @@ def test_kdrl_kd_is_zero_when_the_teacher_is_the_student(temperature):
     sampling = ro.Sampling(group_size=4, max_new_tokens=24, temperature=temperature)
     rollout = ro.sample(student, tokenizer, collate(arith(test_size=4).test), sampling, NumericReward())
     kdrl = KDRL(beta_kd=1.0, beta=0.0)
-    batch, _ = ro.score(student, rollout, kdrl.needs, len(tokenizer), 0, ro.Frozen(None, ensemble), temperature)
+    batch, _, _ = ro.score(student, rollout, kdrl.needs, len(tokenizer), 0, ro.Frozen(None, ensemble), temperature)
     out = kdrl(batch)
     assert abs(float(out.metrics["kd_reverse_kl"])) < 1e-5
     assert torch.allclose(out.loss, GRPO(beta=0.0)(batch).loss, atol=1e-6)

@@ -114,3 +114,49 @@ def test_every_aqua_gold_rationale_scores_one(shared_data):
         assert reward(example.solution, example.answer) == 1.0, example.solution
         wrong = next(letter for letter in "ABCDE" if letter != example.answer)
         assert reward(example.solution.rpartition("####")[0] + f"#### {wrong}", example.answer) == 0.0
+
+
+# --- the training reward: weighted functions -----------------------------------------------------
+
+
+def test_format_reward_needs_a_parseable_answer_line_not_a_correct_one():
+    from grpokd.data.rewards import FormatReward
+
+    fmt = FormatReward()
+    assert fmt("5 + 3 = 8 . #### 8", "6") == 1.0
+    assert fmt("... #### C", "A") == 1.0
+    assert fmt("5 + 3 = 8 .", "8") == 0.0  # no answer line
+    assert fmt("5 + 3 = 8 . ####", "8") == 0.0  # nothing parseable after it
+
+
+def test_weighted_rewards_sum_by_weight_and_keep_each_part():
+    from grpokd.data.rewards import FormatReward, NumericReward, WeightedRewards
+
+    rewards = WeightedRewards({"correct": NumericReward(False), "format": FormatReward()}, {"correct": 1.0, "format": 0.25})
+    texts, answers = ["#### 8", "#### 7", "8"], ["8", "8", "8"]
+    parts = rewards.parts(texts, answers)
+    assert parts == {"correct": [1.0, 0.0, 0.0], "format": [1.0, 1.0, 0.0]}
+    assert rewards.total(parts) == [1.25, 0.25, 0.0]
+    assert WeightedRewards({"correct": NumericReward(), "format": FormatReward()}).weights == {"correct": 1.0, "format": 0.0}
+    with pytest.raises(ValueError, match="reward.weights names lenght"):
+        WeightedRewards({"correct": NumericReward()}, {"lenght": 1.0})
+
+
+def test_truncated_completions_are_masked_out_entirely_and_parts_are_logged():
+    import torch
+
+    from grpokd import rollout as ro
+    from grpokd.models.scoring import Tokens
+
+    mask = torch.ones(4, 3, dtype=torch.long)
+    r = ro.Rollout(
+        Tokens(torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long)), Tokens(torch.ones(4, 3, dtype=torch.long), mask),
+        ["a"] * 4, ["1"] * 4, torch.tensor([1.0, 0.0, 1.0, 0.0]), 2, torch.tensor([False, True, False, False]),
+        {"correct": torch.tensor([1.0, 0.0, 1.0, 0.0]), "format": torch.tensor([1.0, 0.0, 1.0, 1.0])},
+    )
+    masked = ro.mask_truncated(r)
+    assert masked.completions.mask.sum(-1).tolist() == [3, 0, 3, 3]
+    metrics = ro.rollout_metrics(r)
+    assert float(metrics["rewards/format/mean"]) == 0.75 and float(metrics["rewards/correct/mean"]) == 0.5
+    part = ro.select(r, 1, 2)
+    assert part.texts == ["a", "a"] and part.reward_parts["format"].tolist() == [1.0, 1.0]

@@ -55,7 +55,7 @@ def test_overrides_merge_with_later_values_winning():
 @pytest.mark.parametrize(
     "rows,message",
     [
-        (["student", "nope"], "sweep row 'nope' is not one of student, teachers, an objective (grpo, j1, j2, j3, kdrl, sft, tgpo)"),
+        (["student", "nope"], f"sweep row 'nope' is not one of student, teachers, an objective ({', '.join(sw.objectives())})"),
         ([{"name": "mine", "objective": "ppo"}], "sweep row 'mine': objective 'ppo' is not one of grpo"),
         (["grpo", "grpo"], "sweep rows repeat: grpo;"),
         ([], "sweep.rows is empty"),
@@ -70,19 +70,19 @@ def test_unknown_or_repeated_rows_are_start_up_errors(rows, message):
 def test_a_grid_key_no_row_uses_is_an_error():
     with pytest.raises(ConfigError, match="sweep.grid / row_grid key\\(s\\) gama are empty or used by no row"):
         sw.plan_rows(spec(rows=["grpo", "j3"], grid={"gama": [0.1]}), TEACHERS)
-    with pytest.raises(ConfigError, match="key\\(s\\) kdrl: objective.beta_kd are empty or used by no row"):
-        sw.plan_rows(spec(rows=["grpo"], row_grid={"kdrl": {"objective.beta_kd": [1.0]}}), TEACHERS)
+    with pytest.raises(ConfigError, match="key\\(s\\) kdrl: beta_kd are empty or used by no row"):
+        sw.plan_rows(spec(rows=["grpo"], row_grid={"kdrl": {"beta_kd": [1.0]}}), TEACHERS)
 
 
 def test_dotted_grid_keys_reach_every_training_row_and_row_grids_only_theirs():
-    s = spec(rows=["student", "sft", "kdrl"], grid={"optim.lr": [1e-3, 2e-3]}, row_grid={"kdrl": {"objective.beta_kd": [0.1, 1.0]}})
+    s = spec(rows=["student", "sft", "kdrl"], grid={"optim.lr": [1e-3, 2e-3]}, row_grid={"kdrl": {"beta_kd": [0.1, 1.0]}})
     rows = sw.plan_rows(s, TEACHERS)
     assert [r.label for r in rows] == [
         "student (no training)", "SFT (optim.lr=0.001)", "SFT (optim.lr=0.002)",
-        "KDRL (optim.lr=0.001, objective.beta_kd=0.1)", "KDRL (optim.lr=0.001, objective.beta_kd=1.0)",
-        "KDRL (optim.lr=0.002, objective.beta_kd=0.1)", "KDRL (optim.lr=0.002, objective.beta_kd=1.0)",
+        "KDRL (optim.lr=0.001, beta_kd=0.1)", "KDRL (optim.lr=0.001, beta_kd=1.0)",
+        "KDRL (optim.lr=0.002, beta_kd=0.1)", "KDRL (optim.lr=0.002, beta_kd=1.0)",
     ]
-    assert rows[4].overrides == ("objective=kdrl", "optim.lr=0.001", "objective.beta_kd=1.0")
+    assert rows[4].overrides == ("objective=kdrl", "optim.lr=0.001", "beta_kd=1.0")
 
 
 def test_metric_val_never_scores_test_and_bad_metrics_are_errors():

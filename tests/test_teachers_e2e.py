@@ -42,7 +42,7 @@ def loglik_of_teacher_answers(student, prompts: list[str]) -> float:
     [
         ("j1", ["beta=0"]),
         ("j3", ["beta=0", "gamma=0.5", "weighting=competence"]),
-        ("j1", ["beta=0.04", "objective.kd_states=gold", "objective.kl_estimator=k3", "weighting=static", "weighting.weights=[0.25,0.75]"]),
+        ("j1", ["beta=0.04", "objective.terms.kd.states=gold", "objective.terms.kl.estimator=k3", "weighting=static", "weighting.weights=[0.25,0.75]"]),
         ("tgpo", ["beta=0"]),
     ],
 )
@@ -71,7 +71,7 @@ def reverse_kd_on_gold(student, examples) -> float:
 
 def test_j2_moves_the_student_towards_the_teacher_anchor(quick_cfg, tmp_path):
     """Reverse KD is mode-seeking, so J'' is checked on what it minimises rather than on the teachers' answers."""
-    cfg = quick_cfg("objective=j2", *KD, "beta=5", "objective.kd_states=gold", "weighting=confidence")
+    cfg = quick_cfg("objective=j2", *KD, "beta=5", "objective.terms.kd_reverse.states=gold", "weighting=confidence")
     examples = prepare(cfg).data.train_set
     before = reverse_kd_on_gold(loading.load_model("tiny-llama-student"), examples)
     train(cfg)
@@ -96,7 +96,7 @@ def reverse_kl_on_own_samples(student, examples) -> float:
 
 def test_kdrl_lowers_the_reverse_kl_to_the_teachers_on_its_own_samples(quick_cfg, tmp_path):
     """KDRL's reverse KL is estimated on the student's samples; it is checked there, against the exact KL."""
-    cfg = quick_cfg("objective=kdrl", *KD, "beta=0", "objective.beta_kd=5", "rollout.sampling.temperature=1", "trainer.max_steps=60", "optim.lr=3e-4")
+    cfg = quick_cfg("objective=kdrl", *KD, "beta=0", "beta_kd=5", "rollout.sampling.temperature=1", "trainer.max_steps=60", "optim.lr=3e-4")
     examples = prepare(cfg).data.train_set
     before = reverse_kl_on_own_samples(loading.load_model("tiny-llama-student"), examples)
     train(cfg)

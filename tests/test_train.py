@@ -41,6 +41,49 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(quick_cfg, tmp_
     assert all(torch.allclose(a[k], b[k]) for k in a)
 
 
+def read_metrics(run_dir) -> list[dict[str, str]]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def train_column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def test_several_updates_per_rollout_clip_and_resume_exactly_mid_rollout(quick_cfg, tmp_path):
+    """mu = 3: the first update of a rollout is on-policy (rho = 1, nothing clipped), the later ones are clipped;
+    a run stopped after step 2 (mid-rollout) and resumed ends with the uninterrupted run's weights."""
+    mu = ["objective=grpo", "updates_per_rollout=3", "optim.lr=1e-2", "eval_before=false", "log.csv=true", "trainer.max_steps=6"]
+    straight = tmp_path / "straight"
+    train(quick_cfg(*mu, run_dir=straight))
+    clip = train_column(read_metrics(straight), "train/clip_region")
+    assert len(clip) == 6 and clip[0] == 0 and clip[3] == 0  # steps 0 and 3 sample a new rollout
+    assert max(clip[1], clip[2]) > 0 and max(clip[4], clip[5]) > 0
+    first = tmp_path / "first"
+    train(quick_cfg(*mu, "trainer.max_steps=2", run_dir=first))
+    resumed = tmp_path / "resumed"
+    train(quick_cfg(*mu, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", run_dir=resumed))
+    a = AutoModelForCausalLM.from_pretrained(straight / "student").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed / "student").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_minibatches_and_a_format_reward_on_a_composed_objective(quick_cfg, tmp_path):
+    """Two minibatches per rollout (2 prompts each), j3 plus an entropy bonus, a weighted format reward."""
+    run = tmp_path / "composed"
+    results = train(quick_cfg(
+        "objective=j3", "rollout.minibatches=2", "+term@objective.terms.entropy=entropy_bonus", "reward.weights.format=0.5",
+        "rollout.mask_truncated_completions=true", "eval_before=false", "log.csv=true", run_dir=run,
+    ))
+    assert results["status"] == "complete" and results["steps"] == 4
+    rows = read_metrics(run)
+    correct, fmt, total = (train_column(rows, k) for k in ("train/rewards/correct/mean", "train/rewards/format/mean", "train/reward_mean"))
+    assert len(total) == 4 and all(abs(t - (c + 0.5 * f)) < 1e-6 for c, f, t in zip(correct, fmt, total))
+    assert len(train_column(rows, "train/entropy_bonus")) == 4 and len(train_column(rows, "train/ta_mean")) == 4
+
+
 def test_sft_on_the_causal_family_and_eval_mode(quick_cfg, tmp_path):
     results = train(quick_cfg("objective=sft", "model=tiny_causal", run_dir=tmp_path / "sft"))
     assert results["model"] == "tiny-llama-student" and results["steps"] == 4
@@ -52,7 +95,7 @@ def test_sft_on_the_causal_family_and_eval_mode(quick_cfg, tmp_path):
 def test_grpo_on_the_causal_family_with_wandb_offline(quick_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    train(quick_cfg("model=tiny_causal", "logger=wandb", "objective.kl_estimator=full"))
+    train(quick_cfg("model=tiny_causal", "logger=wandb", "objective.terms.kl.estimator=full"))
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 

@@ -1,5 +1,14 @@
 """The LightningModule: rollout -> reward -> score -> objective -> log; greedy evaluation.
 
+Several updates per rollout (GRPO's mu, TRL's num_iterations): with
+`updates_per_rollout` = mu and `minibatches` = b, a rollout is sampled every
+mu * b optimiser steps; its behaviour log-probs (pi_old) are scored once under
+no_grad, then each step trains on one of its b minibatches (whole groups), b
+steps per pass, mu passes. The reference's and teachers' scores of a minibatch
+are computed on its first use and reused. The prompt batches the data stream
+delivers between rollouts are skipped, so a resumed run stays on the same
+stream; the pending rollout and its pi_old are saved in the checkpoint.
+
 Only the student is a registered submodule (trained, checkpointed, wrapped by
 DDP). Frozen models the objective needs (the reference) are held aside: they
 are moved to the student's device when used, never enter the optimizer or
@@ -12,7 +21,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +34,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd import rollout as ro
+from grpokd.data.rewards import WeightedRewards
 from grpokd.models.ensemble import TeacherEnsemble
 
 
@@ -38,6 +48,38 @@ class Optim:
     betas: tuple[float, float] = (0.9, 0.999)
 
 
+@dataclass
+class RolloutBuffer:
+    """A rollout reused by several optimiser steps, with pi_old and the frozen scores of each minibatch."""
+
+    rollout: ro.Rollout
+    gold: ro.Rollout | None  # the prompts' gold solutions, when the objective or the weighting needs them
+    old_logp: Tensor | None  # [N, T] pi_old; None: one update per rollout (on-policy)
+    frozen: dict[int, ro.FrozenScores] = field(default_factory=dict)  # minibatch -> reference/teacher scores
+
+    def minibatch(self, index: int, count: int) -> tuple[ro.Rollout, ro.Rollout | None, Tensor | None]:
+        """Minibatch `index` of `count`: whole prompts (and groups), in order."""
+        if count == 1:
+            return self.rollout, self.gold, self.old_logp
+        prompts = self.rollout.prompts.ids.shape[0]
+        if prompts % count:
+            raise ValueError(f"{prompts} prompts per rollout do not split into {count} minibatches")
+        start, stop = index * prompts // count, (index + 1) * prompts // count
+        k = self.rollout.group_size
+        old = None if self.old_logp is None else self.old_logp[start * k : stop * k]
+        return ro.select(self.rollout, start, stop), None if self.gold is None else ro.select(self.gold, start, stop), old
+
+    def state(self) -> dict:
+        gold = None if self.gold is None else ro.to_state(self.gold)
+        return {"rollout": ro.to_state(self.rollout), "gold": gold, "old_logp": self.old_logp}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "RolloutBuffer":
+        gold = None if state["gold"] is None else ro.from_state(state["gold"], device)
+        old_logp = None if state["old_logp"] is None else state["old_logp"].to(device)
+        return cls(ro.from_state(state["rollout"], device), gold, old_logp)
+
+
 class GRPOKDModule(L.LightningModule):
     """Trains `student` with `objective`; scores greedy accuracy on val/test.
 
@@ -45,13 +87,17 @@ class GRPOKDModule(L.LightningModule):
         student: the policy (seq2seq or causal).
         tokenizer: shared by every model.
         objective: callable Batch -> LossOut with a `needs` attribute.
-        reward: (completion text, gold answer) -> 0/1.
+        reward: (completion text, gold answer) -> 0/1, the correctness that greedy evaluation scores.
         sampling: rollout settings (K, lengths, temperature...).
         optim: optimiser settings.
         reference: frozen reference policy, only when the objective needs one.
         teachers: the teacher ensemble, only when the objective needs teachers.
         samples_every: log a table of sample completions every this many steps (0: never).
         samples_dir: where samples.jsonl is written (besides W&B tables).
+        updates_per_rollout: optimiser passes over each rollout (mu >= 1; 1: on-policy, no pi_old).
+        minibatches: each pass splits the rollout's prompts into this many minibatches, one step each.
+        train_reward: the rollouts' reward, a weighted sum of named functions (default: `reward` alone).
+        mask_truncated_completions: completions that hit max_new_tokens get no loss at all (their mask is zeroed).
     """
 
     def __init__(
@@ -66,8 +112,14 @@ class GRPOKDModule(L.LightningModule):
         teachers: TeacherEnsemble | None = None,
         samples_every: int = 50,
         samples_dir: str | Path | None = None,
+        updates_per_rollout: int = 1,
+        minibatches: int = 1,
+        train_reward: WeightedRewards | None = None,
+        mask_truncated_completions: bool = False,
     ) -> None:
         super().__init__()
+        if updates_per_rollout < 1 or minibatches < 1:
+            raise ValueError(f"updates_per_rollout={updates_per_rollout} and minibatches={minibatches} must be >= 1")
         self.student = student
         self.tokenizer = tokenizer
         self.objective = objective
@@ -83,6 +135,10 @@ class GRPOKDModule(L.LightningModule):
         self.test_accuracy = MeanMetric()
         self._step_start = 0.0  # perf_counter at the start of the current training batch
         self._step_tokens = 0.0  # prompt + completion tokens processed in it
+        self.updates_per_rollout, self.minibatches = updates_per_rollout, minibatches
+        self.buffer: RolloutBuffer | None = None  # the rollout being reused (several updates per rollout)
+        self.train_reward = train_reward or WeightedRewards({"correct": reward})
+        self.mask_truncated_completions = mask_truncated_completions
 
     # --- training -------------------------------------------------------------------------------
 
@@ -103,17 +159,38 @@ class GRPOKDModule(L.LightningModule):
         elapsed = time.perf_counter() - self._step_start
         self.log_dict({"train/step_time_s": elapsed, "train/tokens_per_s": self._step_tokens / elapsed}, batch_size=1)
 
-    def training_step(self, examples: dict[str, list[str]], batch_idx: int) -> Tensor:
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.updates_per_rollout * self.minibatches
+
+    def new_rollout(self, examples: dict[str, list[str]]) -> "RolloutBuffer":
+        """Sample (or take the gold solutions of) `examples`; pi_old's log-probs when the rollout is reused."""
         needs = self.objective.needs
         gold = ro.gold(self.tokenizer, examples, self.sampling, self.device) if ro.needs_gold(needs, self.frozen.teachers) else None
-        if needs.rollouts:
-            rollout = ro.sample(self.student, self.tokenizer, examples, self.sampling, self.reward)
-            temperature = self.sampling.temperature
-        else:
-            rollout, temperature = gold, 1.0
-        batch, score_metrics = ro.score(
-            self.student, rollout, needs, self.vocab_size, self.global_step, self.frozen_on_device(), temperature, gold
+        rollout = ro.sample(self.student, self.tokenizer, examples, self.sampling, self.train_reward) if needs.rollouts else gold
+        if self.mask_truncated_completions and needs.rollouts:
+            rollout = ro.mask_truncated(rollout)
+        old_logp = None
+        if self.steps_per_rollout > 1:
+            old_logp = ro.behaviour_logp(self.student, rollout, self.vocab_size, self.temperature(needs))
+        return RolloutBuffer(rollout, gold, old_logp)
+
+    def temperature(self, needs) -> float:
+        """Rollouts are scored at the sampling temperature, gold solutions at 1."""
+        return self.sampling.temperature if needs.rollouts else 1.0
+
+    def training_step(self, examples: dict[str, list[str]], batch_idx: int) -> Tensor:
+        needs = self.objective.needs
+        phase = self.global_step % self.steps_per_rollout
+        if phase == 0 or self.buffer is None:
+            self.buffer = self.new_rollout(examples)
+        part = phase % self.minibatches
+        rollout, gold, old_logp = self.buffer.minibatch(part, self.minibatches)
+        batch, score_metrics, frozen = ro.score(
+            self.student, rollout, needs, self.vocab_size, self.global_step, self.frozen_on_device(), self.temperature(needs), gold,
+            old_logp, self.buffer.frozen.get(part),
         )
+        self.buffer.frozen[part] = frozen
         out = self.objective(batch)
         self._step_tokens = float(rollout.completions.mask.sum() + rollout.prompts.mask.sum() * rollout.group_size)
         metrics = {"loss": out.loss.detach(), **score_metrics, **out.metrics, **ro.rollout_metrics(rollout)}
@@ -173,6 +250,8 @@ class GRPOKDModule(L.LightningModule):
     # --- checkpoints: RNG state, no frozen models -------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.buffer is not None and self.steps_per_rollout > 1:  # mid-rollout: its next updates need it
+            checkpoint["rollout_buffer"] = self.buffer.state()
         checkpoint["rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -180,6 +259,8 @@ class GRPOKDModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rollout_buffer" in checkpoint:
+            self.buffer = RolloutBuffer.from_state(checkpoint["rollout_buffer"], self.device)
         rng = checkpoint.get("rng")
         if rng is None:
             return

@@ -9,15 +9,17 @@ no_grad, and packs the tensors the objective consumes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpokd.data.rewards import WeightedRewards
 from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.models.scoring import Tokens, completion_logits, decode, generate, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.objectives.base import Batch, KDStates, Needs
+from grpokd.objectives.kd import Mixture
 from grpokd.objectives.terms import entropy, masked_mean
 
 
@@ -49,6 +51,7 @@ class Rollout:
     rewards: Tensor | None  # [N], None for gold rollouts
     group_size: int  # K
     truncated: Tensor  # [N] bool: hit max_new_tokens without EOS
+    reward_parts: dict[str, Tensor] = field(default_factory=dict)  # name -> [N], each reward function's value
 
 
 def sample(
@@ -56,9 +59,12 @@ def sample(
     tokenizer: PreTrainedTokenizerBase,
     examples: dict[str, list[str]],
     sampling: Sampling,
-    reward: Callable[[str, str], float],
+    reward: Callable[[str, str], float] | WeightedRewards,
 ) -> Rollout:
-    """K sampled completions per prompt, each rewarded against the prompt's gold answer."""
+    """K sampled completions per prompt, each rewarded against the prompt's gold answer.
+
+    `reward`: one function (the rollout's reward), or `WeightedRewards` (their weighted sum, each kept in `reward_parts`).
+    """
     device = next(model.parameters()).device
     prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len).to(device)  # [B, P]
     completions = generate(
@@ -67,9 +73,56 @@ def sample(
     )  # [N, T]
     texts = decode(tokenizer, completions)
     answers = [a for a in examples["answer"] for _ in range(sampling.group_size)]
-    rewards = torch.tensor([reward(t, a) for t, a in zip(texts, answers)], dtype=torch.float32, device=device)  # [N]
+    weighted = reward if isinstance(reward, WeightedRewards) else WeightedRewards({"correct": reward})
+    values = weighted.parts(texts, answers)
+    rewards = torch.tensor(weighted.total(values), dtype=torch.float32, device=device)  # [N]
+    parts = {name: torch.tensor(v, dtype=torch.float32, device=device) for name, v in values.items()}  # name -> [N]
     ends = (completions.ids == tokenizer.eos_token_id) & (completions.mask == 1)  # [N, T]
-    return Rollout(prompts, completions, texts, answers, rewards, sampling.group_size, truncated=~ends.any(-1))
+    return Rollout(prompts, completions, texts, answers, rewards, sampling.group_size, ~ends.any(-1), parts)
+
+
+def mask_truncated(rollout: Rollout) -> Rollout:
+    """The rollout with the completions that hit max_new_tokens masked out entirely (no policy loss, no KL)."""
+    mask = rollout.completions.mask.masked_fill(rollout.truncated[:, None], 0)  # [N, T]
+    return replace(rollout, completions=Tokens(rollout.completions.ids, mask))
+
+
+def select(rollout: Rollout, start: int, stop: int) -> Rollout:
+    """Prompts start..stop-1 of `rollout` with their whole groups (a minibatch of several updates per rollout)."""
+    k = rollout.group_size
+    rows = slice(start * k, stop * k)
+    return Rollout(
+        Tokens(rollout.prompts.ids[start:stop], rollout.prompts.mask[start:stop]),
+        Tokens(rollout.completions.ids[rows], rollout.completions.mask[rows]),
+        rollout.texts[rows], rollout.answers[rows], None if rollout.rewards is None else rollout.rewards[rows], k, rollout.truncated[rows],
+        {name: v[rows] for name, v in rollout.reward_parts.items()},
+    )
+
+
+def to_state(rollout: Rollout) -> dict:
+    """The rollout as plain tensors, strings and ints (a checkpoint entry that loads with weights_only)."""
+    return {
+        "prompts": (rollout.prompts.ids, rollout.prompts.mask), "completions": (rollout.completions.ids, rollout.completions.mask),
+        "texts": list(rollout.texts), "answers": list(rollout.answers), "rewards": rollout.rewards,
+        "group_size": rollout.group_size, "truncated": rollout.truncated, "reward_parts": dict(rollout.reward_parts),
+    }
+
+
+def from_state(state: dict, device: torch.device | str = "cpu") -> Rollout:
+    """The inverse of `to_state`, on `device`."""
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return Rollout(
+        Tokens(*map(move, state["prompts"])), Tokens(*map(move, state["completions"])), state["texts"], state["answers"],
+        move(state["rewards"]), state["group_size"], move(state["truncated"]),
+        {name: move(v) for name, v in state["reward_parts"].items()},
+    )
+
+
+@torch.no_grad()
+def behaviour_logp(model: PreTrainedModel, rollout: Rollout, vocab_size: int, temperature: float) -> Tensor:
+    """pi_old's log-probs of the completion tokens, [N, T]: the policy that sampled them, before any update on them."""
+    logits = completion_logits(model, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
+    return token_logp(logits, rollout.completions.ids)
 
 
 def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sampling: Sampling, device: torch.device) -> Rollout:
@@ -88,6 +141,22 @@ class Frozen:
     teachers: TeacherEnsemble | None = None
 
 
+@dataclass(frozen=True)
+class FrozenScores:
+    """What the reference and the teachers say about one rollout: computed once, reused by every update on it.
+
+    Shapes: N completions, T tokens, V vocabulary, M teachers; the mixture is at the KD states
+    (the rollout, or the gold solutions [B, T', ...]).
+    """
+
+    ref_logp: Tensor | None = None  # [N, T]
+    ref_logits: Tensor | None = None  # [N, T, V]
+    teacher_logp: Tensor | None = None  # [M, N, T]
+    teacher_weights: Tensor | None = None  # [M, N, T]
+    mixture: Mixture | None = None  # (pbar, neg_entropy, lbar)
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # per-teacher KL and weight
+
+
 def score(
     student: PreTrainedModel,
     rollout: Rollout,
@@ -97,46 +166,66 @@ def score(
     frozen: Frozen = Frozen(),
     temperature: float = 1.0,
     gold: Rollout | None = None,
-) -> tuple[Batch, dict[str, Tensor]]:
-    """The objective's `Batch` and detached logging metrics (entropy, per-teacher KL and weight).
+    old_logp: Tensor | None = None,
+    frozen_scores: FrozenScores | None = None,
+) -> tuple[Batch, dict[str, Tensor], FrozenScores]:
+    """The objective's `Batch`, detached logging metrics (entropy, per-teacher KL and weight), and the frozen scores.
 
     The student runs once with grad on the rollout (and once more on the gold
     solutions only when KD is evaluated there). The reference and each teacher
-    run under no_grad, only when `needs` asks for them. Policy terms are scored
-    at the sampling `temperature` (1.0 for gold rollouts); KD terms use the
-    student's raw logits, tempered by the objective's own tau.
+    run under no_grad, only when `needs` asks for them, unless `frozen_scores`
+    (from an earlier update on the same rollout) are given. Policy terms are
+    scored at the sampling `temperature` (1.0 for gold rollouts); KD terms use
+    the student's raw logits, tempered by the objective's own tau. `old_logp`
+    [N, T]: the behaviour policy's log-probs (None: on-policy).
     """
     ids, mask = rollout.completions.ids, rollout.completions.mask.float()  # [N, T]
     raw = completion_logits(student, rollout.prompts, rollout.completions, vocab_size)  # [N, T, V]
     logits = raw / temperature  # [N, T, V]
-    ref_logp = ref_logits = None
-    if needs.ref_logp or needs.ref_logits:
-        if frozen.reference is None:
-            raise ValueError("the objective needs a reference model but none was loaded")
-        with torch.no_grad():
-            ref_all = completion_logits(frozen.reference, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
-        ref_logp = token_logp(ref_all, ids) if needs.ref_logp else None  # [N, T]
-        ref_logits = ref_all if needs.ref_logits else None
+    kd_on_gold = (needs.teacher_forward or needs.teacher_reverse) and needs.kd_states == "gold"
+    gold_raw = completion_logits(student, gold.prompts, gold.completions, vocab_size) if kd_on_gold else None  # [B, T', V] with grad
+    if frozen_scores is None:
+        frozen_scores = score_frozen(raw.detach(), rollout, needs, vocab_size, frozen, temperature, gold, gold_raw)
     with torch.no_grad():
-        metrics = {"entropy": masked_mean(entropy(logits.detach()), mask)}
-    teacher_logp = teacher_weights = kd = None
-    if needs_teachers(needs):
-        teacher_logp, teacher_weights, kd, teacher_metrics = _score_teachers(student, rollout, raw, needs, vocab_size, frozen.teachers, gold, temperature)
-        metrics |= teacher_metrics
+        metrics = {"entropy": masked_mean(entropy(logits.detach()), mask)} | frozen_scores.metrics
+    kd = None
+    if frozen_scores.mixture is not None:
+        states, kd_raw = (gold, gold_raw) if kd_on_gold else (rollout, raw)
+        kd = KDStates(kd_raw, states.completions.mask.float(), needs.kd_tau, *frozen_scores.mixture)
     batch = Batch(
         logp=token_logp(logits, ids),  # [N, T]
         mask=mask,
         group_size=rollout.group_size,
         rewards=rollout.rewards,
+        old_logp=old_logp,
         logits=logits if needs.logits else None,
-        ref_logp=ref_logp,
-        ref_logits=ref_logits,
-        teacher_logp=teacher_logp,
-        teacher_weights=teacher_weights,
+        ref_logp=frozen_scores.ref_logp,
+        ref_logits=frozen_scores.ref_logits,
+        teacher_logp=frozen_scores.teacher_logp,
+        teacher_weights=frozen_scores.teacher_weights,
         kd=kd,
         step=step,
     )
-    return batch, metrics
+    return batch, metrics, frozen_scores
+
+
+@torch.no_grad()
+def score_frozen(
+    student_raw: Tensor, rollout: Rollout, needs: Needs, vocab_size: int, frozen: Frozen, temperature: float,
+    gold: Rollout | None = None, gold_raw: Tensor | None = None,
+) -> FrozenScores:
+    """The reference's and the teachers' scores of a rollout, as `needs` asks (the student's logits feed metrics only)."""
+    ref_logp = ref_logits = None
+    if needs.ref_logp or needs.ref_logits:
+        if frozen.reference is None:
+            raise ValueError("the objective needs a reference model but none was loaded")
+        ref_all = completion_logits(frozen.reference, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
+        ref_logp = token_logp(ref_all, rollout.completions.ids) if needs.ref_logp else None  # [N, T]
+        ref_logits = ref_all if needs.ref_logits else None
+    if not needs_teachers(needs):
+        return FrozenScores(ref_logp, ref_logits)
+    teacher_logp, weights, mixture, metrics = _score_teachers(student_raw, rollout, needs, vocab_size, frozen.teachers, gold, gold_raw, temperature)
+    return FrozenScores(ref_logp, ref_logits, teacher_logp, weights, mixture, metrics)
 
 
 def needs_teachers(needs: Needs) -> bool:
@@ -154,34 +243,32 @@ def needs_gold(needs: Needs, teachers: TeacherEnsemble | None) -> bool:
 
 
 def _score_teachers(
-    student: PreTrainedModel, rollout: Rollout, raw: Tensor, needs: Needs, vocab_size: int,
-    teachers: TeacherEnsemble | None, gold: Rollout | None, temperature: float,
-) -> tuple[Tensor | None, Tensor | None, KDStates | None, dict[str, Tensor]]:
+    raw: Tensor, rollout: Rollout, needs: Needs, vocab_size: int, teachers: TeacherEnsemble | None,
+    gold: Rollout | None, gold_raw: Tensor | None, temperature: float,
+) -> tuple[Tensor | None, Tensor | None, Mixture | None, dict[str, Tensor]]:
     """Teacher log-probs and weights on the rollout, and the KD mixture at the KD states."""
     if teachers is None:
         raise ValueError("the objective needs teachers but none were loaded")
     mix = needs.teacher_forward or needs.teacher_reverse
     on_gold = mix and needs.kd_states == "gold"
     gold_scores = teachers.gold_scores(gold.prompts, gold.completions, vocab_size) if teachers.weighting.needs_gold else None  # [M, B]
-    kd = scores = None
+    mixture = scores = None
     if needs.teacher_logp or (mix and not on_gold):
         scores = teachers.score(
             rollout.prompts, rollout.completions, raw, vocab_size, needs.kd_tau,
             forward=needs.teacher_forward and not on_gold, reverse=needs.teacher_reverse and not on_gold,
             logp=needs.teacher_logp, logp_temperature=temperature if needs.teacher_logp_tempered else 1.0, gold_scores=gold_scores,
         )
-        if mix and not on_gold:
-            kd = KDStates(raw, rollout.completions.mask.float(), needs.kd_tau, *scores.mixture)
+        mixture = scores.mixture if mix and not on_gold else None
     if on_gold:
-        gold_raw = completion_logits(student, gold.prompts, gold.completions, vocab_size)  # [B, T', V] with grad
         gold_side = teachers.score(
             gold.prompts, gold.completions, gold_raw, vocab_size, needs.kd_tau,
             forward=needs.teacher_forward, reverse=needs.teacher_reverse, gold_scores=gold_scores,
         )
-        kd = KDStates(gold_raw, gold.completions.mask.float(), needs.kd_tau, *gold_side.mixture)
+        mixture = gold_side.mixture
         scores = scores or gold_side
     metrics = {f"teacher/{key}/{name}": values[i] for key, values in scores.metrics.items() for i, name in enumerate(teachers.names)}
-    return (scores.logp, scores.weights if needs.teacher_logp else None, kd, metrics)
+    return (scores.logp, scores.weights if needs.teacher_logp else None, mixture, metrics)
 
 
 @torch.no_grad()
@@ -214,4 +301,5 @@ def rollout_metrics(rollout: Rollout) -> dict[str, Tensor]:
             "reward_std": rollout.rewards.std(unbiased=False),
             "zero_std_frac": (groups.std(-1, unbiased=False) == 0).float().mean(),
         }
+        metrics |= {f"rewards/{name}/mean": values.mean() for name, values in rollout.reward_parts.items()}
     return metrics

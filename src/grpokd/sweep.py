@@ -7,10 +7,10 @@ A sweep file (conf/sweep/*.yaml) names:
 - `datasets` (dataset config options), `seeds`, the `model` option;
 - `overrides` for every job and `row_overrides` per row;
 - `grid`: hyperparameters to sweep. A top-level one (`gamma`) is expanded only
-  in the rows whose objective config uses it (`${gamma}` appears in j3.yaml,
-  not in j1.yaml), so no row is run twice for a value it ignores; a dotted
+  in the rows whose composed objective interpolates it (`${gamma}` is in j3's
+  terms, not in j1's), so no row is run twice for a value it ignores; a dotted
   key (`optim.lr`) is expanded in every training row;
-- `row_grid`: per row, its own grid ({kdrl: {objective.beta_kd: [0.1, 1]}});
+- `row_grid`: per row, its own grid ({kdrl: {beta_kd: [0.1, 1]}});
 - `metric`: `test` (the table: test accuracy) or `val` (hyperparameter search:
   final greedy val accuracy; jobs then run with `eval_test=false` and never
   touch the test split, and `best.md` names each row's best grid point).
@@ -26,7 +26,9 @@ error; the table marks it and the sweep exits with status 1.
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -36,13 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from grpokd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
-LABELS = {"sft": "SFT", "grpo": "GRPO", "j1": "J'", "j2": "J''", "j3": "J'''", "kdrl": "KDRL", "tgpo": "TGPO"}
+LABELS = {"sft": "SFT", "grpo": "GRPO", "j1": "J'", "j2": "J''", "j3": "J'''", "kdrl": "KDRL", "tgpo": "TGPO", "opd": "OPD"}
 EVAL_ROWS = ("student", "teachers")
 
 
@@ -71,9 +75,21 @@ def objectives() -> list[str]:
     return sorted(p.stem for p in (CONF / "objective").glob("*.yaml"))
 
 
+@functools.cache
+def objective_node(objective: str) -> str:
+    """The composed `objective` node of `objective=<objective>` (its parents and terms merged), unresolved, as JSON."""
+    overrides = [f"objective={objective}"]
+    if GlobalHydra.instance().is_initialized():  # inside sweep.py's @hydra.main, whose config dir is CONF
+        cfg = hydra.compose(config_name="config", overrides=overrides)
+    else:
+        with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hydra.compose(config_name="config", overrides=overrides)
+    return json.dumps(OmegaConf.to_container(cfg.objective, resolve=False))
+
+
 def uses(objective: str, key: str) -> bool:
-    """Whether the objective's config interpolates the top-level hyperparameter `key` (e.g. ${gamma})."""
-    return "${" + key + "}" in (CONF / "objective" / f"{objective}.yaml").read_text()
+    """Whether the composed objective interpolates the top-level hyperparameter `key` (e.g. ${gamma})."""
+    return "${" + key + "}" in objective_node(objective)
 
 
 def applies(objective: str, key: str) -> bool:

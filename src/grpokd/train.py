@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from grpokd.data.datamodule import TaskData
+from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import ConfigError
 from grpokd.loggers import csv_logger
 from grpokd.models import loading
@@ -40,7 +41,8 @@ class Prepared:
 
     objective: Any
     data: TaskData
-    reward: Any
+    reward: Any  # the dataset's correctness reward (greedy evaluation)
+    train_reward: WeightedRewards  # the rollouts' reward: correctness and the configured extra functions, weighted
     sampling: Sampling
 
 
@@ -67,6 +69,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         raise ConfigError(
             f"group_size={sampling.group_size}: objective {cfg.objective.name} compares completions within a group; set group_size>=2"
         )
+    check_updates(cfg)
     loading.check_name(cfg.model.student, "model.student")
     if cfg.model.get("reference"):
         loading.check_name(cfg.model.reference, "model.reference")
@@ -79,8 +82,33 @@ def prepare(cfg: DictConfig) -> Prepared:
         getattr(weighting, "check", lambda m: None)(len(cfg.model.teachers))
     splits = instantiate_group(cfg.dataset.source, "dataset.source")
     reward = instantiate_group(cfg.dataset.reward, "dataset.reward")
+    train_reward = weighted_rewards(cfg, reward)
     data = TaskData(splits, seed=cfg.seed, prompt_template=cfg.dataset.prompt_template, **cfg.data)
-    return Prepared(objective, data, reward, sampling)
+    return Prepared(objective, data, reward, train_reward, sampling)
+
+
+def weighted_rewards(cfg: DictConfig, correct: Any) -> WeightedRewards:
+    """reward.functions (name -> config) besides "correct" (the dataset's), weighted by reward.weights."""
+    functions = {"correct": correct}
+    for name, node in (cfg.reward.get("functions") or {}).items():
+        if name == "correct":
+            raise ConfigError("reward.functions.correct: 'correct' is the dataset's reward (dataset.reward); name yours otherwise")
+        functions[name] = instantiate_group(node, f"reward.functions.{name}")
+    try:
+        return WeightedRewards(functions, OmegaConf.to_container(cfg.reward.weights))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_updates(cfg: DictConfig) -> None:
+    """updates_per_rollout and rollout.minibatches: positive, whole-prompt minibatches, no gradient accumulation."""
+    mu, parts = cfg.updates_per_rollout, cfg.rollout.minibatches
+    if not (isinstance(mu, int) and mu >= 1 and isinstance(parts, int) and parts >= 1):
+        raise ConfigError(f"updates_per_rollout={mu} and rollout.minibatches={parts} must be integers >= 1")
+    if cfg.data.prompts_per_step % parts:
+        raise ConfigError(f"rollout.minibatches={parts} must divide data.prompts_per_step={cfg.data.prompts_per_step} (minibatches hold whole groups)")
+    if mu * parts > 1 and cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError("updates_per_rollout / rollout.minibatches > 1 with trainer.accumulate_grad_batches > 1: use minibatches instead")
 
 
 def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule:
@@ -102,6 +130,8 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
     return GRPOKDModule(
         student, tokenizer, prep.objective, prep.reward, prep.sampling, Optim(**cfg.optim), reference=reference,
         teachers=teachers, samples_every=cfg.log.samples_every, samples_dir=run_dir,
+        updates_per_rollout=cfg.updates_per_rollout, minibatches=cfg.rollout.minibatches,
+        train_reward=prep.train_reward, mask_truncated_completions=cfg.rollout.mask_truncated_completions,
     )
 
 

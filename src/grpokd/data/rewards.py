@@ -113,3 +113,42 @@ class ChoiceReward:
 
     def __call__(self, completion: str, answer: str) -> float:
         return float(self.extract(completion) == answer.strip().strip("()"))
+
+
+class FormatReward:
+    """1.0 if the completion ends its work with the answer line, "#### <answer>", and the answer parses, else 0.0.
+
+    The answer parses as a number (numeric tasks) or a choice letter A-E; correctness is not checked.
+    """
+
+    def __call__(self, completion: str, answer: str) -> float:
+        _, marker, tail = completion.rpartition(MARKER)
+        return float(bool(marker) and bool(_NUMBER.search(tail) or _CHOICE.search(tail)))
+
+
+class WeightedRewards:
+    """The training reward: a weighted sum of named reward functions, each also reported on its own.
+
+    `functions["correct"]` is the dataset's correctness reward (greedy evaluation scores only it);
+    the others (e.g. "format") shape training. Weights default to 1 for "correct" and must name
+    known functions.
+
+    Args:
+        functions: name -> (completion, answer) -> float.
+        weights: name -> weight; a function without a weight gets 0 (reported, not rewarded).
+    """
+
+    def __init__(self, functions: dict, weights: dict[str, float] | None = None) -> None:
+        weights = dict(weights or {"correct": 1.0})
+        unknown = sorted(set(weights) - set(functions))
+        if unknown:
+            raise ValueError(f"reward.weights names {', '.join(unknown)}; the reward functions are {', '.join(functions)}")
+        self.functions, self.weights = dict(functions), {name: float(weights.get(name, 0.0)) for name in functions}
+
+    def parts(self, completions: list[str], answers: list[str]) -> dict[str, list[float]]:
+        """Each function's reward of every completion."""
+        return {name: [f(c, a) for c, a in zip(completions, answers)] for name, f in self.functions.items()}
+
+    def total(self, parts: dict[str, list[float]]) -> list[float]:
+        """The weighted sum of `parts`."""
+        return [sum(self.weights[name] * values[i] for name, values in parts.items()) for i in range(len(next(iter(parts.values()))))]

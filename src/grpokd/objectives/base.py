@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 
@@ -65,6 +66,23 @@ class Batch:
     teacher_weights: Tensor | None = None  # [M, N, T] w_i at each scored position, detached, sum 1 over M
     kd: KDStates | None = None
     step: int = 0  # optimiser step, for coefficient schedules
+
+    def __post_init__(self) -> None:
+        """Zero every per-token log-prob at masked positions, so no exp or square of padding can make NaN.
+
+        A padded position may hold -inf or a huge value (a log-prob of a pad token the reference or a
+        teacher rules out); multiplying the loss by the mask afterwards is too late: exp(inf) * 0 and
+        its gradient are NaN. torch.where also stops the gradient there. The [N, T, V] logits are the
+        models' outputs and are left as they are (finite; masking them would copy the largest tensors).
+        """
+        keep = self.mask > 0  # [N, T]
+        for name in ("logp", "old_logp", "ref_logp", "teacher_logp"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device)))
+        if self.teacher_weights is not None:  # uniform where masked: log w stays finite in the teachers' mixture
+            uniform = torch.full((), 1.0 / self.teacher_weights.shape[0], dtype=self.teacher_weights.dtype, device=self.teacher_weights.device)
+            object.__setattr__(self, "teacher_weights", torch.where(keep, self.teacher_weights, uniform))
 
 
 @dataclass(frozen=True)

@@ -29,53 +29,16 @@ and the teachers are scored at the same temperature, so a student equal to
 its teacher has zero KD at any temperature (with temperature 1, the KDRL
 paper's setting, it is the models' own KL). The KD term is reduced with this
 objective's aggregation over the completion mask.
+
+Composition: GRPO plus the `parts.teacher_kl` term "kd" (loss for k2/k3, advantage for k1).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from grpokd.objectives.base import Batch, LossOut, Needs
 from grpokd.objectives.grpo import GRPO
-from grpokd.objectives.terms import check_choice, check_schedule, kl_sampled, linear_decay, masked_mean
-
-KDRL_ESTIMATORS = ("k1", "k2", "k3")
-KD_MASKS = ("none", "incorrect_only", "hard_prompts")
-
-
-def mixture_logp(teacher_logp: Tensor, weights: Tensor | None) -> Tensor:
-    """log pi_T of the scored tokens under the weighted teacher mixture: logsumexp_i(log w_i + log pi_Ti).
-
-    Args:
-        teacher_logp: [M, N, T] each teacher's log-probs of the scored tokens.
-        weights: [M, N, T] w_i per position (sum 1 over M), or None for uniform 1/M.
-
-    Returns:
-        [N, T] detached.
-    """
-    logp = teacher_logp.detach().float()  # [M, N, T]
-    if weights is None:
-        return torch.logsumexp(logp, 0) - torch.log(torch.tensor(float(logp.shape[0])))  # [N, T]
-    return torch.logsumexp(logp + weights.detach().float().log(), 0)  # [N, T]
-
-
-def kd_mask(rewards: Tensor, group_size: int, mode: str, threshold: float = 0.5) -> Tensor:
-    """Which completions get KD: [N] float, 1.0 where KD applies.
-
-    "none": all; "incorrect_only": reward <= 0; "hard_prompts": all completions of a
-    group whose mean reward is below `threshold`.
-    """
-    check_choice("kd_mask", mode, KD_MASKS)
-    if mode == "none":
-        return torch.ones_like(rewards, dtype=torch.float32)  # [N]
-    if mode == "incorrect_only":
-        return (rewards <= 0).float()  # [N]
-    group_mean = rewards.float().view(-1, group_size).mean(-1, keepdim=True)  # [N/K, 1]
-    return (group_mean < threshold).float().expand(-1, group_size).reshape(-1)  # [N]
+from grpokd.objectives.parts.teacher_kl import KD_MASKS, TeacherKL, kd_mask, mixture_logp  # noqa: F401 (re-exported)
 
 
 class KDRL(GRPO):
@@ -89,7 +52,7 @@ class KDRL(GRPO):
         beta_kd_schedule: "constant" | "linear".
         beta_kd_decay: per-step decrease of the linear schedule, >= 0.
         beta_kd_min: the linear schedule's floor.
-        **grpo_args: GRPO's arguments (beta and kl_estimator for the reference KL, clipping, aggregation, ...).
+        **grpo_args: GRPO's arguments (beta and kl_estimator for the reference KL, terms, clipping, aggregation, ...).
     """
 
     def __init__(
@@ -101,49 +64,15 @@ class KDRL(GRPO):
         beta_kd_schedule: str = "constant",
         beta_kd_decay: float = 0.0,
         beta_kd_min: float = 0.0,
+        terms: dict | None = None,
         **grpo_args: Any,
     ) -> None:
-        super().__init__(**grpo_args)
-        check_choice("estimator", estimator, KDRL_ESTIMATORS)
-        check_choice("kd_mask", kd_mask, KD_MASKS)
-        check_schedule("beta_kd", beta_kd, beta_kd_schedule, beta_kd_decay, beta_kd_min)
+        self.kd = TeacherKL(
+            beta_kd, estimator, kd_mask, hard_threshold, schedule=beta_kd_schedule, decay=beta_kd_decay, floor=beta_kd_min
+        )
         self.beta_kd = beta_kd
-        self.estimator = estimator
-        self.kd_mask = kd_mask
-        self.hard_threshold = hard_threshold
-        self.beta_kd_decay = beta_kd_decay
-        self.beta_kd_min = beta_kd_min
-
-    @property
-    def needs(self) -> Needs:
-        """GRPO's, plus each teacher's log-probs of the sampled tokens (tempered as the policy) and weights when beta_kd > 0."""
-        return replace(super().needs, teacher_logp=self.beta_kd > 0, teacher_logp_tempered=True)
+        super().__init__(terms={"kd": self.kd, **(terms or {})}, **grpo_args)
 
     def coefficient(self, step: int) -> float:
         """beta_kd at optimiser step `step`."""
-        return linear_decay(self.beta_kd, step, self.beta_kd_decay, self.beta_kd_min)
-
-    def __call__(self, batch: Batch) -> LossOut:
-        if self.beta_kd == 0:
-            return super().__call__(batch)
-        adv = self.advantages(batch)  # [N]
-        if batch.teacher_logp is None:
-            raise ValueError("KDRL with beta_kd > 0 needs batch.teacher_logp")
-        beta = self.coefficient(batch.step)
-        selected = kd_mask(batch.rewards, batch.group_size, self.kd_mask, self.hard_threshold)[:, None] * batch.mask  # [N, T]
-        teacher = mixture_logp(batch.teacher_logp, batch.teacher_weights)  # [N, T]
-        diff = batch.logp - teacher  # [N, T] d_t = logp - log pi_T, with grad through logp
-        if self.estimator == "k1":
-            token_adv = adv[:, None] - beta * selected * diff.detach()  # [N, T] reward-side placement
-            per_token, metrics = self.per_token_loss(batch, token_adv)  # [N, T]
-            loss = self.reduce(per_token, batch.mask)  # []
-        else:
-            per_token, metrics = self.per_token_loss(batch, adv)  # [N, T]
-            kd = kl_sampled(batch.logp, teacher, self.estimator)  # [N, T] k2: 0.5 d^2, k3: e^-d + d - 1
-            loss = self.reduce(per_token + beta * selected * kd, batch.mask)  # []
-        metrics |= {
-            "kd_reverse_kl": masked_mean(diff.detach(), batch.mask),  # k1 estimate of KL(theta || T) on all tokens
-            "kd_mask_frac": masked_mean(selected, batch.mask),
-            "beta_kd": torch.tensor(beta),
-        }
-        return LossOut(loss=loss, metrics=metrics, adv=adv)
+        return self.kd.coefficient(step)

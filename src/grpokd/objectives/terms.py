@@ -2,8 +2,9 @@
 
 Shapes: N completions, K group size (consecutive rows of N form a group),
 T completion tokens, V vocabulary. `mask` is [N, T], 1.0 on real completion
-tokens and 0.0 on padding; padded positions must hold finite values (they are
-multiplied by 0, not selected away). Equation numbers refer to the GRPO-KD
+tokens and 0.0 on padding. The functions multiply by the mask, so padded
+positions must hold finite values: `Batch` zeroes its per-token log-probs there
+(an exp or square of an infinite padded value would be NaN, gradient included). Equation numbers refer to the GRPO-KD
 paper (docs: DESIGN.md section 2).
 """
 

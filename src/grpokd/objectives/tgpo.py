@@ -21,56 +21,18 @@ Options (`target`):
 Temperatures: the teachers and the student's guidance term use temperature 1
 (the raw logits, `batch.kd.logits`); the surrogate and the entropy bonus use
 the sampling policy (`batch.logp`, `batch.logits`), as GRPO does.
+
+Composition: GRPO (token-mean aggregation) plus the `parts.teacher_guide` term "guide" and, when
+entropy_coef > 0, the `parts.entropy_bonus` term "entropy".
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
-from grpokd.objectives.base import Batch, LossOut, Needs
 from grpokd.objectives.grpo import GRPO
-from grpokd.objectives.kd import require_kd
-from grpokd.objectives.terms import check_choice, check_schedule, entropy, linear_decay, masked_mean
-
-TARGETS = ("argmax", "sampled", "topk")
-
-
-def teacher_targets(pbar: Tensor, mode: str) -> Tensor:
-    """The teachers' next-token choice at each position: argmax of pbar, or a sample from it.
-
-    Args:
-        pbar: [N, T, V] the teacher mixture's probabilities (rows sum to 1).
-        mode: "argmax" | "sampled".
-
-    Returns:
-        [N, T] token ids (long).
-    """
-    check_choice("target", mode, ("argmax", "sampled"))
-    if mode == "argmax":
-        return pbar.argmax(-1)  # [N, T]
-    flat = pbar.reshape(-1, pbar.shape[-1]).float().clamp(min=0)  # [N*T, V]
-    return torch.multinomial(flat, 1).view(pbar.shape[:-1])  # [N, T]
-
-
-def hard_guidance(logits: Tensor, targets: Tensor) -> Tensor:
-    """-log q(y_t) at each position, q = softmax(logits): [N, T] (gradient to logits)."""
-    return -F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # [N, T]
-
-
-def topk_guidance(logits: Tensor, pbar: Tensor, k: int) -> Tensor:
-    """Forward KL from the mixture's top-k tokens, renormalised (p~), to the student q: [N, T].
-
-        sum_{a in top-k(pbar)} p~(a) (log p~(a) - log q(a)),   p~ = pbar restricted to the top k, summing to 1.
-    """
-    values, index = pbar.detach().float().topk(min(k, pbar.shape[-1]), dim=-1)  # [N, T, k]
-    p = values / values.sum(-1, keepdim=True).clamp(min=1e-30)  # [N, T, k]
-    log_q = F.log_softmax(logits.float(), dim=-1).gather(-1, index)  # [N, T, k]
-    return (p * (p.clamp(min=1e-30).log() - log_q)).sum(-1)  # [N, T]
+from grpokd.objectives.parts.entropy_bonus import EntropyBonus
+from grpokd.objectives.parts.teacher_guide import TARGETS, TeacherGuide, hard_guidance, teacher_targets, topk_guidance  # noqa: F401 (re-exported)
 
 
 class TGPO(GRPO):
@@ -94,52 +56,16 @@ class TGPO(GRPO):
         lam_schedule: str = "constant",
         lam_decay: float = 0.0,
         entropy_coef: float = 0.0,
+        terms: dict | None = None,
         **grpo_args: Any,
     ) -> None:
-        super().__init__(**{"aggregation": "token_mean", **grpo_args})
-        check_choice("target", target, TARGETS)
-        check_schedule("lam", lam, lam_schedule, lam_decay, 0.0)
-        if top_k < 1:
-            raise ValueError(f"top_k={top_k} must be >= 1")
         if entropy_coef < 0:
             raise ValueError(f"entropy_coef={entropy_coef} must be >= 0")
-        self.lam = lam
-        self.target = target
-        self.top_k = top_k
-        self.lam_decay = lam_decay
-        self.entropy_coef = entropy_coef
-
-    @property
-    def needs(self) -> Needs:
-        """GRPO's, plus the teachers' mixture pbar (temperature 1) on the rollouts when lam > 0, and the student's logits for an entropy bonus."""
-        base = super().needs
-        return replace(base, teacher_forward=self.lam > 0, kd_tau=1.0, kd_states="rollouts",
-                       logits=base.logits or self.entropy_coef > 0)
+        self.guide = TeacherGuide(lam, target, top_k, schedule=lam_schedule, decay=lam_decay)
+        self.lam, self.entropy_coef = lam, entropy_coef
+        parts = {"guide": self.guide, "entropy": EntropyBonus(entropy_coef), **(terms or {})}
+        super().__init__(terms=parts, **{"aggregation": "token_mean", **grpo_args})
 
     def coefficient(self, step: int) -> float:
         """lam_t at optimiser step `step`."""
-        return linear_decay(self.lam, step, self.lam_decay, 0.0)
-
-    def __call__(self, batch: Batch) -> LossOut:
-        adv = self.advantages(batch)  # [N]
-        per_token, metrics = self.per_token_loss(batch, adv)  # [N, T]
-        loss = self.reduce(per_token, batch.mask)  # []
-        if self.lam > 0:
-            kd = require_kd(batch, 1.0, "TGPO with lam > 0")
-            student = kd.logits  # [N, T, V] raw (temperature 1), with grad
-            if self.target == "topk":
-                guide = topk_guidance(student, kd.pbar, self.top_k)  # [N, T]
-            else:
-                targets = teacher_targets(kd.pbar, self.target)  # [N, T]
-                guide = hard_guidance(student, targets)  # [N, T]
-                metrics["guide_agree"] = masked_mean((student.detach().argmax(-1) == targets).float(), batch.mask)
-            lam = self.coefficient(batch.step)
-            loss = loss + lam * self.reduce(guide, batch.mask)  # []
-            metrics |= {"guide": masked_mean(guide.detach(), batch.mask), "lam": torch.tensor(lam)}
-        if self.entropy_coef > 0:
-            if batch.logits is None:
-                raise ValueError("TGPO's entropy bonus needs batch.logits")
-            ent = entropy(batch.logits)  # [N, T] of the sampling policy
-            loss = loss - self.entropy_coef * self.reduce(ent, batch.mask)  # []
-            metrics["entropy_bonus"] = masked_mean(ent.detach(), batch.mask)
-        return LossOut(loss=loss, metrics=metrics, adv=adv)
+        return self.guide.coefficient(step)

@@ -1,0 +1,90 @@
+"""TGPO's guide: cross-entropy on the teachers' next-token choice along the student's own rollout.
+
+The teachers score the rollout by teacher forcing; at each completion position the target is the
+mixture's choice given the student's prefix, y_t = argmax_a pbar(a | prompt, o_<t) ("argmax"), a
+sample from pbar ("sampled", global torch RNG), or soft targets from pbar's top k ("topk": the forward
+KL from the renormalised top-k mixture to the student). Plain cross-entropy on every completion token:
+not multiplied by the importance ratio, not clipped, not gated by the reward. Teachers and the
+student's guide use temperature 1 (`batch.kd.logits`, the raw logits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from grpokd.objectives.base import Batch, Needs
+from grpokd.objectives.kd import require_kd
+from grpokd.objectives.policy import Term, TermOut
+from grpokd.objectives.terms import check_choice, masked_mean
+
+TARGETS = ("argmax", "sampled", "topk")
+
+
+def teacher_targets(pbar: Tensor, mode: str) -> Tensor:
+    """The teachers' next-token choice at each position: argmax of pbar, or a sample from it.
+
+    Args:
+        pbar: [N, T, V] the teacher mixture's probabilities (rows sum to 1).
+        mode: "argmax" | "sampled".
+
+    Returns:
+        [N, T] token ids (long).
+    """
+    check_choice("target", mode, ("argmax", "sampled"))
+    if mode == "argmax":
+        return pbar.argmax(-1)  # [N, T]
+    flat = pbar.reshape(-1, pbar.shape[-1]).float().clamp(min=0)  # [N*T, V]
+    return torch.multinomial(flat, 1).view(pbar.shape[:-1])  # [N, T]
+
+
+def hard_guidance(logits: Tensor, targets: Tensor) -> Tensor:
+    """-log q(y_t) at each position, q = softmax(logits): [N, T] (gradient to logits)."""
+    return -F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # [N, T]
+
+
+def topk_guidance(logits: Tensor, pbar: Tensor, k: int) -> Tensor:
+    """Forward KL from the mixture's top-k tokens, renormalised (p~), to the student q: [N, T].
+
+        sum_{a in top-k(pbar)} p~(a) (log p~(a) - log q(a)),   p~ = pbar restricted to the top k, summing to 1.
+    """
+    values, index = pbar.detach().float().topk(min(k, pbar.shape[-1]), dim=-1)  # [N, T, k]
+    p = values / values.sum(-1, keepdim=True).clamp(min=1e-30)  # [N, T, k]
+    log_q = F.log_softmax(logits.float(), dim=-1).gather(-1, index)  # [N, T, k]
+    return (p * (p.clamp(min=1e-30).log() - log_q)).sum(-1)  # [N, T]
+
+
+class TeacherGuide(Term):
+    """weight * CE to the teachers' choice at each rollout token. Metrics: guide, guide_agree (hard targets), lam.
+
+    Args:
+        weight: lam, >= 0.
+        target: "argmax" | "sampled" | "topk".
+        top_k: k of the "topk" target (the paper tries 5, 20, 100).
+        schedule, decay: the coefficient's schedule (see `Term`).
+    """
+
+    def __init__(self, weight: float = 0.5, target: str = "argmax", top_k: int = 20, key: str = "lam", **schedule) -> None:
+        super().__init__(weight, key=key, **schedule)
+        check_choice("target", target, TARGETS)
+        if top_k < 1:
+            raise ValueError(f"top_k={top_k} must be >= 1")
+        self.target, self.top_k = target, top_k
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(teacher_forward=True, kd_tau=1.0, kd_states="rollouts")
+
+    def __call__(self, batch: Batch) -> TermOut:
+        kd = require_kd(batch, 1.0, "the teacher guide")
+        student = kd.logits  # [N, T, V] raw (temperature 1), with grad
+        metrics = {}
+        if self.target == "topk":
+            guide = topk_guidance(student, kd.pbar, self.top_k)  # [N, T]
+        else:
+            targets = teacher_targets(kd.pbar, self.target)  # [N, T]
+            guide = hard_guidance(student, targets)  # [N, T]
+            metrics["guide_agree"] = masked_mean((student.detach().argmax(-1) == targets).float(), batch.mask)
+        metrics |= {"guide": masked_mean(guide.detach(), batch.mask), "lam": torch.tensor(self.coefficient(batch.step))}
+        return TermOut(guide, batch.mask, metrics=metrics)

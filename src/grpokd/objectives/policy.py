@@ -1,0 +1,266 @@
+"""A policy-gradient objective as a composition: an advantage, the clipped surrogate, weighted per-token terms.
+
+    A_i      = reward_weight * A_group(R)_i + sum_{s in sequence shapers} c_s * s_i           (one per completion)
+    A_i,t    = A_i + sum_{s in token shapers} c_s * s_i,t                                     (per token)
+    loss     = aggregate( -min(rho A, clip(rho) A) + sum_{terms on the rollout} c_j * l_j )
+               + sum_{terms on the gold solutions} c_j * aggregate_gold(l_j)
+
+A_group is GRPO's group-relative advantage (paper Eq. 1), rho the importance
+ratio pi_theta / pi_old (Eq. 2), `aggregate` GRPO's reduction (see
+`terms.aggregate`). Every addition is a `Term`: a small pure module with its
+own `Needs`, a coefficient c (constant or linearly decayed with the step),
+and a placement:
+- "loss": a per-token loss l [N, T] on the rollout (or [N', T'] on the gold
+  solutions), e.g. the KL to the reference, forward/reverse Hinton KD, the
+  reverse KL to the teachers, TGPO's guide, an entropy bonus;
+- "advantage": a detached value added to the advantage, per completion [N]
+  (J'''s teacher agreement) or per token [N, T] (KDRL's k1 placement,
+  on-policy distillation).
+
+The named objectives (grpo, j1, j2, j3, kdrl, tgpo, opd) are compositions of
+these (see their modules and conf/objective/); conf/term/ holds one YAML per
+term, so a run can add one from the command line:
+`python run.py objective=j3 +term@objective.terms.rkl=teacher_kl`.
+A term whose coefficient is 0 (or that is set to null) is skipped and asks
+for nothing, so the module computes only what the chosen terms need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import Tensor
+
+from grpokd.objectives.base import Batch, LossOut, Needs
+from grpokd.objectives.terms import (
+    ADV_SCALES,
+    AGGREGATIONS,
+    RATIO_LEVELS,
+    aggregate,
+    check_choice,
+    check_schedule,
+    clipped_surrogate,
+    group_advantages,
+    linear_decay,
+    log_ratio,
+    masked_mean,
+)
+
+PLACEMENTS = ("loss", "advantage")
+_MIXTURE_KEYS = ("kd_tau", "kd_states")  # one teacher mixture per step: terms that use it must agree on these
+
+
+@dataclass(frozen=True)
+class TermOut:
+    """One term's values. `value`: [N, T] or [N', T'] (loss), [N] or [N, T] (advantage, detached)."""
+
+    value: Tensor
+    mask: Tensor | None = None  # loss terms: the positions `value` lives on ([N, T] rollout or [N', T'] gold)
+    on_rollout: bool = True  # loss terms: False when `value` lives on the gold solutions
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Term:
+    """A weighted addition to the policy-gradient loss or advantage.
+
+    Subclasses set `placement` and implement `needs` and `__call__(batch) -> TermOut`.
+
+    Args:
+        weight: the coefficient at step 0, >= 0; 0 switches the term off (it then needs nothing).
+        schedule: "constant" | "linear" (max(weight - decay * step, floor)).
+        decay, floor: the linear schedule's per-step decrease and minimum.
+        key: the argument name used in error messages (e.g. "beta_kd").
+    """
+
+    placement = "loss"
+
+    def __init__(self, weight: float, schedule: str = "constant", decay: float = 0.0, floor: float = 0.0, key: str = "weight") -> None:
+        check_schedule(key, weight, schedule, decay, floor)
+        self.weight, self.decay, self.floor = weight, decay, floor
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
+
+    def coefficient(self, step: int) -> float:
+        """The coefficient at optimiser step `step`."""
+        return linear_decay(self.weight, step, self.decay, self.floor)
+
+    @property
+    def needs(self) -> Needs:
+        raise NotImplementedError
+
+    def __call__(self, batch: Batch) -> TermOut:
+        raise NotImplementedError
+
+
+def merge_needs(base: Needs, named: Mapping[str, Needs]) -> Needs:
+    """The union of the terms' needs. Terms sharing the teacher mixture or teacher log-probs must agree on how.
+
+    Raises:
+        ValueError naming the two terms when they ask for the mixture at different tau or states, or for the
+        teachers' log-probs at different temperatures.
+    """
+    out, owner = base, {}
+    for name, needs in named.items():
+        flags = {f.name: getattr(out, f.name) or getattr(needs, f.name) for f in fields(Needs) if isinstance(getattr(needs, f.name), bool)}
+        shared = {}
+        if needs.teacher_forward or needs.teacher_reverse:
+            shared |= {key: getattr(needs, key) for key in _MIXTURE_KEYS}
+        if needs.teacher_logp:
+            shared["teacher_logp_tempered"] = needs.teacher_logp_tempered
+        for key, value in shared.items():
+            if key in owner and owner[key][1] != value:
+                raise ValueError(
+                    f"terms {owner[key][0]!r} and {name!r} disagree on {key} ({owner[key][1]} vs {value}): "
+                    "the teachers are scored once per step; give both terms the same setting"
+                )
+            owner.setdefault(key, (name, value))
+        flags |= {key: value for key, value in shared.items() if key != "teacher_logp_tempered"}
+        flags["teacher_logp_tempered"] = out.teacher_logp_tempered or (needs.teacher_logp and needs.teacher_logp_tempered)
+        out = replace(out, **flags)
+    return out
+
+
+class PolicyObjective:
+    """Group-relative policy gradient with a clipped surrogate and a dict of weighted terms.
+
+    Args:
+        terms: name -> Term (None entries are ignored); names prefix nothing, each term names its metrics.
+        reward_weight: weight of the reward's group advantage, >= 0 (0: reward-free, e.g. pure distillation).
+        epsilon_low, epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high].
+        ratio_level: "token" (DeepSeekMath) | "sequence" (GSPO).
+        aggregation: "seq_mean_token_mean" | "token_mean" | "seq_mean_token_sum_norm".
+        adv_scale: "group" | "batch" | "none" (Dr. GRPO); the std dividing the advantage.
+        adv_delta: added to that std, > 0.
+        max_tokens: the constant of "seq_mean_token_sum_norm" (the configs pass the longest completion
+            allowed, Dr. GRPO's constant; None: T of the batch).
+    """
+
+    def __init__(
+        self,
+        terms: Mapping[str, Term | None] | None = None,
+        reward_weight: float = 1.0,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        ratio_level: str = "token",
+        aggregation: str = "seq_mean_token_mean",
+        adv_scale: str = "group",
+        adv_delta: float = 1e-4,
+        max_tokens: int | None = None,
+    ) -> None:
+        check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+        check_choice("aggregation", aggregation, AGGREGATIONS)
+        check_choice("adv_scale", adv_scale, ADV_SCALES)
+        if reward_weight < 0:
+            raise ValueError(f"reward_weight={reward_weight} must be >= 0")
+        if not 0 < epsilon_low < 1:
+            raise ValueError(f"epsilon_low={epsilon_low} must be in (0, 1)")
+        if epsilon_high <= 0:
+            raise ValueError(f"epsilon_high={epsilon_high} must be > 0")
+        if adv_delta <= 0:
+            raise ValueError(f"adv_delta={adv_delta} must be > 0")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens} must be >= 1 or None")
+        for name, term in (terms or {}).items():
+            if term is not None and (not isinstance(term, Term) or term.placement not in PLACEMENTS):
+                raise ValueError(f"objective term {name!r} is not a Term with a placement in {', '.join(PLACEMENTS)}: {term!r}")
+        self.terms = {name: term for name, term in (terms or {}).items() if term is not None}
+        self.reward_weight = reward_weight
+        self.epsilon_low = epsilon_low
+        self.epsilon_high = epsilon_high
+        self.ratio_level = ratio_level
+        self.aggregation = aggregation
+        self.adv_scale = adv_scale
+        self.adv_delta = adv_delta
+        self.max_tokens = max_tokens
+        self.needs  # fail at construction when terms disagree
+
+    def active(self, placement: str) -> dict[str, Term]:
+        return {name: t for name, t in self.terms.items() if t.active and t.placement == placement}
+
+    @property
+    def needs(self) -> Needs:
+        """Rollouts, plus what every active term needs."""
+        return merge_needs(Needs(rollouts=True), {name: t.needs for name, t in self.terms.items() if t.active})
+
+    def reduce(self, per_token: Tensor, mask: Tensor) -> Tensor:
+        """This objective's aggregation of a per-token loss [N, T] to a scalar []."""
+        return aggregate(per_token, mask, self.aggregation, self.max_tokens)
+
+    def reward_advantages(self, batch: Batch) -> Tensor:
+        """reward_weight times the reward's group-relative advantage (Eq. 1), detached. Returns [N]."""
+        if batch.rewards is None:
+            raise ValueError("a policy objective needs batch.rewards")
+        adv = group_advantages(batch.rewards, batch.group_size, self.adv_scale, self.adv_delta)  # [N]
+        return (self.reward_weight * adv).detach()
+
+    def shaped_advantages(self, batch: Batch) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """(sequence advantage [N], per-token additions [N, T] or None, metrics) from the reward and the advantage terms."""
+        seq = self.reward_advantages(batch)  # [N]
+        token, metrics = None, {}
+        reward_std = seq.std(unbiased=False)
+        for term in self.active("advantage").values():
+            out = term(batch)
+            shaped = term.coefficient(batch.step) * out.value.detach()  # [N] or [N, T]
+            metrics |= out.metrics
+            if shaped.dim() == 1:
+                seq = seq + shaped
+                metrics["adv_reward_std"] = reward_std
+            else:
+                token = shaped if token is None else token + shaped
+        return seq, token, metrics
+
+    def advantages(self, batch: Batch) -> Tensor:
+        """The per-completion advantage (reward part plus sequence-level shapers), detached. Returns [N]."""
+        return self.shaped_advantages(batch)[0]
+
+    def per_token_loss(self, batch: Batch, adv: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """-clipped surrogate + the rollout's loss terms at each token, and detached scalar metrics.
+
+        Args:
+            batch: logp, mask, old_logp (None: on-policy, rho = 1 in value), and what the terms read.
+            adv: [N] advantages (or [N, T] per-token ones).
+
+        Returns:
+            (per-token loss [N, T], metrics: policy_loss, clip_low, clip_high, clip_region and the terms').
+        """
+        per_token, metrics = self.surrogate_loss(batch, adv)
+        for term in self.active("loss").values():
+            out = term(batch)
+            if out.on_rollout:
+                per_token = per_token + term.coefficient(batch.step) * out.value  # [N, T]
+                metrics |= out.metrics
+        return per_token, metrics
+
+    def surrogate_loss(self, batch: Batch, adv: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """-min(rho A, clip(rho) A) at each token [N, T], and the clip metrics (TRL's definitions)."""
+        mask = batch.mask  # [N, T]
+        old_logp = batch.old_logp if batch.old_logp is not None else batch.logp.detach()  # [N, T]
+        log_rho = log_ratio(batch.logp, old_logp, mask, self.ratio_level)  # [N, T]
+        surrogate, is_low, is_high = clipped_surrogate(log_rho, adv, self.epsilon_low, self.epsilon_high)
+        per_token = -surrogate  # [N, T]
+        return per_token, {
+            "policy_loss": self.reduce(per_token, mask).detach(),
+            "clip_low": masked_mean(is_low.float(), mask).detach(),
+            "clip_high": masked_mean(is_high.float(), mask).detach(),
+            "clip_region": masked_mean((is_low | is_high).float(), mask).detach(),
+        }
+
+    def __call__(self, batch: Batch) -> LossOut:
+        seq, token, metrics = self.shaped_advantages(batch)
+        adv = seq if token is None else seq[:, None] + token  # [N] or [N, T]
+        per_token, loss_metrics = self.surrogate_loss(batch, adv)  # [N, T]
+        metrics = loss_metrics | metrics
+        gold_loss = torch.zeros((), device=batch.logp.device)
+        for term in self.active("loss").values():
+            out = term(batch)
+            c = term.coefficient(batch.step)
+            if out.on_rollout:
+                per_token = per_token + c * out.value  # [N, T]
+            else:
+                gold_loss = gold_loss + c * self.reduce(out.value, out.mask)  # []
+            metrics |= out.metrics
+        return LossOut(loss=self.reduce(per_token, batch.mask) + gold_loss, metrics=metrics, adv=seq)

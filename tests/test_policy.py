@@ -1,0 +1,171 @@
+"""Tensor-only tests of the composed objective (grpokd.objectives.policy and its parts).
+
+The named objectives' own tests (test_grpo.py ... test_tgpo.py) check each one's loss by hand; here:
+the composition rules, the config-built objectives against the named classes, and the terms that only
+exist as parts (on-policy distillation, the entropy bonus on any objective).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from grpokd.objectives.base import Batch, KDStates, Needs
+from grpokd.objectives.j1 import J1
+from grpokd.objectives.j2 import J2
+from grpokd.objectives.j3 import J3
+from grpokd.objectives.grpo import GRPO
+from grpokd.objectives.kd import TeacherMixer
+from grpokd.objectives.kdrl import KDRL
+from grpokd.objectives.parts.entropy_bonus import EntropyBonus
+from grpokd.objectives.parts.teacher_agreement import TeacherAgreement
+from grpokd.objectives.parts.teacher_kl import TeacherKL
+from grpokd.objectives.policy import PolicyObjective, merge_needs
+from grpokd.objectives.terms import aggregate, entropy
+from grpokd.objectives.tgpo import TGPO
+from grpokd.sweep import CONF, objectives
+from grpokd.train import instantiate_group
+
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0])
+N, T, V, M = 4, 3, 6, 2
+
+
+def full_batch(seed: int = 0, tau: float = 2.0, old_shift: float = 0.0) -> tuple[Batch, torch.Tensor]:
+    """Every input any term reads, from random student / reference / teacher logits. Returns (batch, student logits)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, T, V, generator=g).requires_grad_()
+    ref = torch.randn(N, T, V, generator=g)
+    teachers = [torch.randn(N, T, V, generator=g) for _ in range(M)]
+    ids = torch.randint(0, V, (N, T), generator=g)
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+    teacher_logp = torch.stack([torch.log_softmax(z, -1).gather(-1, ids[..., None]).squeeze(-1) for z in teachers])
+    mixer = TeacherMixer(tau, forward=True, reverse=True)
+    for z in teachers:
+        mixer.add(z, weight=torch.full((N, T), 1.0 / M))
+    batch = Batch(
+        logp=logp, mask=MASK, group_size=2, rewards=REWARDS, old_logp=logp.detach() + old_shift, logits=logits,
+        ref_logp=torch.log_softmax(ref, -1).gather(-1, ids[..., None]).squeeze(-1), ref_logits=ref,
+        teacher_logp=teacher_logp, teacher_weights=torch.full((M, N, T), 1.0 / M), kd=mixer.kd_states(logits, MASK),
+    )
+    return batch, logits
+
+
+def composed(name: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"objective={name}", "tau=2.0"])
+    return instantiate_group(cfg.objective, "objective"), cfg
+
+
+def test_every_config_objective_gives_a_finite_loss_and_gradient():
+    for name in objectives():
+        if name == "sft":
+            continue
+        objective, _ = composed(name)
+        batch, logits = full_batch(tau=objective.needs.kd_tau)
+        out = objective(batch)
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        assert torch.isfinite(out.loss) and torch.isfinite(grad).all(), name
+
+
+@pytest.mark.parametrize(
+    "name,make",
+    [
+        ("grpo", lambda c: GRPO(beta=c.beta, kl_estimator="k3", max_tokens=c.rollout.sampling.max_new_tokens)),
+        ("j1", lambda c: J1(lam=c.lam, tau=c.tau, beta=c.beta, max_tokens=c.rollout.sampling.max_new_tokens)),
+        ("j2", lambda c: J2(beta_prime=c.beta, tau=c.tau, max_tokens=c.rollout.sampling.max_new_tokens)),
+        ("j3", lambda c: J3(gamma=c.gamma, lam=c.lam, tau=c.tau, beta=c.beta, max_tokens=c.rollout.sampling.max_new_tokens)),
+        ("kdrl", lambda c: KDRL(beta_kd=c.beta_kd, beta=c.beta, max_tokens=c.rollout.sampling.max_new_tokens)),
+        ("tgpo", lambda c: TGPO(lam=c.lam, beta=c.beta, max_tokens=c.rollout.sampling.max_new_tokens)),
+    ],
+)
+def test_config_compositions_are_the_named_objectives(name, make):
+    """conf/objective/<name>.yaml (GRPO's keys + terms) builds exactly the named class's loss and gradient."""
+    objective, cfg = composed(name)
+    named = make(cfg)
+    assert objective.needs == named.needs
+    batch, logits = full_batch(tau=named.needs.kd_tau, old_shift=0.3)
+    a, b = objective(batch), named(batch)
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(*(torch.autograd.grad(out.loss, logits, retain_graph=True)[0] for out in (a, b)))
+    assert a.metrics.keys() == b.metrics.keys()
+
+
+def test_needs_are_the_union_of_the_active_terms():
+    objective = J3(gamma=0.1, lam=0.0, beta=0.04, kl_estimator="k3", terms={"ent": EntropyBonus(0.01)})
+    assert objective.needs == Needs(rollouts=True, ref_logp=True, logits=True, teacher_logp=True)
+    assert GRPO(beta=0.0, terms={"ent": EntropyBonus(0.0)}).needs == Needs(rollouts=True)  # zero weight: nothing
+
+
+def test_terms_that_disagree_on_the_teacher_scores_fail_at_construction():
+    with pytest.raises(ValueError, match="'ta' and 'rkl' disagree on teacher_logp_tempered"):
+        J3(gamma=0.1, terms={"rkl": TeacherKL(0.1)})
+    ok = J3(gamma=0.1, terms={"ta": TeacherAgreement(0.1, tempered=True), "rkl": TeacherKL(0.1)})
+    assert ok.needs.teacher_logp_tempered
+    from grpokd.objectives.parts.forward_kd import ForwardKD
+
+    with pytest.raises(ValueError, match="kd_tau"):
+        merge_needs(Needs(), {"a": ForwardKD(0.1, tau=1.0).needs, "b": ForwardKD(0.1, tau=2.0).needs})
+
+
+def test_an_entropy_bonus_on_j1_subtracts_its_weighted_aggregate():
+    batch, logits = full_batch()
+    plain = J1(lam=0.1, tau=2.0)(batch).loss
+    bonus = J1(lam=0.1, tau=2.0, terms={"ent": EntropyBonus(0.05)})(batch)
+    expected = plain - 0.05 * aggregate(entropy(logits.detach()), MASK, "seq_mean_token_mean")
+    torch.testing.assert_close(bonus.loss, expected)
+    assert "entropy_bonus" in bonus.metrics
+
+
+def test_on_policy_distillation_by_hand():
+    """Reward-free OPD with k1: A_t = -(logp_t - log pi_T(o_t)); on-policy the loss value is the aggregate of d_t."""
+    batch, _ = full_batch()
+    batch = Batch(logp=batch.logp, mask=MASK, group_size=2, rewards=REWARDS, teacher_logp=batch.teacher_logp[:1])
+    opd = PolicyObjective(terms={"kd": TeacherKL(1.0, estimator="k1")}, reward_weight=0.0)
+    out = opd(batch)
+    d = (batch.logp - batch.teacher_logp[0]).detach()  # one teacher: the mixture is that teacher
+    torch.testing.assert_close(out.loss, aggregate(d, MASK, "seq_mean_token_mean"))
+    (grad,) = torch.autograd.grad(out.loss, batch.logp)
+    torch.testing.assert_close(grad, d * MASK / MASK.sum(-1, keepdim=True) / N)  # d_t * grad logp_t, per-sequence mean
+    assert torch.equal(out.adv, torch.zeros(N))  # no reward part
+
+
+def test_on_policy_distillation_from_a_copy_of_the_student_is_zero():
+    batch, _ = full_batch()
+    copy = Batch(logp=batch.logp, mask=MASK, group_size=2, rewards=REWARDS, teacher_logp=batch.logp.detach()[None])
+    for estimator in ("k1", "k2"):
+        out = PolicyObjective(terms={"kd": TeacherKL(1.0, estimator=estimator)}, reward_weight=0.0)(copy)
+        (grad,) = torch.autograd.grad(out.loss, batch.logp, retain_graph=True)
+        assert torch.allclose(grad, torch.zeros_like(grad), atol=1e-7)
+
+
+def test_opd_with_the_reward_adds_the_group_advantage():
+    batch, _ = full_batch()
+    base = PolicyObjective(terms={"kd": TeacherKL(1.0, estimator="k1")}, reward_weight=0.0)(batch)
+    both = PolicyObjective(terms={"kd": TeacherKL(1.0, estimator="k1")}, reward_weight=1.0)(batch)
+    grpo = GRPO(beta=0.0)(batch)
+    torch.testing.assert_close(both.loss, base.loss + grpo.loss)  # on-policy the surrogate is linear in A
+
+
+def test_a_non_term_is_rejected_with_its_name():
+    with pytest.raises(ValueError, match="'bad'"):
+        PolicyObjective(terms={"bad": object()})
+
+
+def test_kd_states_value_on_gold_is_reduced_over_its_own_mask():
+    """A gold-state term is aggregated over the gold mask, not added to the rollout's per-token loss."""
+    batch, _ = full_batch()
+    gold_mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(2, 2, V, generator=g).requires_grad_()
+    mixer = TeacherMixer(1.0, forward=True)
+    mixer.add(torch.randn(2, 2, V, generator=g), weight=torch.ones(2, 2))
+    kd = mixer.kd_states(student, gold_mask)
+    b = Batch(logp=batch.logp, mask=MASK, group_size=2, rewards=REWARDS, kd=kd)
+    from grpokd.objectives.kd import forward_kd
+
+    out = J1(lam=0.5, beta=0.0, kd_states="gold")(b)
+    expected = GRPO(beta=0.0)(b).loss + 0.5 * aggregate(forward_kd(kd), gold_mask, "seq_mean_token_mean")
+    torch.testing.assert_close(out.loss, expected)
+    assert isinstance(kd, KDStates)
