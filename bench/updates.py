@@ -8,7 +8,9 @@ mean of the logged train/step_time_s (sampling, scoring, objective, backward, up
 after the first 5; the table prints the median over repeats. With mu > 1 a rollout is sampled every
 mu steps and reused, so the per-step time falls; "per rollout" multiplies by mu.
 `--repo` runs another checkout's run.py (e.g. the commit before a change) for a before/after comparison;
-`--mu` applies only where that checkout knows `updates_per_rollout`.
+`--mu` applies only where that checkout knows `updates_per_rollout`. Every configuration gets the same
+`--overrides` (default: one learning rate and beta for all), so that the policies, and hence the
+completion lengths the step time depends on, drift alike.
 """
 
 from __future__ import annotations
@@ -46,14 +48,16 @@ def main() -> None:
     parser.add_argument("--objectives", default="grpo,j1,j3,kdrl,tgpo")
     parser.add_argument("--mu", default="1,2,4")
     parser.add_argument("--repo", type=Path, default=HERE)
+    parser.add_argument("--overrides", default="optim.lr=1e-4,beta=0.04", help="run.py overrides for every configuration, comma-separated")
     args = parser.parse_args()
+    common = [o for o in args.overrides.split(",") if o]
     configs = [(o, 1) for o in args.objectives.split(",")]
     configs += [("grpo", int(m)) for m in args.mu.split(",") if int(m) > 1]
-    print(f"repo={args.repo} steps={args.steps} repeats={args.repeats} (median over repeats of the mean step time)")
+    print(f"repo={args.repo} steps={args.steps} repeats={args.repeats} overrides={common} (median over repeats of the mean step time)")
     print("| objective | updates_per_rollout | step ms | per rollout ms |")
     print("|---|---|---|---|")
     for objective, mu in configs:
-        overrides = [f"objective={objective}"] + ([f"updates_per_rollout={mu}"] if mu > 1 else [])
+        overrides = [f"objective={objective}", *common] + ([f"updates_per_rollout={mu}"] if mu > 1 else [])
         ms = 1000 * statistics.median(step_time(args.repo, overrides, args.steps) for _ in range(args.repeats))
         print(f"| {objective} | {mu} | {ms:.0f} | {ms * mu:.0f} |", flush=True)
 

@@ -169,3 +169,52 @@ def test_kd_states_value_on_gold_is_reduced_over_its_own_mask():
     expected = GRPO(beta=0.0)(b).loss + 0.5 * aggregate(forward_kd(kd), gold_mask, "seq_mean_token_mean")
     torch.testing.assert_close(out.loss, expected)
     assert isinstance(kd, KDStates)
+
+
+def test_two_updates_by_hand_clip_what_left_the_trust_region():
+    """Update 1 is on-policy (rho = 1: nothing clipped); after one SGD step, update 2 scores rho = pi / pi_old
+    and the clip flags are exactly the tokens whose ratio left [1 - eps, 1 + eps] on the side of their advantage."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(N, T, V, generator=g).requires_grad_()
+    ids = torch.randint(0, V, (N, T), generator=g)
+    objective = GRPO(beta=0.0, epsilon_low=0.2, epsilon_high=0.2)
+
+    def logp() -> torch.Tensor:
+        return torch.log_softmax(z, -1).gather(-1, ids[..., None]).squeeze(-1)
+
+    old = logp().detach()
+    first = objective(Batch(logp=logp(), mask=MASK, group_size=2, rewards=REWARDS, old_logp=old))
+    assert float(first.metrics["clip_region"]) == 0.0
+    (grad,) = torch.autograd.grad(first.loss, z)
+    with torch.no_grad():
+        z -= 30.0 * grad  # one large step, so that some ratios leave the region
+    second = objective(Batch(logp=logp(), mask=MASK, group_size=2, rewards=REWARDS, old_logp=old))
+    rho = (logp().detach() - old).exp()  # [N, T]
+    adv = first.adv[:, None]  # [N, 1]
+    low, high = (rho < 0.8) & (adv < 0), (rho > 1.2) & (adv > 0)
+    region = ((low | high).float() * MASK).sum() / MASK.sum()
+    assert float(region) > 0
+    torch.testing.assert_close(second.metrics["clip_region"], region)
+    torch.testing.assert_close(second.metrics["clip_low"], (low.float() * MASK).sum() / MASK.sum())
+    # the clipped tokens get no gradient: perturbing only their log-probs leaves the loss unchanged
+    clipped = (low | high) & (MASK > 0)
+    bumped = logp().detach() + 0.01 * clipped.float()
+    same = objective(Batch(logp=bumped, mask=MASK, group_size=2, rewards=REWARDS, old_logp=old)).loss
+    torch.testing.assert_close(same, second.loss.detach())
+
+
+def test_dr_grpo_normaliser_is_the_configured_constant_not_the_batch_width():
+    """seq_mean_token_sum_norm divides by max_tokens: padding the batch wider changes nothing."""
+    batch, _ = full_batch()
+    wide = Batch(
+        logp=torch.cat([batch.logp, torch.zeros(N, 5)], 1), mask=torch.cat([MASK, torch.zeros(N, 5)], 1), group_size=2, rewards=REWARDS
+    )
+    narrow = Batch(logp=batch.logp, mask=MASK, group_size=2, rewards=REWARDS)
+    dr = GRPO(beta=0.0, aggregation="seq_mean_token_sum_norm", adv_scale="none", max_tokens=48)
+    torch.testing.assert_close(dr(wide).loss, dr(narrow).loss)
+    by_width = GRPO(beta=0.0, aggregation="seq_mean_token_sum_norm", adv_scale="none")  # the tensor API's fallback: T
+    assert not torch.allclose(by_width(wide).loss, by_width(narrow).loss)
+    for name in objectives():
+        if name != "sft":
+            objective, cfg = composed(name)
+            assert objective.max_tokens == cfg.rollout.sampling.max_new_tokens == 48, name
