@@ -31,7 +31,7 @@ def step_time(repo: Path, overrides: list[str], steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable, "run.py", *overrides, f"trainer.max_steps={steps}", "logger=none", "log.csv=true", "eval_before=false",
-            "eval_test=false", "+trainer.limit_val_batches=0", f"checkpoint_every={10 * steps}",
+            "eval_test=false", "data.val_size=0", f"checkpoint_every={10 * steps}",
             "log.samples_every=0", f"hydra.run.dir={tmp}",
         ]
         env = {**os.environ, "PYTHONPATH": str(repo / "src")}

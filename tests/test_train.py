@@ -118,3 +118,8 @@ def test_cli_multirun_sweeps_top_level_hyperparameters(tmp_path):
     configs = [p.read_text() for p in sorted(sweep.rglob(".hydra/config.yaml"))]
     assert sum("gamma: 0.5" in c for c in configs) == 3
     assert out.stdout.count("run directory:") == 6
+
+
+def test_validation_switched_off_by_the_trainer_still_completes(quick_cfg, tmp_path):
+    results = train(quick_cfg("objective=grpo", "+trainer.limit_val_batches=0", "eval_before=false", run_dir=tmp_path / "noval"))
+    assert results["status"] == "complete" and "val/accuracy" not in results

@@ -223,7 +223,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.eval_before and cfg.eval_test:
             results["test/accuracy_before"] = evaluate(trainer, module, prep.data, "accuracy_before")
         trainer.fit(module, datamodule=prep.data, ckpt_path=cfg.ckpt_path)
-        if prep.data.val_set:  # the final model's greedy val accuracy: what `sweep=tune` selects on
+        if prep.data.val_set and trainer.limit_val_batches != 0:  # the final greedy val accuracy: what `sweep=tune` selects on
             results["val/accuracy"] = float(trainer.validate(module, datamodule=prep.data, verbose=False)[0]["val/accuracy"])
         if cfg.eval_test:
             results["test/accuracy_after"] = evaluate(trainer, module, prep.data, "accuracy_after")
