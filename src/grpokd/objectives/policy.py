@@ -228,12 +228,23 @@ class PolicyObjective:
             (per-token loss [N, T], metrics: policy_loss, clip_low, clip_high, clip_region and the terms').
         """
         per_token, metrics = self.surrogate_loss(batch, adv)
+        on_rollout, _, term_metrics = self.term_losses(batch)
+        return per_token + on_rollout, metrics | term_metrics
+
+    def term_losses(self, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The active loss terms, weighted: (their sum on the rollout [N, T], the gold-state ones aggregated [], metrics)."""
+        on_rollout = torch.zeros_like(batch.mask)  # [N, T]
+        on_gold = torch.zeros((), device=batch.mask.device)  # []
+        metrics = {}
         for term in self.active("loss").values():
             out = term(batch)
+            c = term.coefficient(batch.step)
             if out.on_rollout:
-                per_token = per_token + term.coefficient(batch.step) * out.value  # [N, T]
-                metrics |= out.metrics
-        return per_token, metrics
+                on_rollout = on_rollout + c * out.value  # [N, T]
+            else:
+                on_gold = on_gold + c * self.reduce(out.value, out.mask)  # []
+            metrics |= out.metrics
+        return on_rollout, on_gold, metrics
 
     def surrogate_loss(self, batch: Batch, adv: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """-min(rho A, clip(rho) A) at each token [N, T], and the clip metrics (TRL's definitions)."""
@@ -250,17 +261,9 @@ class PolicyObjective:
         }
 
     def __call__(self, batch: Batch) -> LossOut:
-        seq, token, metrics = self.shaped_advantages(batch)
+        seq, token, adv_metrics = self.shaped_advantages(batch)
         adv = seq if token is None else seq[:, None] + token  # [N] or [N, T]
-        per_token, loss_metrics = self.surrogate_loss(batch, adv)  # [N, T]
-        metrics = loss_metrics | metrics
-        gold_loss = torch.zeros((), device=batch.logp.device)
-        for term in self.active("loss").values():
-            out = term(batch)
-            c = term.coefficient(batch.step)
-            if out.on_rollout:
-                per_token = per_token + c * out.value  # [N, T]
-            else:
-                gold_loss = gold_loss + c * self.reduce(out.value, out.mask)  # []
-            metrics |= out.metrics
-        return LossOut(loss=self.reduce(per_token, batch.mask) + gold_loss, metrics=metrics, adv=seq)
+        per_token, metrics = self.surrogate_loss(batch, adv)  # [N, T]
+        on_rollout, on_gold, term_metrics = self.term_losses(batch)
+        loss = self.reduce(per_token + on_rollout, batch.mask) + on_gold  # []
+        return LossOut(loss=loss, metrics=metrics | adv_metrics | term_metrics, adv=seq)

@@ -32,7 +32,7 @@ from typing import Any
 
 from grpokd.objectives.grpo import GRPO
 from grpokd.objectives.parts.entropy_bonus import EntropyBonus
-from grpokd.objectives.parts.teacher_guide import TARGETS, TeacherGuide, hard_guidance, teacher_targets, topk_guidance  # noqa: F401 (re-exported)
+from grpokd.objectives.parts.teacher_guide import TeacherGuide, hard_guidance, teacher_targets, topk_guidance  # noqa: F401 (re-exported)
 
 
 class TGPO(GRPO):
