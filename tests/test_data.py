@@ -12,6 +12,7 @@ from grpokd.data import sources
 from grpokd.data.example import Example
 from grpokd.data.rewards import ChoiceReward, NumericReward
 from grpokd.data.sources import DataError, Splits
+from grpokd.errors import ConfigError
 
 # --- synthetic tasks ---------------------------------------------------------------------------
 
@@ -247,8 +248,37 @@ def test_held_out_keeps_order_and_drops_only_evaluated_prompts():
 
 def test_too_few_train_prompts_after_holding_out_is_a_config_error():
     from grpokd.data.datamodule import TaskData
-    from grpokd.errors import ConfigError
 
     same = [Example("q", "s", "1")] * 30
     with pytest.raises(ConfigError, match="differ from the val and test prompts"):
         TaskData(Splits(train=same, test=[Example("q", "s", "1")]), prompts_per_step=4, val_size=5)
+
+
+# --- tokenizer coverage (grpokd.models.coverage) ---------------------------------------------------------------------
+
+
+def test_coverage_counts_unknown_tokens_and_unwritable_solutions_by_hand():
+    from grpokd.models import coverage
+    from grpokd.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer("llama")
+    examples = [Example("5 + 3 banana", "#### 8", "8"), Example("1 + 1", "#### 1,234", "1,234")]
+    # tokens: "5 + 3 banana" (banana unknown), "1 + 1", "#### 8", "#### 1,234" (1,234 unknown): 2 of 4 + 3 + 2 + 2
+    got = coverage.measure(tokenizer, examples, NumericReward())
+    assert got == coverage.Coverage(unk_share=2 / 11, unwritable=1, examples=2)
+    with pytest.raises(ConfigError, match=r"dataset toy: the tokenizer of model.student=m does not cover it \(18% of tokens unknown, 1 of 2"):
+        coverage.check(got, "toy", "m")
+
+
+def test_the_embedded_tokenizer_covers_its_tasks_and_not_gsm8k(shared_data):
+    from grpokd.models import coverage
+    from grpokd.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer("llama")
+    arith = sources.arith(train_size=500, test_size=100)
+    assert coverage.measure(tokenizer, arith.train + arith.test, NumericReward()) == coverage.Coverage(0.0, 0, 600)
+    gsm8k = sources.gsm8k(path=str(shared_data / "gsm8k"), train_size=500, test_size=100)
+    measured = coverage.measure(tokenizer, gsm8k.train + gsm8k.test, NumericReward())
+    assert measured.unk_share > 0.5 and measured.unwritable > 0.02 * 600
+    with pytest.raises(ConfigError, match="dataset gsm8k"):
+        coverage.check(measured, "gsm8k", "tiny-llama-student")

@@ -35,6 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd import rollout as ro
 from grpokd.data.rewards import WeightedRewards
+from grpokd.errors import check_range
 from grpokd.models.ensemble import TeacherEnsemble
 
 
@@ -46,6 +47,13 @@ class Optim:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        check_range("optim.lr", self.lr, low=0, low_open=True)
+        check_range("optim.weight_decay", self.weight_decay, low=0)
+        check_range("optim.warmup_steps", self.warmup_steps, low=0, integer=True)
+        for i, beta in enumerate(self.betas):
+            check_range(f"optim.betas[{i}]", beta, low=0, high=1, high_open=True)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd.data.rewards import WeightedRewards
+from grpokd.errors import check_range
 from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.models.scoring import Tokens, completion_logits, decode, generate, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.objectives.base import Batch, KDStates, Needs
@@ -38,6 +39,15 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k truncation (transformers' default of 50 would bias the policy gradient)
+
+    def __post_init__(self) -> None:
+        key = "rollout.sampling."
+        check_range(f"{key}temperature", self.temperature, low=0, low_open=True)
+        check_range(f"{key}top_p", self.top_p, low=0, high=1, low_open=True)
+        check_range(f"{key}top_k", self.top_k, low=0, integer=True)
+        check_range(f"{key}max_new_tokens", self.max_new_tokens, low=1, integer=True)
+        check_range(f"{key}max_prompt_len", self.max_prompt_len, low=1, integer=True)
+        check_range("group_size", self.group_size, low=1, integer=True)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from grpokd.data.example import Example
 from grpokd.data.sources import Splits
-from grpokd.errors import ConfigError
+from grpokd.errors import ConfigError, check_range
 
 
 def collate(examples: list[Example]) -> dict[str, list[str]]:
@@ -100,8 +100,11 @@ class TaskData(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if prompts_per_step < 1:
-            raise ConfigError(f"data.prompts_per_step={prompts_per_step} must be >= 1")
+        check_range("data.prompts_per_step", prompts_per_step, low=1, integer=True)
+        check_range("data.eval_batch_size", eval_batch_size, low=1, integer=True)
+        check_range("data.val_size", val_size, low=0, integer=True)
+        if test_size is not None:
+            check_range("data.test_size", test_size, low=1, integer=True)
         train = apply_template(splits.train, prompt_template)
         if len(train) < val_size + prompts_per_step:
             raise ConfigError(f"the train split has {len(train)} examples: too few for val_size={val_size} and prompts_per_step={prompts_per_step}")

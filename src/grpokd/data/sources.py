@@ -259,9 +259,11 @@ def _existing(path: str, dataset: str) -> Path:
 
 def _read_rows(file: Path) -> list[_Row]:
     """Rows of a JSON-lines file or of a JSON array (told apart by the first character); blank lines skipped."""
+    if file.is_dir():
+        raise DataError(f"{file} is a directory; pass dataset.path=<a .jsonl or .json file>")
     if not file.is_file():
         raise DataError(f"{file} does not exist; pass dataset.path=<dir that contains {file.name}>")
-    text = file.read_text(encoding="utf-8")
+    text = _utf8(file)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -277,6 +279,19 @@ def _read_rows(file: Path) -> list[_Row]:
                 raise DataError(f"{file}:{number}: invalid JSON ({err}); expected one object per line") from None
             rows.append(_as_row(item, f"{file}:{number}"))
     return rows
+
+
+def _utf8(file: Path) -> str:
+    """The file's text; a non-UTF-8 byte is reported with its line and column."""
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{file}:{line}: byte 0x{data[err.start]:02x} at column {column} is not UTF-8; re-save the file as UTF-8"
+        ) from None
 
 
 def _as_row(item: Any, where: str) -> _Row:

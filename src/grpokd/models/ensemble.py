@@ -19,6 +19,7 @@ teacher and position, normalised over the teachers (softmax) and detached:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -49,7 +50,7 @@ class Static:
     uses_logits = False
 
     def __init__(self, weights: list[float]) -> None:
-        if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+        if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
             raise ConfigError(f"weighting.weights={list(weights)}: give one non-negative weight per teacher, not all zero")
         total = sum(weights)
         self.weights = [w / total for w in weights]
