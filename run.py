@@ -1,4 +1,8 @@
-"""Train or evaluate one job: `python run.py [group=option ...] [key=value ...]`, `-m` for a sweep."""
+"""Train or evaluate one job: `python run.py [group=option ...] [key=value ...]`, `-m` for a sweep.
+
+Exit status: 0 done; 2 a bad config or input (one `error:` line, no run directory left); 128 + signal
+number (143 SIGTERM, 130 SIGINT) interrupted, with the current step saved for `ckpt_path=` to resume.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from grpokd import runtime
 from grpokd.errors import ConfigError
 from grpokd.train import read_results, train, write_json
+
+runtime.register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         results = train(cfg)
+    except runtime.Interrupted as stop:
+        print(f"{stop}; resume with ckpt_path={stop.checkpoint}" if stop.checkpoint else str(stop), file=sys.stderr)
+        sys.exit(128 + stop.signum)
     except Exception as err:
         run_dir = Path(cfg.run_dir)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if multirun:
             # one job of a sweep: leave a failure record for the sweep's table; Hydra runs the other jobs
             if read_results(run_dir).get("status") != "complete":
                 write_json(run_dir / "results.json", failure(cfg, err))

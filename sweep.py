@@ -23,14 +23,10 @@ from grpokd.errors import ConfigError
 def main(cfg: DictConfig) -> None:
     spec, out = cfg.sweep, Path(cfg.out).resolve()
     try:
-        base = hydra.compose(config_name="config", overrides=[f"model={spec.model}"])
-        rows = sw.plan_rows(spec, sw.teacher_names(base.model))
-        sw.metric_overrides(spec)
-        names = sw.check(spec, rows, lambda overrides: hydra.compose(config_name="config", overrides=overrides))
+        rows, jobs = sw.plan(spec, out, lambda overrides: hydra.compose(config_name="config", overrides=overrides))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    jobs = sw.plan_jobs(spec, rows, names, out)
     print(f"sweep {spec.name}: {len(rows)} rows x {len(spec.datasets)} datasets, {len(jobs)} jobs -> {out}")
     logger = ["logger=wandb", f"logger.group={cfg.wandb_group}"] if cfg.wandb else ["logger=none"]
     launcher = [f"hydra/launcher={cfg.launcher}", *cfg.launcher_overrides]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -263,7 +264,7 @@ def test_a_failing_job_is_marked_and_the_other_rows_still_run(tmp_path):
     conf.mkdir(parents=True)
     (conf / "broken.yaml").write_text(
         "name: broken\nmodel: tiny\ndatasets: [arith]\nseeds: [0]\n"
-        "rows: [{name: bad-lr, objective: grpo, overrides: [optim.lr=-1]}, student]\n"
+        "rows: [{name: bad-trainer, objective: grpo, overrides: [+trainer.no_such_option=1]}, student]\n"
         "grid: {}\noverrides: [trainer.max_steps=2, data.test_size=16, data.val_size=8, data.prompts_per_step=2, group_size=2]\n"
         "row_overrides: {}\n"
     )
@@ -271,8 +272,8 @@ def test_a_failing_job_is_marked_and_the_other_rows_still_run(tmp_path):
     done = sweep("--config-dir", str(tmp_path / "conf"), "sweep=broken", f"out={out}")
     assert done.returncode == 1, done.stderr[-3000:]
     text = (out / "table.md").read_text()
-    assert "| bad-lr | 1 failed [1] |" in text
-    assert "[1] bad-lr / arith / seed 0: failed: ValueError: Invalid learning rate: -1" in text
+    assert "| bad-trainer | 1 failed [1] |" in text
+    assert "[1] bad-trainer / arith / seed 0: failed: InstantiationException: Error in call to target 'lightning.pytorch.trainer.trainer.Trainer'" in text
     assert "| student (no training) | " in text and "failed" not in text.split("| student (no training) |")[1].splitlines()[0]
 
 
@@ -284,3 +285,62 @@ def test_bad_sweep_input_fails_before_anything_runs(tmp_path):
     assert not list(out.glob("*/*/s*"))
     real = sweep("sweep=paper_table1", f"out={out}")
     assert real.returncode == 2 and "google/flan-t5-small" in real.stderr and "hf download" in real.stderr
+
+
+# --- the README's commands, as written ------------------------------------------------------------------------------
+
+
+def readme_commands(program: str) -> list[list[str]]:
+    """The arguments of every `python <program> ...` line of the README's code blocks (comments dropped)."""
+    lines = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(f"python {program}")]
+    return [shlex.split(line, comments=True)[2:] for line in lines]
+
+
+@pytest.mark.parametrize("args", readme_commands("sweep.py"), ids=" ".join)
+def test_every_readme_sweep_command_plans_as_written(args, monkeypatch, tmp_path):
+    """Composes and plans (every job's start-up checks) as sweep.py does; only the hub-only sweep may stop, clearly."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from grpokd import hub
+
+    hub.hub_reachable.cache_clear()
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose("sweeps", overrides=args)
+        try:
+            rows, jobs = sw.plan(cfg.sweep, tmp_path, lambda o: hydra_compose("config", overrides=o))
+        except ConfigError as err:
+            assert cfg.sweep.name == "paper_table1" and "hf download" in str(err)
+            return
+    assert rows and jobs
+    if "sweep.grid={gamma:[0.1,0.5]}" in args:
+        assert sorted(r.label for r in rows if r.objective == "j3") == ["J''' (gamma=0.1)", "J''' (gamma=0.5)"]
+    hub.hub_reachable.cache_clear()
+
+
+@pytest.mark.slow
+def test_the_readme_grid_example_runs_at_a_tiny_budget(tmp_path):
+    grid = next(args for args in readme_commands("sweep.py") if any(a.startswith("sweep.grid=") for a in args))
+    out = tmp_path / "grid"
+    done = sweep(*grid, "sweep=quick", "sweep.rows=[grpo,j3]", "sweep.datasets=[arith]", f"out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.parent.parent.parent.name for p in out.glob("*/arith/s0/results.json")) == ["grpo", "j3-gamma-0.1", "j3-gamma-0.5"]
+
+
+@pytest.mark.parametrize("args", readme_commands("run.py"), ids=" ".join)
+def test_every_readme_run_command_composes_and_passes_or_names_what_is_missing(args, monkeypatch, tmp_path):
+    """Each README run.py line composes (a multirun with its first values) and its start-up checks pass,
+    or stop with a ConfigError where the line needs the hub or a user's own files."""
+    from grpokd.train import prepare
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from grpokd import hub
+
+    hub.hub_reachable.cache_clear()
+    overrides = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args if a != "-m"]
+    try:
+        prepare(compose(overrides, tmp_path))
+    except ConfigError as err:
+        assert any(p in str(err) for p in ("hf download", "/data/gsm8k", "my.jsonl", "/models/my-t5")), err
+    hub.hub_reachable.cache_clear()

@@ -230,6 +230,13 @@ def check(spec: DictConfig, rows: list[Row], compose: Callable[[list[str]], Dict
     return names
 
 
+def plan(spec: DictConfig, out: Path, compose: Callable[[list[str]], DictConfig]) -> tuple[list[Row], list[Job]]:
+    """The sweep's rows and jobs, every job's config checked first (ConfigError: nothing may run)."""
+    rows = plan_rows(spec, teacher_names(compose([f"model={spec.model}"]).model))
+    metric_overrides(spec)
+    return rows, plan_jobs(spec, rows, check(spec, rows, compose), out)
+
+
 def plan_jobs(spec: DictConfig, rows: list[Row], names: dict[str, str], out: Path) -> list[Job]:
     return [
         Job(row, dataset, names[dataset], seed, out / row.key / names[dataset] / f"s{seed}")
@@ -246,7 +253,7 @@ def multirun_command(spec: DictConfig, row: Row, out: Path, launcher: list[str],
         [f"model={spec.model}"], list(spec.get("overrides") or []), list(row.overrides), metric_overrides(spec),
         [
             f"dataset={','.join(spec.datasets)}", f"seed={','.join(str(s) for s in row.seeds)}",
-            "skip_complete=true", "log.csv=true", *logger, f"run_name={row.key}-${{dataset.name}}-s${{seed}}",
+            "skip_complete=true", "resume=true", "log.csv=true", *logger, f"run_name={row.key}-${{dataset.name}}-s${{seed}}",
             f"hydra.sweep.dir='{out / row.key}'", "hydra.sweep.subdir=${dataset.name}/s${seed}", *launcher,
         ],
     )

@@ -10,7 +10,7 @@ so a run directory with it is a complete run.
 from __future__ import annotations
 
 import json
-import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +21,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from grpokd import runtime
 from grpokd.data.datamodule import TaskData
 from grpokd.data.rewards import WeightedRewards
-from grpokd.errors import ConfigError
-from grpokd.loggers import csv_logger
-from grpokd.models import loading
+from grpokd.errors import ConfigError, check_range
+from grpokd.loggers import continue_csv, csv_logger
+from grpokd.models import coverage, loading
 from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.module import GRPOKDModule, Optim
 from grpokd.rollout import Sampling, needs_teachers
@@ -44,6 +46,9 @@ class Prepared:
     reward: Any  # the dataset's correctness reward (greedy evaluation)
     train_reward: WeightedRewards  # the rollouts' reward: correctness and the configured extra functions, weighted
     sampling: Sampling
+    optim: Optim
+    ckpt_path: str | None  # the checkpoint to resume from (ckpt_path, or the run's own last.ckpt with resume=true)
+    resume_step: int | None  # its global step
 
 
 def instantiate_group(node: DictConfig, key: str) -> Any:
@@ -60,11 +65,18 @@ def instantiate_group(node: DictConfig, key: str) -> Any:
 
 
 def prepare(cfg: DictConfig) -> Prepared:
-    """Every start-up check that needs no model: objective, sampling, dataset, model names."""
+    """Every start-up check that needs no model: values, objective, sampling, dataset, model names, checkpoint."""
+    missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
+    if missing:
+        raise ConfigError(f"{missing[0]} is mandatory and has no value; set it, e.g. {missing[0]}=<value>" + (
+            f" (also missing: {', '.join(missing[1:])})" if missing[1:] else ""))
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r}: allowed values are {', '.join(MODES)}")
-    objective = instantiate_group(cfg.objective, "objective")
     sampling = Sampling(**cfg.rollout.sampling)
+    optim = Optim(**cfg.optim)
+    objective = instantiate_group(cfg.objective, "objective")
+    check_range("trainer.max_steps", cfg.trainer.max_steps, low=1, integer=True)
+    check_range("checkpoint_every", cfg.checkpoint_every, low=1, integer=True)
     if cfg.mode == "train" and objective.needs.rollouts and sampling.group_size < 2:
         raise ConfigError(
             f"group_size={sampling.group_size}: objective {cfg.objective.name} compares completions within a group; set group_size>=2"
@@ -84,7 +96,29 @@ def prepare(cfg: DictConfig) -> Prepared:
     reward = instantiate_group(cfg.dataset.reward, "dataset.reward")
     train_reward = weighted_rewards(cfg, reward)
     data = TaskData(splits, seed=cfg.seed, prompt_template=cfg.dataset.prompt_template, **cfg.data)
-    return Prepared(objective, data, reward, train_reward, sampling)
+    ckpt_path = checkpoint_to_resume(cfg)
+    resume_step = runtime.check_checkpoint(ckpt_path) if ckpt_path else None
+    return Prepared(objective, data, reward, train_reward, sampling, optim, ckpt_path, resume_step)
+
+
+def missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose value is "???" (mandatory, not given) in a plain, unresolved config container."""
+    if node == "???":
+        return [prefix]
+    if isinstance(node, dict):
+        children = [(f"{prefix}.{key}" if prefix else str(key), child) for key, child in node.items()]
+    elif isinstance(node, list):
+        children = [(f"{prefix}[{i}]", child) for i, child in enumerate(node)]
+    else:
+        return []
+    return [key for path, child in children for key in missing_keys(child, path)]
+
+
+def checkpoint_to_resume(cfg: DictConfig) -> str | None:
+    """ckpt_path; else, with resume=true or in a requeued SLURM job, the run directory's newest checkpoint, if any."""
+    if cfg.ckpt_path or cfg.mode != "train" or not (cfg.get("resume") or runtime.requeued()):
+        return cfg.ckpt_path
+    return runtime.latest_checkpoint(Path(cfg.run_dir))
 
 
 def weighted_rewards(cfg: DictConfig, correct: Any) -> WeightedRewards:
@@ -112,23 +146,35 @@ def check_updates(cfg: DictConfig) -> None:
 
 
 def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule:
-    """Load the student (and the reference only if the objective needs one) into the LightningModule."""
+    """Load the student (and the reference only if the objective needs one) into the LightningModule.
+
+    The tokenizer comes first and is checked against the dataset, then every model's family, then the weights.
+    """
     tokenizer = loading.load_tokenizer(cfg.model.student, "model.student")
-    student = loading.load_model(cfg.model.student, "model.student", cfg.model.dtype)
+    if cfg.check_tokenizer:
+        sample = prep.data.train_set[:500] + prep.data.test_set[:500]
+        coverage.check(coverage.measure(tokenizer, sample, prep.reward), cfg.dataset.name, cfg.model.student)
     needs = prep.objective.needs
-    reference = None
+    ref_name = None
     if cfg.mode == "train" and (needs.ref_logp or needs.ref_logits):
         ref_name = cfg.model.get("reference") or cfg.model.student
+        loading.check_same_family(cfg.model.student, ref_name, "model.reference")
+    use_teachers = cfg.mode == "train" and needs_teachers(needs)
+    for i, item in enumerate(cfg.model.teachers if use_teachers else ()):
+        loading.check_same_family(cfg.model.student, teacher_spec(item)[0], f"model.teachers[{i}]")
+    student = loading.load_model(cfg.model.student, "model.student", cfg.model.dtype)
+    reference = None
+    if ref_name is not None:
         reference = loading.load_model(ref_name, "model.reference", cfg.model.dtype).requires_grad_(False)
         if ref_name != cfg.model.student:
             loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(ref_name, "model.reference"), cfg.model.student, ref_name)
-    teachers = load_teachers(cfg, tokenizer) if cfg.mode == "train" and needs_teachers(needs) else None
+    teachers = load_teachers(cfg, tokenizer) if use_teachers else None
     if cfg.model.disable_dropout:
         for model in (student, reference):
             disable_dropout(model)
     student.train()
     return GRPOKDModule(
-        student, tokenizer, prep.objective, prep.reward, prep.sampling, Optim(**cfg.optim), reference=reference,
+        student, tokenizer, prep.objective, prep.reward, prep.sampling, prep.optim, reference=reference,
         teachers=teachers, samples_every=cfg.log.samples_every, samples_dir=run_dir,
         updates_per_rollout=cfg.updates_per_rollout, minibatches=cfg.rollout.minibatches,
         train_reward=prep.train_reward, mask_truncated_completions=cfg.rollout.mask_truncated_completions,
@@ -161,16 +207,23 @@ def disable_dropout(model: torch.nn.Module | None) -> None:
             m.p = 0.0
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], resume_step: int | None = None) -> L.Trainer:
+    """The configured Trainer with the loggers, periodic checkpoints, `callbacks` and atomic checkpoint writes."""
     loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") else []
     if cfg.log.get("csv") and not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.append(csv_logger(str(run_dir)))
     for lg in loggers:
+        if resume_step is not None and isinstance(lg, CSVLogger):
+            continue_csv(lg, resume_step)
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every)
-    ]
-    return hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir))
+    checkpoints = ModelCheckpoint(  # last.ckpt is always the latest step (GracefulStop's too): no last-v1.ckpt
+        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
+        enable_version_counter=False,
+    )
+    return hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=[checkpoints, *callbacks], default_root_dir=str(run_dir),
+        plugins=[runtime.AtomicCheckpointIO()],
+    )
 
 
 def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str) -> float:
@@ -180,11 +233,8 @@ def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic write: a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    """Atomic write (temp file, fsync, rename): a reader sees the old file or the whole new one."""
+    runtime.atomic_write(path, json.dumps(payload, indent=2, default=str).encode())
 
 
 def read_results(run_dir: str | Path) -> dict[str, Any]:
@@ -199,6 +249,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job (train or eval) described by `cfg`; returns what results.json holds.
 
     With `skip_complete`, a run directory whose results.json says complete is returned as is.
+    A SIGTERM or SIGINT ends it with results.json `status: interrupted` and `runtime.Interrupted`.
     """
     run_dir = Path(cfg.run_dir)
     if cfg.get("skip_complete"):
@@ -206,10 +257,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if done.get("status") == "complete":
             return done
     prep = prepare(cfg)
+    share = runtime.CpuShare(cfg.get("threads"))
+    try:
+        return run_job(cfg, prep, run_dir, share)
+    finally:
+        share.close()
+
+
+def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuShare) -> dict[str, Any]:
+    """Build the models and the Trainer, run the stages, write results.json (complete or interrupted)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    start = time.time()
+    clock, stop = runtime.RunClock(time.time()), runtime.GracefulStop(run_dir / "checkpoints")
     module = build_module(cfg, prep, run_dir)
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, [clock, stop, share], prep.resume_step)
     results: dict[str, Any] = {
         "objective": cfg.objective.name,
         "dataset": cfg.dataset.name,
@@ -217,27 +277,50 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "mode": cfg.mode,
     }
-    if cfg.mode == "eval":
-        results["test/accuracy"] = evaluate(trainer, module, prep.data, "accuracy")
-    else:
-        if cfg.eval_before and cfg.eval_test:
-            results["test/accuracy_before"] = evaluate(trainer, module, prep.data, "accuracy_before")
-        trainer.fit(module, datamodule=prep.data, ckpt_path=cfg.ckpt_path)
-        if prep.data.val_set and trainer.limit_val_batches != 0:  # the final greedy val accuracy: what `sweep=tune` selects on
-            results["val/accuracy"] = float(trainer.validate(module, datamodule=prep.data, verbose=False)[0]["val/accuracy"])
-        if cfg.eval_test:
-            results["test/accuracy_after"] = evaluate(trainer, module, prep.data, "accuracy_after")
-        export = run_dir / "student"
-        module.student.save_pretrained(export)
-        module.tokenizer.save_pretrained(export)
-        results["student_dir"] = str(export)
+    try:
+        results |= run_stages(cfg, prep, module, trainer, stop, run_dir)
+    except SystemExit as exit_:
+        # Lightning ends an evaluation on SIGTERM with SIGTERMException and a Ctrl-C outside the training
+        # loop (or a second one inside it) with sys.exit(1); GracefulStop covers the training loop itself.
+        if not isinstance(exit_, SIGTERMException) and exit_.code != 1:
+            raise
+        stop.signum = stop.signum or (signal.SIGTERM if isinstance(exit_, SIGTERMException) else signal.SIGINT)
     results |= {
         "steps": trainer.global_step,
-        "wall_time_s": round(time.time() - start, 1),
+        "wall_time_s": round(clock.elapsed(), 1),
         "test_size": len(prep.data.test_set),
         "run_dir": str(run_dir),
-        "status": "complete",
+        "status": "complete" if stop.signum is None else "interrupted",
     }
+    if stop.signum is not None:
+        results |= {"signal": signal.Signals(stop.signum).name, "checkpoint": str(stop.checkpoint) if stop.checkpoint else None}
     if trainer.is_global_zero:
         write_json(run_dir / "results.json", results)
+    if stop.signum is not None:
+        raise runtime.Interrupted(stop.signum, trainer.global_step, stop.checkpoint)
+    return results
+
+
+def run_stages(cfg: DictConfig, prep: Prepared, module: GRPOKDModule, trainer: L.Trainer, stop: runtime.GracefulStop,
+               run_dir: Path) -> dict[str, Any]:
+    """Evaluate (mode=eval), or evaluate before, fit, validate, test and export the student (mode=train)."""
+    if cfg.mode == "eval":
+        return {"test/accuracy": evaluate(trainer, module, prep.data, "accuracy")}
+    results: dict[str, Any] = {}
+    earlier = read_results(run_dir) if prep.ckpt_path else {}  # a resumed run keeps the first part's "before"
+    if "test/accuracy_before" in earlier:
+        results["test/accuracy_before"] = earlier["test/accuracy_before"]
+    elif cfg.eval_before and cfg.eval_test and prep.ckpt_path is None:
+        results["test/accuracy_before"] = evaluate(trainer, module, prep.data, "accuracy_before")
+    trainer.fit(module, datamodule=prep.data, ckpt_path=prep.ckpt_path)
+    if stop.signum is not None:
+        return results
+    if prep.data.val_set and trainer.limit_val_batches != 0:  # the final greedy val accuracy: what `sweep=tune` selects on
+        results["val/accuracy"] = float(trainer.validate(module, datamodule=prep.data, verbose=False)[0]["val/accuracy"])
+    if cfg.eval_test:
+        results["test/accuracy_after"] = evaluate(trainer, module, prep.data, "accuracy_after")
+    export = run_dir / "student"
+    module.student.save_pretrained(export)
+    module.tokenizer.save_pretrained(export)
+    results["student_dir"] = str(export)
     return results

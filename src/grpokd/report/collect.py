@@ -1,6 +1,6 @@
 """Collect results.json files under a directory and summarise them as mean ± std over seeds.
 
-`python -m grpokd.report.collect multirun/<date>/<time>` prints a markdown
+`python -m grpokd.report.collect multirun/<date>/<time>-p<pid>` prints a markdown
 table with one row per (objective, dataset, model): test accuracy before and
 after training, mean ± std over the seeds found, and n.
 """

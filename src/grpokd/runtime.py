@@ -1,0 +1,266 @@
+"""What keeps a run's work safe: atomic writes, checkpoints, signals, run directories, CPU threads.
+
+- `atomic_write`: temp file, fsync, rename; `AtomicCheckpointIO` does the same
+  for Lightning checkpoints, so a full disk never replaces a good checkpoint
+  with a truncated one.
+- `GracefulStop`: SIGTERM (schedulers, SLURM) and SIGINT (Ctrl-C) finish the
+  current optimiser step, save it to `checkpoints/last.ckpt` and stop; `train`
+  then writes `status: interrupted` and raises `Interrupted` (run.py exits
+  128 + signal). A second Ctrl-C stops at once.
+- `RunClock`: wall time carried in the checkpoint, so a resumed run's
+  `wall_time_s` counts every part.
+- Run directories (`run_dir`): date, time to the microsecond and process id
+  (and the SLURM job id, so a requeued job finds its own directory); a
+  checkpoint under `<run>/checkpoints/` resumes in `<run>`.
+- `CpuShare`: torch threads = cores / grpokd jobs running on them now.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch import Callback, LightningModule, Trainer
+from omegaconf import OmegaConf
+
+from grpokd.errors import ConfigError, check_range
+
+LAST = "last.ckpt"
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader (or a crash, or a full disk) sees the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint format, written with `atomic_write`."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(path, buffer.getvalue())
+
+
+def check_checkpoint(path: str) -> int:
+    """The global step of the Lightning checkpoint at `path`; ConfigError (key, value, fix) if it is missing or unreadable."""
+    fix = "pass a checkpoint written by grpokd, e.g. ckpt_path=<run_dir>/checkpoints/last.ckpt"
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"ckpt_path={path}: {'is a directory' if file.is_dir() else 'does not exist'}; {fix}")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # a truncated zip, a pickle error, not a torch file: all say the same to the user
+        raise ConfigError(f"ckpt_path={path}: cannot be loaded ({type(err).__name__}: {err}); {fix}".splitlines()[0]) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
+        raise ConfigError(f"ckpt_path={path}: not a Lightning training checkpoint (no state_dict / global_step); {fix}")
+    return int(checkpoint["global_step"])
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The newest of the run's `checkpoints/last.ckpt` and Lightning's SLURM `hpc_ckpt_<n>.ckpt` (saved on SIGUSR1)."""
+    found = [run_dir / "checkpoints" / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")]
+    found = [f for f in found if f.is_file()]
+    return str(max(found, key=lambda f: f.stat().st_mtime)) if found else None
+
+
+def requeued() -> bool:
+    """A SLURM job started again by a requeue (Lightning's auto-requeue on SIGUSR1, or scontrol requeue)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def resumed_run_dir(ckpt_path: str | None) -> str | None:
+    """`<run>` when `ckpt_path` is `<run>/checkpoints/<file>` of a grpokd run directory (it has `.hydra/`), else None."""
+    if not ckpt_path:
+        return None
+    checkpoints = Path(ckpt_path).expanduser().absolute().parent
+    return str(checkpoints.parent) if checkpoints.name == "checkpoints" and (checkpoints.parent / ".hydra").is_dir() else None
+
+
+def slurm_job() -> str | None:
+    """The SLURM job id (`<array job>_<task>` in an array), None outside SLURM."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
+
+
+def stamp() -> str:
+    """A unique directory part: `<date>/<time to the microsecond>-p<pid>`."""
+    return f"{datetime.now():%Y-%m-%d/%H-%M-%S.%f}-p{os.getpid()}"
+
+
+def run_dir(root: str, name: str, ckpt_path: str | None = None) -> str:
+    """hydra.run.dir: `<root>/<stamp>[-slurm<job>]_<name>`, unique per run.
+
+    Resuming from a run's own checkpoint (`<run>/checkpoints/...`) continues in
+    `<run>`; a requeued SLURM job continues in the newest directory of its job
+    id and name, where Lightning left its `hpc_ckpt`.
+    """
+    resumed = resumed_run_dir(ckpt_path)
+    if resumed:
+        return resumed
+    job = slurm_job()
+    if job and requeued():
+        earlier = sorted(Path(root).glob(f"*/*-slurm{job}_{name}"))
+        if earlier:
+            return str(earlier[-1])
+    return f"{root}/{stamp()}{f'-slurm{job}' if job else ''}_{name}"
+
+
+def register_resolvers() -> None:
+    """`${grpokd_stamp:}` and `${grpokd_run_dir:root,name,ckpt_path}` for conf/config.yaml's hydra.sweep/run.dir.
+
+    Cached: Hydra resolves a run directory more than once (and copies the cache to each job of a sweep).
+    """
+    if not OmegaConf.has_resolver("grpokd_stamp"):
+        OmegaConf.register_new_resolver("grpokd_stamp", stamp, use_cache=True)
+        OmegaConf.register_new_resolver("grpokd_run_dir", run_dir, use_cache=True)
+
+
+def cpus() -> set[int]:
+    """The cores this process may run on."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+JOBS = Path(tempfile.gettempdir()) / "grpokd-jobs"
+
+
+class CpuShare(Callback):
+    """Torch threads = this job's share of its cores among the grpokd jobs running on them now.
+
+    Each job registers `<tmp>/grpokd-jobs/<pid>` (its core set) while it runs,
+    and the share is re-read before every batch: a job started earlier gives up
+    threads when another starts and takes them back when it ends. Measured on
+    the 2-core CPU, two `python run.py` at once with 2 torch threads each took
+    8.4x as long as one alone. Jobs pinned to other cores (SLURM cpusets) do
+    not count. `threads` fixes the number.
+    """
+
+    def __init__(self, threads: int | None = None, registry: Path = JOBS) -> None:
+        if threads is not None:
+            check_range("threads", threads, low=1, integer=True)
+        self.fixed, self.registry, self.cores = threads, registry, cpus()
+        registry.mkdir(parents=True, exist_ok=True)
+        self.entry = registry / str(os.getpid())
+        atomic_write(self.entry, " ".join(map(str, sorted(self.cores))).encode())
+        self.update()
+
+    def jobs(self) -> int:
+        """Live registered jobs (this one included) sharing a core with this one; stale entries are removed."""
+        count = 0
+        for entry in self.registry.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                os.kill(int(entry.name), 0)
+                cores = {int(c) for c in entry.read_text().split()}
+            except ProcessLookupError:
+                entry.unlink(missing_ok=True)
+                continue
+            except (PermissionError, OSError, ValueError):  # another user's live job, or an entry being written
+                cores = self.cores
+            count += bool(cores & self.cores)
+        return max(count, 1)
+
+    def threads(self) -> int:
+        return self.fixed or max(1, len(self.cores) // self.jobs())
+
+    def update(self) -> None:
+        threads = self.threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.update()
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        self.update()
+
+    def on_test_batch_start(self, *args: Any) -> None:
+        self.update()
+
+    def close(self) -> None:
+        self.entry.unlink(missing_ok=True)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint; run.py exits with 128 + signal number."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}")
+
+
+class GracefulStop(Callback):
+    """On SIGTERM or SIGINT during training: finish the step, save it to `<dirpath>/last.ckpt`, stop.
+
+    The handlers replace Lightning's for the training loop only (from
+    `on_train_start`; Lightning restores the previous ones after `fit`), so
+    the flag is read at a step boundary: the checkpoint holds a whole
+    optimiser step and a resumed run continues exactly. Under DDP the flag is
+    reduced over ranks, so every rank saves and stops at the same step. A
+    second Ctrl-C stops at once, without saving. Lightning's SLURM requeue
+    signal (SIGUSR1) keeps Lightning's handler.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+        self.signum: int | None = None
+        self.checkpoint: Path | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.signum = self.signum or signum
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False) and self.checkpoint is None:
+            self.signum = self.signum or signal.SIGTERM  # another rank's signal
+            self.checkpoint = self.dirpath / LAST
+            trainer.save_checkpoint(self.checkpoint)
+            trainer.should_stop = True
+
+
+class RunClock(Callback):
+    """Wall time since `start`, plus the time of the parts before a resume (kept in the checkpoint)."""
+
+    def __init__(self, start: float) -> None:
+        self.start, self.before = start, 0.0
+
+    def elapsed(self) -> float:
+        return self.before + time.time() - self.start
+
+    def state_dict(self) -> dict[str, float]:
+        return {"wall_time_s": self.elapsed()}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.before = float(state["wall_time_s"])
