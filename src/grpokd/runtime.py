@@ -180,7 +180,7 @@ class CpuShare(Callback):
             except ProcessLookupError:
                 entry.unlink(missing_ok=True)
                 continue
-            except (PermissionError, OSError, ValueError):  # another user's live job, or an entry being written
+            except (OSError, ValueError):  # another user's live job (PermissionError), or an entry being written
                 cores = self.cores
             count += bool(cores & self.cores)
         return max(count, 1)
@@ -207,9 +207,9 @@ class CpuShare(Callback):
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint; run.py exits with 128 + signal number."""
+    """Training stopped on a signal (checkpoint None: a second Ctrl-C, nothing saved); run.py exits with 128 + signal."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}")
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from grpokd.errors import ConfigError
+from grpokd.errors import ConfigError, check_range
 from grpokd.models.scoring import Tokens, completion_logits, token_logp
 from grpokd.objectives.kd import Mixture, TeacherMixer
 from grpokd.objectives.terms import entropy, masked_mean
@@ -70,8 +70,7 @@ class _Tempered:
     uses_logits = False
 
     def __init__(self, temperature: float = 1.0) -> None:
-        if temperature <= 0:
-            raise ConfigError(f"weighting.temperature={temperature} must be > 0")
+        check_range("weighting.temperature", temperature, low=0, low_open=True)
         self.temperature = temperature
 
 
