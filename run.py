@@ -44,7 +44,7 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"run directory: {results['run_dir']}")
-    return results.get("test/accuracy_after", results.get("test/accuracy"))
+    return results.get(cfg.optimized_metric)  # what a Hydra sweeper (hparams_search) optimises: val, never test
 
 
 def failure(cfg: DictConfig, err: Exception) -> dict:

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import netrc
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from grpokd import runtime
 
 
 def wandb_credentials() -> bool:
@@ -39,16 +44,74 @@ def wandb_reachable(timeout: float = 3.0) -> bool:
 
 
 def wandb_logger(save_dir: str, project: str = "grpokd", name: str | None = None, group: str | None = None,
-                 tags: list[str] | None = None, offline: bool | None = None, **kwargs) -> WandbLogger:
-    """A WandbLogger writing under `save_dir`; offline=None picks offline when W&B is unusable."""
+                 tags: list[str] | None = None, run_tags: list[str] | None = None, offline: bool | None = None,
+                 **kwargs) -> WandbLogger:
+    """A WandbLogger writing under `save_dir`; offline=None picks offline when W&B is unusable.
+
+    The run id is a hash of the run directory, so a resumed run (same directory) continues its W&B run, and
+    the name is `name` plus the id's first 6 characters: readable and unique. Tags are `run_tags` (the
+    objective, dataset and model names) then `tags`. val/accuracy and val/pass@k get a best (max) summary.
+    """
     if offline is None:
         mode = os.environ.get("WANDB_MODE")
         offline = mode in {"offline", "dryrun", "disabled"} if mode else not (wandb_credentials() and wandb_reachable())
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    # One W&B run per run directory: a resumed run (same directory) continues its W&B run instead of starting another.
     kwargs.setdefault("id", hashlib.sha256(str(Path(save_dir).absolute()).encode()).hexdigest()[:16])
     kwargs.setdefault("resume", "allow")
-    return WandbLogger(save_dir=save_dir, project=project, name=name, group=group, tags=tags, offline=offline, **kwargs)
+    name = f"{name}-{kwargs['id'][:6]}" if name else None
+    tags = list(dict.fromkeys([*(run_tags or []), *(tags or [])]))
+    logger = WandbLogger(save_dir=save_dir, project=project, name=name, group=group, tags=tags or None, offline=offline, **kwargs)
+    run = logger.experiment
+    if hasattr(run, "define_metric"):  # rank 0 (other ranks get a dummy experiment)
+        run.define_metric("trainer/global_step")
+        for key in ("val/accuracy", "val/pass@*"):
+            run.define_metric(key, step_metric="trainer/global_step", summary="max")
+        run.define_metric("train/teacher/*", step_metric="trainer/global_step", summary="last")
+    return logger
+
+
+PAPER_KEYS = ("beta", "gamma", "lam", "tau", "beta_kd", "epsilon")  # top-level keys objective configs interpolate
+UNLOGGED = ("hydra", "run_dir", "logger", "callbacks", "paths", "debug", "hparams_search")  # where, not what
+
+
+def interpolates(node: Any, key: str) -> bool:
+    """Whether an unresolved config node (a container) interpolates the top-level key `key` (`${key}`)."""
+    return "${" + key + "}" in json.dumps(node)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": value} for every leaf of nested dicts; lists stay values."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def logged_config(cfg: DictConfig, choices: dict[str, str | None] | None = None, git: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config as experiment loggers record it: flat `a.b.c` keys, the config-group choices (`choices/<group>`)
+    and the git state; without where the run writes (run_dir, paths, logger, callbacks) and without the paper's
+    top-level hyperparameters the objective does not use (gamma in a j1 run)."""
+    objective = OmegaConf.to_container(cfg.objective, resolve=False)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in UNLOGGED:
+        container.pop(key, None)
+    for key in PAPER_KEYS:
+        if not interpolates(objective, key):
+            container.pop(key, None)
+    flat = flatten(container)
+    flat |= {f"choices/{group}": option for group, option in (hydra_choices() if choices is None else choices).items()}
+    return flat | (git if git is not None else runtime.git_state())
+
+
+def hydra_choices() -> dict[str, str | None]:
+    """The config-group options of this Hydra job (objective=j1, dataset=arith, ...), without Hydra's own groups."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra/")}
 
 
 def csv_logger(save_dir: str, name: str = "csv") -> CSVLogger:

@@ -41,19 +41,25 @@ from grpokd.models.ensemble import TeacherEnsemble
 
 @dataclass(frozen=True)
 class Optim:
-    """AdamW with linear warm-up to a constant learning rate."""
+    """How the student is optimised: Hydra `_partial_` configs `optim` and `scheduler`, instantiated.
 
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    betas: tuple[float, float] = (0.9, 0.999)
+    `optimizer(params)` builds the optimiser over the trainable parameters; `scheduler(optimizer)`, when set,
+    its per-step learning-rate schedule (logged as train/lr by LearningRateMonitor).
+    """
 
-    def __post_init__(self) -> None:
-        check_range("optim.lr", self.lr, low=0, low_open=True)
-        check_range("optim.weight_decay", self.weight_decay, low=0)
-        check_range("optim.warmup_steps", self.warmup_steps, low=0, integer=True)
-        for i, beta in enumerate(self.betas):
-            check_range(f"optim.betas[{i}]", beta, low=0, high=1, high_open=True)
+    optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+    scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None
+
+
+def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from lr / (warmup_steps + 1) at the first step to lr after `warmup_steps` steps, then constant.
+
+    transformers' get_constant_schedule_with_warmup is the same ramp shifted by one step: its first step has
+    lr 0 and changes nothing. This one is kept so that the README's measured tables reproduce; any
+    transformers schedule plugs in as `scheduler._target_=transformers.get_cosine_schedule_with_warmup`.
+    """
+    check_range("scheduler.warmup_steps", warmup_steps, low=0, integer=True)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
 
 
 @dataclass
@@ -106,7 +112,10 @@ class GRPOKDModule(L.LightningModule):
         minibatches: each pass splits the rollout's prompts into this many minibatches, one step each.
         train_reward: the rollouts' reward, a weighted sum of named functions (default: `reward` alone).
         mask_truncated_completions: completions that hit max_new_tokens get no loss at all (their mask is zeroed).
+        eval_pass_k: also log val/pass@k, k completions per val prompt sampled at the rollout settings (0: off).
     """
+
+    flops_per_batch = None  # for ThroughputMonitor: a step's FLOPs depend on the sampled lengths, so none are claimed
 
     def __init__(
         self,
@@ -124,6 +133,7 @@ class GRPOKDModule(L.LightningModule):
         minibatches: int = 1,
         train_reward: WeightedRewards | None = None,
         mask_truncated_completions: bool = False,
+        eval_pass_k: int = 0,
     ) -> None:
         super().__init__()
         if updates_per_rollout < 1 or minibatches < 1:
@@ -147,6 +157,8 @@ class GRPOKDModule(L.LightningModule):
         self.buffer: RolloutBuffer | None = None  # the rollout being reused (several updates per rollout)
         self.train_reward = train_reward or WeightedRewards({"correct": reward})
         self.mask_truncated_completions = mask_truncated_completions
+        self.eval_pass_k = eval_pass_k
+        self.val_pass = MeanMetric()
 
     # --- training -------------------------------------------------------------------------------
 
@@ -202,7 +214,6 @@ class GRPOKDModule(L.LightningModule):
         out = self.objective(batch)
         self._step_tokens = float(rollout.completions.mask.sum() + rollout.prompts.mask.sum() * rollout.group_size)
         metrics = {"loss": out.loss.detach(), **score_metrics, **out.metrics, **ro.rollout_metrics(rollout)}
-        metrics["lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         self.log_dict({f"train/{k}": v.float() for k, v in metrics.items()}, batch_size=len(examples["prompt"]))
         self.log("reward", metrics.get("reward_mean", out.loss.detach()), prog_bar=True, logger=False, batch_size=1)
         if self.samples_every and self.global_step % self.samples_every == 0:
@@ -236,11 +247,11 @@ class GRPOKDModule(L.LightningModule):
                 columns = list(rows[0])
                 logger.log_table(key="train/samples", columns=columns, data=[[r[c] for c in columns] for r in rows], step=self.global_step)
 
-    def configure_optimizers(self) -> dict:
-        opt = torch.optim.AdamW(self.student.parameters(), lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas))
-        warmup = self.optim.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def configure_optimizers(self) -> Any:
+        opt = self.optim.optimizer([p for p in self.student.parameters() if p.requires_grad])
+        if self.optim.scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.optim.scheduler(opt), "interval": "step", "name": "train/lr"}}
 
     # --- evaluation -----------------------------------------------------------------------------
 
@@ -250,6 +261,10 @@ class GRPOKDModule(L.LightningModule):
     def validation_step(self, examples: dict[str, list[str]], batch_idx: int) -> None:
         self.val_accuracy.update(self.greedy_rewards(examples))
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(examples["prompt"]))
+        if self.eval_pass_k:
+            seed = 7919 * self.global_step + batch_idx  # the same samples for the same checkpoint
+            self.val_pass.update(ro.pass_at_k(self.student, self.tokenizer, examples, self.reward, self.sampling, self.eval_pass_k, seed))
+            self.log(f"val/pass@{self.eval_pass_k}", self.val_pass, batch_size=len(examples["prompt"]))
 
     def test_step(self, examples: dict[str, list[str]], batch_idx: int) -> None:
         self.test_accuracy.update(self.greedy_rewards(examples))

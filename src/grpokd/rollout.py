@@ -91,6 +91,23 @@ def sample(
     return Rollout(prompts, completions, texts, answers, rewards, sampling.group_size, ~ends.any(-1), parts)
 
 
+@torch.no_grad()
+def pass_at_k(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]],
+    reward: Callable[[str, str], float], sampling: Sampling, k: int, seed: int,
+) -> Tensor:
+    """[B]: 1 where any of k completions sampled at the rollout settings earns `reward` (pass@k from n = k samples).
+
+    Sampled under a forked RNG seeded with `seed`: evaluation never shifts the training's random stream, so
+    turning pass@k on or off leaves a run's training unchanged.
+    """
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        rollout = sample(model, tokenizer, examples, replace(sampling, group_size=k), reward)
+    return rollout.rewards.view(-1, k).amax(-1)
+
+
 def mask_truncated(rollout: Rollout) -> Rollout:
     """The rollout with the completions that hit max_new_tokens masked out entirely (no policy loss, no KL)."""
     mask = rollout.completions.mask.masked_fill(rollout.truncated[:, None], 0)  # [N, T]

@@ -17,9 +17,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import signal
+import subprocess
 import tempfile
 import time
 from datetime import datetime
@@ -138,6 +140,36 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("grpokd_stamp"):
         OmegaConf.register_new_resolver("grpokd_stamp", stamp, use_cache=True)
         OmegaConf.register_new_resolver("grpokd_run_dir", run_dir, use_cache=True)
+        OmegaConf.register_new_resolver("grpokd_multirun", multirun_name)
+
+
+def multirun_name() -> str | None:
+    """The multirun this job belongs to (its sweep directory, e.g. "2026-11-24/14-03-22.123456-p812"), or None.
+
+    The W&B group of a `python run.py -m ...` job, so that a multirun's runs are grouped.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    parts = Path(HydraConfig.get().sweep.dir).parts
+    return "/".join(parts[-2:])
+
+
+@functools.cache
+def git_state(path: Path = Path(__file__).parent) -> dict[str, Any]:
+    """The commit of the grpokd source tree and whether it has uncommitted changes (None for both outside git)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def cpus() -> set[int]:

@@ -43,6 +43,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from grpokd.errors import ConfigError
+from grpokd.loggers import interpolates
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
@@ -89,7 +90,7 @@ def objective_node(objective: str) -> str:
 
 def uses(objective: str, key: str) -> bool:
     """Whether the composed objective interpolates the top-level hyperparameter `key` (e.g. ${gamma})."""
-    return "${" + key + "}" in objective_node(objective)
+    return interpolates(json.loads(objective_node(objective)), key)
 
 
 def applies(objective: str, key: str) -> bool:

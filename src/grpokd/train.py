@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +28,7 @@ from grpokd import runtime
 from grpokd.data.datamodule import TaskData
 from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import ConfigError, check_range
-from grpokd.loggers import continue_csv, csv_logger
+from grpokd.loggers import continue_csv, csv_logger, logged_config
 from grpokd.models import coverage, loading
 from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.module import GRPOKDModule, Optim
@@ -73,10 +73,11 @@ def prepare(cfg: DictConfig) -> Prepared:
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r}: allowed values are {', '.join(MODES)}")
     sampling = Sampling(**cfg.rollout.sampling)
-    optim = Optim(**cfg.optim)
+    optim = build_optim(cfg)
     objective = instantiate_group(cfg.objective, "objective")
     check_range("trainer.max_steps", cfg.trainer.max_steps, low=1, integer=True)
     check_range("checkpoint_every", cfg.checkpoint_every, low=1, integer=True)
+    check_range("eval_pass_k", cfg.eval_pass_k, low=0, integer=True)
     if cfg.mode == "train" and objective.needs.rollouts and sampling.group_size < 2:
         raise ConfigError(
             f"group_size={sampling.group_size}: objective {cfg.objective.name} compares completions within a group; set group_size>=2"
@@ -99,6 +100,26 @@ def prepare(cfg: DictConfig) -> Prepared:
     ckpt_path = checkpoint_to_resume(cfg)
     resume_step = runtime.check_checkpoint(ckpt_path) if ckpt_path else None
     return Prepared(objective, data, reward, train_reward, sampling, optim, ckpt_path, resume_step)
+
+
+def build_optim(cfg: DictConfig) -> Optim:
+    """The optimiser and scheduler factories (`_partial_` configs), tried on a dummy parameter so that a bad value fails now."""
+    if "lr" in cfg.optim:
+        check_range("optim.lr", cfg.optim.lr, low=0, low_open=True)
+    if "weight_decay" in cfg.optim:
+        check_range("optim.weight_decay", cfg.optim.weight_decay, low=0)
+    for i, beta in enumerate(cfg.optim.get("betas") or ()):
+        check_range(f"optim.betas[{i}]", beta, low=0, high=1, high_open=True)
+    optim = Optim(instantiate_group(cfg.optim, "optim"), instantiate_group(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None)
+    for key, build in (("optim", lambda: optim.optimizer([torch.nn.Parameter(torch.zeros(1))])),
+                       ("scheduler", lambda: optim.scheduler and optim.scheduler(optim.optimizer([torch.nn.Parameter(torch.zeros(1))])))):
+        try:
+            build()
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"{key}: {err}".splitlines()[0]) from None
+    return optim
 
 
 def missing_keys(node: Any, prefix: str = "") -> list[str]:
@@ -178,6 +199,7 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         teachers=teachers, samples_every=cfg.log.samples_every, samples_dir=run_dir,
         updates_per_rollout=cfg.updates_per_rollout, minibatches=cfg.rollout.minibatches,
         train_reward=prep.train_reward, mask_truncated_completions=cfg.rollout.mask_truncated_completions,
+        eval_pass_k=cfg.eval_pass_k,
     )
 
 
@@ -208,20 +230,19 @@ def disable_dropout(model: torch.nn.Module | None) -> None:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], resume_step: int | None = None) -> L.Trainer:
-    """The configured Trainer with the loggers, periodic checkpoints, `callbacks` and atomic checkpoint writes."""
+    """The configured Trainer with the loggers, the configured callbacks (conf/callbacks/), `callbacks` and atomic checkpoints."""
     loggers = [hydra.utils.instantiate(cfg.logger)] if cfg.get("logger") else []
     if cfg.log.get("csv") and not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.append(csv_logger(str(run_dir)))
     for lg in loggers:
         if resume_step is not None and isinstance(lg, CSVLogger):
             continue_csv(lg, resume_step)
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    checkpoints = ModelCheckpoint(  # last.ckpt is always the latest step (GracefulStop's too): no last-v1.ckpt
-        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
-        enable_version_counter=False,
-    )
+        lg.log_hyperparams(logged_config(cfg))
+    configured = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    if not loggers:  # LearningRateMonitor refuses to run without a logger; with logger=none it has nothing to do
+        configured = [c for c in configured if not isinstance(c, LearningRateMonitor)]
     return hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=[checkpoints, *callbacks], default_root_dir=str(run_dir),
+        cfg.trainer, logger=loggers or False, callbacks=[*configured, *callbacks], default_root_dir=str(run_dir),
         plugins=[runtime.AtomicCheckpointIO()],
     )
 
@@ -276,6 +297,7 @@ def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuSh
         "model": cfg.model.student,
         "seed": cfg.seed,
         "mode": cfg.mode,
+        **runtime.git_state(),
     }
     try:
         results |= run_stages(cfg, prep, module, trainer, stop, run_dir)
