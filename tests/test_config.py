@@ -7,12 +7,11 @@ import sys
 
 import hydra
 import pytest
+from conftest import REPO, compose
 
 from grpokd.errors import ConfigError
 from grpokd.objectives.base import Needs
 from grpokd.train import instantiate_group, prepare
-
-from conftest import REPO, compose
 
 CONF = REPO / "conf"
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from grpokd import runtime
 from grpokd.errors import ConfigError, check_range
 from grpokd.models import zoo

@@ -12,10 +12,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from grpokd.objectives.base import Batch, KDStates, Needs
+from grpokd.objectives.grpo import GRPO
 from grpokd.objectives.j1 import J1
 from grpokd.objectives.j2 import J2
 from grpokd.objectives.j3 import J3
-from grpokd.objectives.grpo import GRPO
 from grpokd.objectives.kd import TeacherMixer
 from grpokd.objectives.kdrl import KDRL
 from grpokd.objectives.parts.entropy_bonus import EntropyBonus

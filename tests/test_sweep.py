@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, compose
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose
 from grpokd import sweep as sw
 from grpokd.errors import ConfigError
 from grpokd.report import curves, table

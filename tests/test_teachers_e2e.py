@@ -138,9 +138,8 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_both(quick_cfg, tmp_
 
 
 def test_unknown_weighting_scheme_names_the_choices(tmp_path):
-    from hydra.errors import MissingConfigException
-
     from conftest import compose
+    from hydra.errors import MissingConfigException
 
     with pytest.raises(MissingConfigException, match="weighting"):
         compose(["weighting=popularity"], tmp_path)

@@ -23,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from grpokd import runtime
 
+runtime.register_resolvers()  # conf/logger/wandb.yaml's group is ${grpokd_multirun:}
+
 
 def wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):

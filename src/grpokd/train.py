@@ -20,7 +20,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -318,9 +318,17 @@ def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuSh
         results |= {"signal": signal.Signals(stop.signum).name, "checkpoint": str(stop.checkpoint) if stop.checkpoint else None}
     if trainer.is_global_zero:
         write_json(run_dir / "results.json", results)
+    finish_wandb(trainer)
     if stop.signum is not None:
         raise runtime.Interrupted(stop.signum, trainer.global_step, stop.checkpoint)
     return results
+
+
+def finish_wandb(trainer: L.Trainer) -> None:
+    """End this job's W&B run. Lightning leaves it open, and the next job of a multirun (same process) would log into it."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and hasattr(logger.experiment, "finish"):
+            logger.experiment.finish()
 
 
 def run_stages(cfg: DictConfig, prep: Prepared, module: GRPOKDModule, trainer: L.Trainer, stop: runtime.GracefulStop,

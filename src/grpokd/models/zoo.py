@@ -10,7 +10,7 @@ in two places:
 - $GRPOKD_CACHE/zoo (default ~/.cache/grpokd), where a model whose key has no
   shipped copy is built on first use with the platform's own SFT objective on
   the synthetic tasks (arith and arith_mc mixed). Builds are atomic (a
-  temporary folder renamed at the end) and serialised by a file lock.
+  temporary folder renamed at the end) and serialised by a file lock (filelock).
 
 The family is made so that RL and distillation both have room: teachers are
 larger and trained longer than the student, which is stopped early (see the
@@ -21,8 +21,6 @@ build report; `--ship` rebuilds into the cache and copies the results into
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -33,12 +31,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
+from grpokd.data.datamodule import collate
 from grpokd.data.example import Example
 from grpokd.data.rewards import ChoiceReward, NumericReward
-from grpokd.data.datamodule import collate
 from grpokd.models.scoring import completion_logits, decode, generate, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.tokenizer import build_tokenizer
 from grpokd.objectives.base import Batch
@@ -110,20 +109,10 @@ def ensure(name: str) -> Path:
     if (target / "build.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.parent / f".{name}.lock"):
+    with FileLock(target.parent / f".{name}.lock"):
         if not (target / "build.json").exists():  # another process may have built it while we waited
             _build(name, recipe, target)
     return target
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def training_data() -> tuple[list[Example], list[Example], list[Example]]:
@@ -240,7 +229,7 @@ def ship(name: str) -> Path:
         built = cache_dir() / "zoo" / folder
         if not (built / "build.json").exists():
             built.parent.mkdir(parents=True, exist_ok=True)
-            with _locked(built.parent / f".{name}.lock"):
+            with FileLock(built.parent / f".{name}.lock"):
                 _build(name, recipe, built)
         shutil.copytree(built, EMBEDDED_DIR / folder)
     return EMBEDDED_DIR / folder

@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,16 +51,10 @@ def band_curve(per_seed: list[dict[int, float]]) -> Band:
 def fit_power_law(steps: list[int], values: list[float]) -> tuple[float, float] | None:
     """(a, b) of L(t) = a t^-b fitted in log-log space at t = step + 1 where L > 0; None with < 3 such points."""
     points = [(math.log(s + 1), math.log(v)) for s, v in zip(steps, values) if v > 0]
-    if len(points) < 3:
+    if len(points) < 3 or len({x for x, _ in points}) < 2:
         return None
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    if sxx == 0:
-        return None
-    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
-    return math.exp(my - slope * mx), -slope
+    slope, intercept = np.polyfit([x for x, _ in points], [y for _, y in points], deg=1)
+    return math.exp(intercept), -float(slope)
 
 
 def smooth(values: list[float], window: int) -> list[float]:
