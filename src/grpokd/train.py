@@ -111,14 +111,17 @@ def build_optim(cfg: DictConfig) -> Optim:
     for i, beta in enumerate(cfg.optim.get("betas") or ()):
         check_range(f"optim.betas[{i}]", beta, low=0, high=1, high_open=True)
     optim = Optim(instantiate_group(cfg.optim, "optim"), instantiate_group(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None)
-    for key, build in (("optim", lambda: optim.optimizer([torch.nn.Parameter(torch.zeros(1))])),
-                       ("scheduler", lambda: optim.scheduler and optim.scheduler(optim.optimizer([torch.nn.Parameter(torch.zeros(1))])))):
+    try:
+        probe = optim.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"optim: {err}".splitlines()[0]) from None
+    if optim.scheduler is not None:
         try:
-            build()
+            optim.scheduler(probe)
+        except ConfigError:
+            raise
         except (TypeError, ValueError) as err:
-            if isinstance(err, ConfigError):
-                raise
-            raise ConfigError(f"{key}: {err}".splitlines()[0]) from None
+            raise ConfigError(f"scheduler: {err}".splitlines()[0]) from None
     return optim
 
 
@@ -307,6 +310,8 @@ def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuSh
         if not isinstance(exit_, SIGTERMException) and exit_.code != 1:
             raise
         stop.signum = stop.signum or (signal.SIGTERM if isinstance(exit_, SIGTERMException) else signal.SIGINT)
+    finally:
+        finish_wandb(trainer)  # also when the job fails: the next job of a multirun must not log into this run
     results |= {
         "steps": trainer.global_step,
         "wall_time_s": round(clock.elapsed(), 1),
@@ -318,7 +323,6 @@ def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuSh
         results |= {"signal": signal.Signals(stop.signum).name, "checkpoint": str(stop.checkpoint) if stop.checkpoint else None}
     if trainer.is_global_zero:
         write_json(run_dir / "results.json", results)
-    finish_wandb(trainer)
     if stop.signum is not None:
         raise runtime.Interrupted(stop.signum, trainer.global_step, stop.checkpoint)
     return results
