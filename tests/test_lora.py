@@ -73,6 +73,27 @@ def test_reference_by_disabled_adapters_equals_a_frozen_copy(name):
     assert all(p.requires_grad for n, p in student.named_parameters() if "lora_" in n)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("name", STUDENTS)
+def test_scoring_the_reference_between_forward_and_backward_leaves_the_students_gradients_alone(name, checkpointing):
+    """`score` runs the student with grad, then the reference: disabling and re-enabling the adapters in between
+    (and, checkpointed, recomputing the layers in backward) must give the gradients a frozen-copy reference gives."""
+    student, rollout, vocab = student_and_rollout(name)
+    if checkpointing:
+        enable_checkpointing(student)
+    student = add_lora(student, LORA).train()
+    perturb_adapters(student)
+    grads = []
+    for frozen in (ro.Frozen(student, reference_adapters_off=True), ro.Frozen(loading.load_model(name).requires_grad_(False))):
+        student.zero_grad()
+        batch, _, _ = ro.score(student, rollout, Needs(ref_logp=True), vocab, 0, frozen, 0.7)
+        ((batch.logp - batch.ref_logp) ** 2 * batch.mask).sum().backward()  # a k2-style KL to the reference
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all("lora_" in n for n in grads[0])
+    for key in grads[0]:
+        torch.testing.assert_close(grads[0][key], grads[1][key], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
 @pytest.mark.parametrize("name", STUDENTS)
 def test_gradient_checkpointing_changes_no_loss_gradient_or_generation(name, lora):
