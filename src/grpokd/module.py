@@ -12,7 +12,9 @@ stream; the pending rollout and its pi_old are saved in the checkpoint.
 Only the student is a registered submodule (trained, checkpointed, wrapped by
 DDP). Frozen models the objective needs (the reference) are held aside: they
 are moved to the student's device when used, never enter the optimizer or
-the checkpoint, and are reloaded from their source on resume.
+the checkpoint, and are reloaded from their source on resume. A LoRA student's
+reference can be its own base model (adapters disabled), which is no extra model.
+The optimiser holds only the trainable parameters (with LoRA: the adapters).
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ class GRPOKDModule(L.LightningModule):
         sampling: rollout settings (K, lengths, temperature...).
         optim: optimiser settings.
         reference: frozen reference policy, only when the objective needs one.
+        reference_adapters_off: the reference is the LoRA-wrapped student's base model (its adapters disabled);
+            `reference` is then not given.
         teachers: the teacher ensemble, only when the objective needs teachers.
         samples_every: log a table of sample completions every this many steps (0: never).
         samples_dir: where samples.jsonl is written (besides W&B tables).
@@ -134,17 +138,21 @@ class GRPOKDModule(L.LightningModule):
         train_reward: WeightedRewards | None = None,
         mask_truncated_completions: bool = False,
         eval_pass_k: int = 0,
+        reference_adapters_off: bool = False,
     ) -> None:
         super().__init__()
         if updates_per_rollout < 1 or minibatches < 1:
             raise ValueError(f"updates_per_rollout={updates_per_rollout} and minibatches={minibatches} must be >= 1")
+        if reference_adapters_off and reference is not None:
+            raise ValueError("reference_adapters_off: the reference is the student's base model; pass no other reference")
         self.student = student
         self.tokenizer = tokenizer
         self.objective = objective
         self.reward = reward
         self.sampling = sampling
         self.optim = optim
-        self.frozen = ro.Frozen(reference, teachers)  # not submodules: not in the optimizer or the checkpoint
+        # not submodules: not in the optimizer or the checkpoint (a base-model reference is the student itself)
+        self.frozen = ro.Frozen(student if reference_adapters_off else reference, teachers, reference_adapters_off)
         self.samples_every = samples_every
         self.samples_dir = Path(samples_dir) if samples_dir is not None else None
         self.vocab_size = len(tokenizer)

@@ -8,6 +8,7 @@ no_grad, and packs the tensors the objective consumes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -19,6 +20,7 @@ from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import check_range
 from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.models.scoring import Tokens, completion_logits, decode, generate, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.models.student import adapters_off
 from grpokd.objectives.base import Batch, KDStates, Needs
 from grpokd.objectives.kd import Mixture
 from grpokd.objectives.terms import entropy, masked_mean
@@ -162,10 +164,19 @@ def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sam
 
 @dataclass(frozen=True)
 class Frozen:
-    """The no-grad models an objective may need besides the student."""
+    """The no-grad models an objective may need besides the student.
+
+    With `reference_adapters_off`, `reference` is the LoRA-wrapped student itself, scored with its
+    adapters disabled: its base model, the student as loaded, without a second copy in memory.
+    """
 
     reference: PreTrainedModel | None = None
     teachers: TeacherEnsemble | None = None
+    reference_adapters_off: bool = False
+
+    def reference_scope(self) -> contextlib.AbstractContextManager:
+        """The context in which `reference` scores as the reference policy."""
+        return adapters_off(self.reference) if self.reference_adapters_off else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -246,7 +257,8 @@ def score_frozen(
     if needs.ref_logp or needs.ref_logits:
         if frozen.reference is None:
             raise ValueError("the objective needs a reference model but none was loaded")
-        ref_all = completion_logits(frozen.reference, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
+        with frozen.reference_scope():
+            ref_all = completion_logits(frozen.reference, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
         ref_logp = token_logp(ref_all, rollout.completions.ids) if needs.ref_logp else None  # [N, T]
         ref_logits = ref_all if needs.ref_logits else None
     if not needs_teachers(needs):

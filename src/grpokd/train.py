@@ -31,6 +31,7 @@ from grpokd.errors import ConfigError, check_range
 from grpokd.loggers import continue_csv, csv_logger, logged_config
 from grpokd.models import coverage, loading
 from grpokd.models.ensemble import TeacherEnsemble
+from grpokd.models.student import LoRA, add_lora, enable_checkpointing, lora_config, save_student
 from grpokd.module import GRPOKDModule, Optim
 from grpokd.rollout import Sampling, needs_teachers
 
@@ -49,6 +50,7 @@ class Prepared:
     optim: Optim
     ckpt_path: str | None  # the checkpoint to resume from (ckpt_path, or the run's own last.ckpt with resume=true)
     resume_step: int | None  # its global step
+    lora: LoRA | None  # the student's LoRA adapters (None: full fine-tuning)
 
 
 def instantiate_group(node: DictConfig, key: str) -> Any:
@@ -84,6 +86,9 @@ def prepare(cfg: DictConfig) -> Prepared:
         )
     check_updates(cfg)
     loading.check_name(cfg.model.student, "model.student")
+    lora = student_lora(cfg)
+    if not isinstance(cfg.model.get("gradient_checkpointing", False), bool):
+        raise ConfigError(f"model.gradient_checkpointing={cfg.model.gradient_checkpointing!r} must be true or false")
     if cfg.model.get("reference"):
         loading.check_name(cfg.model.reference, "model.reference")
     if cfg.mode == "train" and needs_teachers(objective.needs):
@@ -99,7 +104,13 @@ def prepare(cfg: DictConfig) -> Prepared:
     data = TaskData(splits, seed=cfg.seed, prompt_template=cfg.dataset.prompt_template, **cfg.data)
     ckpt_path = checkpoint_to_resume(cfg)
     resume_step = runtime.check_checkpoint(ckpt_path) if ckpt_path else None
-    return Prepared(objective, data, reward, train_reward, sampling, optim, ckpt_path, resume_step)
+    return Prepared(objective, data, reward, train_reward, sampling, optim, ckpt_path, resume_step, lora)
+
+
+def student_lora(cfg: DictConfig) -> LoRA | None:
+    """model.lora, checked; None: the student trains all its weights."""
+    node = cfg.model.get("lora")
+    return lora_config(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
 
 
 def build_optim(cfg: DictConfig) -> Optim:
@@ -173,6 +184,8 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
     """Load the student (and the reference only if the objective needs one) into the LightningModule.
 
     The tokenizer comes first and is checked against the dataset, then every model's family, then the weights.
+    With LoRA, a reference that is the student (model.reference null) is not loaded: it is the student's
+    base model, scored with the adapters disabled.
     """
     tokenizer = loading.load_tokenizer(cfg.model.student, "model.student")
     if cfg.check_tokenizer:
@@ -187,15 +200,20 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
     for i, item in enumerate(cfg.model.teachers if use_teachers else ()):
         loading.check_same_family(cfg.model.student, teacher_spec(item)[0], f"model.teachers[{i}]")
     student = loading.load_model(cfg.model.student, "model.student", cfg.model.dtype)
+    reference_adapters_off = prep.lora is not None and ref_name == cfg.model.student
     reference = None
-    if ref_name is not None:
+    if ref_name is not None and not reference_adapters_off:
         reference = loading.load_model(ref_name, "model.reference", cfg.model.dtype).requires_grad_(False)
         if ref_name != cfg.model.student:
             loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(ref_name, "model.reference"), cfg.model.student, ref_name)
     teachers = load_teachers(cfg, tokenizer) if use_teachers else None
-    if cfg.model.disable_dropout:
+    if cfg.model.disable_dropout:  # the pretrained models' dropout; LoRA's own is model.lora.dropout
         for model in (student, reference):
             disable_dropout(model)
+    if cfg.model.get("gradient_checkpointing"):
+        enable_checkpointing(student)
+    if prep.lora is not None:
+        student = add_lora(student, prep.lora)
     student.train()
     return GRPOKDModule(
         student, tokenizer, prep.objective, prep.reward, prep.sampling, prep.optim, reference=reference,
@@ -203,6 +221,7 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         updates_per_rollout=cfg.updates_per_rollout, minibatches=cfg.rollout.minibatches,
         train_reward=prep.train_reward, mask_truncated_completions=cfg.rollout.mask_truncated_completions,
         eval_pass_k=cfg.eval_pass_k,
+        reference_adapters_off=reference_adapters_off,
     )
 
 
@@ -353,8 +372,6 @@ def run_stages(cfg: DictConfig, prep: Prepared, module: GRPOKDModule, trainer: L
         results["val/accuracy"] = float(trainer.validate(module, datamodule=prep.data, verbose=False)[0]["val/accuracy"])
     if cfg.eval_test:
         results["test/accuracy_after"] = evaluate(trainer, module, prep.data, "accuracy_after")
-    export = run_dir / "student"
-    module.student.save_pretrained(export)
-    module.tokenizer.save_pretrained(export)
-    results["student_dir"] = str(export)
+    save_student(module.student, module.tokenizer, run_dir / "student", prep.lora)
+    results["student_dir"] = str(run_dir / "student")
     return results

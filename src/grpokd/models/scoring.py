@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpokd.models.student import checkpointing_off
+
 
 @dataclass(frozen=True)
 class Tokens:
@@ -74,17 +76,21 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
 ) -> Tokens:
-    """Sample `group_size` completions per prompt ([B, P] -> [B*K, T]); greedy when do_sample=False."""
+    """Sample `group_size` completions per prompt ([B, P] -> [B*K, T]); greedy when do_sample=False.
+
+    Gradient checkpointing is suspended meanwhile: its layers would drop the KV cache that decoding reads.
+    """
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else dict(do_sample=False)
-    out = model.generate(
-        input_ids=prompts.ids,
-        attention_mask=prompts.mask,
-        num_return_sequences=group_size,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **sampling,
-    )
+    with checkpointing_off(model):
+        out = model.generate(
+            input_ids=prompts.ids,
+            attention_mask=prompts.mask,
+            num_return_sequences=group_size,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
     ids = out[:, 1:] if is_seq2seq(model) else out[:, prompts.ids.shape[1] :]  # drop decoder start / the prompt
     mask = completion_mask(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)  # [N, T]
     return Tokens(ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask)
