@@ -9,10 +9,11 @@ are computed on its first use and reused. The prompt batches the data stream
 delivers between rollouts are skipped, so a resumed run stays on the same
 stream; the pending rollout and its pi_old are saved in the checkpoint.
 
-Only the student is a registered submodule (trained, checkpointed, wrapped by
-DDP). Frozen models the objective needs (the reference) are held aside: they
-are moved to the student's device when used, never enter the optimizer or
-the checkpoint, and are reloaded from their source on resume.
+Only the student is trained and checkpointed. The frozen models the objective
+needs (the reference, the teachers) are the submodule `frozen` (`rollout.Frozen`):
+Lightning places them with the student and FSDP may shard them, but they never
+enter the optimizer or the checkpoint, and are reloaded from their source on
+resume.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,6 +40,9 @@ from grpokd import rollout as ro
 from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import check_range
 from grpokd.models.ensemble import TeacherEnsemble
+
+# The frozen models stay in eval mode on purpose (rollout.Frozen); Lightning would count them at every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training", category=PossibleUserWarning)
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,7 @@ class GRPOKDModule(L.LightningModule):
         self.reward = reward
         self.sampling = sampling
         self.optim = optim
-        self.frozen = ro.Frozen(reference, teachers)  # not submodules: not in the optimizer or the checkpoint
+        self.frozen = ro.Frozen(reference, teachers)  # a submodule, never trained or checkpointed
         self.samples_every = samples_every
         self.samples_dir = Path(samples_dir) if samples_dir is not None else None
         self.vocab_size = len(tokenizer)
@@ -149,15 +155,6 @@ class GRPOKDModule(L.LightningModule):
         self.mask_truncated_completions = mask_truncated_completions
 
     # --- training -------------------------------------------------------------------------------
-
-    def frozen_on_device(self) -> ro.Frozen:
-        """The frozen models, moved to the student's device on first use."""
-        reference, teachers = self.frozen.reference, self.frozen.teachers
-        if reference is not None and next(reference.parameters()).device != self.device:
-            reference.to(self.device)
-        if teachers is not None:
-            teachers.to(self.device)
-        return self.frozen
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
@@ -195,7 +192,7 @@ class GRPOKDModule(L.LightningModule):
         part = phase % self.minibatches
         rollout, gold, old_logp = self.buffer.minibatch(part, self.minibatches)
         batch, score_metrics, frozen = ro.score(
-            self.student, rollout, needs, self.vocab_size, self.global_step, self.frozen_on_device(), self.temperature(needs), gold,
+            self.student, rollout, needs, self.vocab_size, self.global_step, self.frozen, self.temperature(needs), gold,
             old_logp, self.buffer.frozen.get(part),
         )
         self.buffer.frozen[part] = frozen

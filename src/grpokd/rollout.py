@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,12 +144,42 @@ def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sam
     return Rollout(prompts, completions, examples["solution"], examples["answer"], None, 1, truncated=none)
 
 
-@dataclass(frozen=True)
-class Frozen:
-    """The no-grad models an objective may need besides the student."""
+class Frozen(torch.nn.Module):
+    """The no-grad models an objective may need besides the student: the reference and the teachers.
 
-    reference: PreTrainedModel | None = None
-    teachers: TeacherEnsemble | None = None
+    A submodule of the LightningModule, so that Lightning moves it with the student and FSDP can shard or
+    replicate it (`trainer=fsdp`), but never trained and never checkpointed: its parameters do not
+    require grad, it stays in eval mode whatever `train()` asks, and it adds nothing to `state_dict` (the
+    models are reloaded from their source on resume, so a checkpoint holds the student alone and does not grow
+    with the teachers); loading a state dict without its keys, as every checkpoint is, is not an error.
+    """
+
+    def __init__(self, reference: PreTrainedModel | None = None, teachers: TeacherEnsemble | None = None) -> None:
+        super().__init__()
+        self.reference = reference
+        self.teachers = teachers
+        self.requires_grad_(False)
+        self.eval()
+        self._prefix = ""  # where the last load_state_dict found this module (its keys' prefix)
+        self.register_load_state_dict_pre_hook(self._note_prefix)
+        self.register_load_state_dict_post_hook(self._forgive_missing)
+
+    def models(self) -> list[torch.nn.Module]:
+        """The frozen models, each a unit that FSDP may shard: the reference, then each teacher."""
+        teachers = list(self.teachers.teachers) if self.teachers is not None else []
+        return ([self.reference] if self.reference is not None else []) + teachers
+
+    def train(self, mode: bool = True) -> "Frozen":
+        return super().train(False)
+
+    def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        return {} if destination is None else destination
+
+    def _note_prefix(self, module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        self._prefix = prefix
+
+    def _forgive_missing(self, module: torch.nn.Module, incompatible: Any) -> None:
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(self._prefix)]
 
 
 @dataclass(frozen=True)
