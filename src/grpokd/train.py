@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from grpokd import runtime
+from grpokd import parallel, runtime
 from grpokd.data.datamodule import TaskData
 from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import ConfigError, check_range
@@ -220,10 +220,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], r
         dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
         enable_version_counter=False,
     )
-    return hydra.utils.instantiate(
+    trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[checkpoints, *callbacks], default_root_dir=str(run_dir),
         plugins=[runtime.AtomicCheckpointIO()],
     )
+    parallel.check_launch(trainer)
+    return trainer
 
 
 def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str) -> float:
@@ -270,6 +272,8 @@ def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuSh
     clock, stop = runtime.RunClock(time.time()), runtime.GracefulStop(run_dir / "checkpoints")
     module = build_module(cfg, prep, run_dir)
     trainer = build_trainer(cfg, run_dir, [clock, stop, share], prep.resume_step)
+    if trainer.world_size > 1:  # Lightning re-seeds each rank with this at every stage: rank r samples with seed + r
+        L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     results: dict[str, Any] = {
         "objective": cfg.objective.name,
         "dataset": cfg.dataset.name,
@@ -319,8 +323,20 @@ def run_stages(cfg: DictConfig, prep: Prepared, module: GRPOKDModule, trainer: L
         results["val/accuracy"] = float(trainer.validate(module, datamodule=prep.data, verbose=False)[0]["val/accuracy"])
     if cfg.eval_test:
         results["test/accuracy_after"] = evaluate(trainer, module, prep.data, "accuracy_after")
-    export = run_dir / "student"
-    module.student.save_pretrained(export)
-    module.tokenizer.save_pretrained(export)
-    results["student_dir"] = str(export)
+    results["student_dir"] = str(export_student(trainer, module, run_dir / "student"))
     return results
+
+
+def export_student(trainer: L.Trainer, module: GRPOKDModule, export: Path) -> Path:
+    """The student in Hugging Face format, written by rank 0 from the strategy's full state dict.
+
+    Every rank must call it: under FSDP the state dict gathers the shards (under DDP and in one process it is
+    the module's own).
+    """
+    state = trainer.strategy.lightning_module_state_dict()
+    if trainer.is_global_zero:
+        prefix = "student."
+        module.student.save_pretrained(export, state_dict={k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        module.tokenizer.save_pretrained(export)
+    trainer.strategy.barrier("export_student")
+    return export
