@@ -1,5 +1,5 @@
 """Scale-out: a real 2-process DDP run on the CPU (gloo) through the command line, the frozen models' placement
-(submodules that are never trained or checkpointed), and the launch rules for sweeps."""
+(submodules that are never trained or checkpointed), the FSDP config, and the launch rules for sweeps."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import hydra
 import lightning as L
 import pytest
 import torch
@@ -106,8 +107,8 @@ def test_frozen_models_are_submodules_that_are_never_trained_or_checkpointed(qui
     including those written before the frozen models were submodules) loads strictly."""
     cfg = quick_cfg("objective=j1")
     module = build_module(cfg, prepare(cfg), tmp_path)
-    frozen = [module.frozen.reference, *module.frozen.teachers.teachers]
-    assert len(frozen) == 3
+    frozen = parallel.frozen_models(module)
+    assert frozen == [module.frozen.reference, *module.frozen.teachers.teachers] and len(frozen) == 3
     assert all(any(m is f for m in module.modules()) for f in frozen)
     module.train()
     assert module.student.training and not any(m.training for f in frozen for m in f.modules())
@@ -128,6 +129,25 @@ def test_checkpoint_state_per_rank_and_in_the_single_process_format_before_it():
     assert parallel.rank_entry([{"r": 0}, {"r": 1}], 1) == {"r": 1}
     assert parallel.rank_entry({"torch": "old"}, 0) == {"torch": "old"}
     assert parallel.rank_entry({"torch": "old"}, 1) is None and parallel.rank_entry(None, 0) is None
+
+
+def test_fsdp_config_replicates_or_shards_exactly_the_frozen_models(quick_cfg, tmp_path):
+    """FSDP needs GPUs (Lightning and torch refuse the CPU), so here: the config builds the strategy, and the
+    placement names the frozen models (reference, each teacher) and nothing of the student."""
+    cfg = quick_cfg("objective=j1", "trainer=fsdp")
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, parallel.FSDP) and strategy.frozen == "replicate" and strategy.kwargs["use_orig_params"]
+    module = build_module(cfg, prepare(cfg), tmp_path)
+    frozen = [module.frozen.reference, *module.frozen.teachers.teachers]
+    assert parallel.frozen_placement(module, "replicate") == {"ignored_modules": frozen}
+    assert set(parallel.frozen_placement(module, "shard")) == {"auto_wrap_policy"}
+    unit = parallel.fsdp_unit(frozen)
+    assert [m for m in module.modules() if unit(m)] == frozen
+    layer = type(module.student.model.layers[0])
+    with_layers = parallel.fsdp_unit(frozen, {layer})
+    assert {id(m) for m in module.modules() if with_layers(m)} == {id(m) for m in frozen} | {id(m) for m in module.modules() if isinstance(m, layer)}
+    with pytest.raises(ConfigError, match="trainer.strategy.frozen='both'"):
+        parallel.FSDP(frozen="both")
 
 
 def test_a_ddp_rank_started_by_lightning_resolves_its_launchers_sweep_directory(monkeypatch):
