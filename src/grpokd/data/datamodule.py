@@ -138,7 +138,7 @@ class TaskData(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         sampler = None
         if world > 1:
-            if len(examples) < world:
+            if 0 < len(examples) < world:  # a rank without a batch would leave the others waiting for it
                 raise ConfigError(f"{key}={len(examples)} is smaller than the {world} processes; each must evaluate at least one example")
             sampler = UnrepeatedDistributedSampler(examples, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
         return DataLoader(examples, batch_size=self.eval_batch_size, collate_fn=collate, sampler=sampler)
