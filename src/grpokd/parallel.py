@@ -89,12 +89,17 @@ def frozen_placement(module: torch.nn.Module, placement: str, layers: set[type[t
         holds 1/W of it at rest and all-gathers it whole for its own forward only; its parameters never share a
         unit with the student's (they do not require grad).
     """
-    if placement not in PLACEMENTS:
-        raise ConfigError(f"trainer.strategy.frozen={placement!r}: allowed values are {', '.join(PLACEMENTS)}")
     frozen = frozen_models(module)
-    if placement == "replicate":
+    if check_placement(placement) == "replicate":
         return {"ignored_modules": frozen} | ({"auto_wrap_policy": ModuleWrapPolicy(set(layers))} if layers else {})
     return {"auto_wrap_policy": CustomPolicy(fsdp_unit(frozen, layers))}
+
+
+def check_placement(placement: str) -> str:
+    """`placement` if it is one of PLACEMENTS, else ConfigError naming the key and the choices."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"trainer.strategy.frozen={placement!r}: allowed values are {', '.join(PLACEMENTS)}")
+    return placement
 
 
 def fsdp_unit(frozen: list[torch.nn.Module], layers: set[type[torch.nn.Module]] | None = None) -> Callable[[torch.nn.Module], bool]:
@@ -121,10 +126,8 @@ class FSDP(FSDPStrategy):
     """
 
     def __init__(self, frozen: str = "replicate", auto_wrap_policy: set[type[torch.nn.Module]] | None = None, **kwargs: Any) -> None:
-        if frozen not in PLACEMENTS:
-            raise ConfigError(f"trainer.strategy.frozen={frozen!r}: allowed values are {', '.join(PLACEMENTS)}")
         super().__init__(**kwargs)
-        self.frozen, self.layers = frozen, auto_wrap_policy
+        self.frozen, self.layers = check_placement(frozen), auto_wrap_policy
 
     def setup(self, trainer: Trainer) -> None:
         """Place the frozen models before Lightning wraps the module; replicated ones are moved to the GPU here
