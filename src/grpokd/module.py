@@ -9,12 +9,13 @@ are computed on its first use and reused. The prompt batches the data stream
 delivers between rollouts are skipped, so a resumed run stays on the same
 stream; the pending rollout and its pi_old are saved in the checkpoint.
 
-Only the student is a registered submodule (trained, checkpointed, wrapped by
-DDP). Frozen models the objective needs (the reference) are held aside: they
-are moved to the student's device when used, never enter the optimizer or
-the checkpoint, and are reloaded from their source on resume. A LoRA student's
-reference can be its own base model (adapters disabled), which is no extra model.
-The optimiser holds only the trainable parameters (with LoRA: the adapters).
+Only the student is trained and checkpointed. The frozen models the objective
+needs (the reference, the teachers) are the submodule `frozen` (`rollout.Frozen`):
+Lightning places them with the student and FSDP may shard them, but they never
+enter the optimizer or the checkpoint, and are reloaded from their source on
+resume. A LoRA student's reference can be its own base model (adapters
+disabled), which is no extra model. The optimiser holds only the trainable
+parameters (with LoRA: the adapters).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +33,19 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpokd import parallel
 from grpokd import rollout as ro
 from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import check_range
 from grpokd.models.ensemble import TeacherEnsemble
+
+# The frozen models stay in eval mode on purpose (rollout.Frozen); Lightning would count them at every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training", category=PossibleUserWarning)
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,7 @@ class GRPOKDModule(L.LightningModule):
         self.reward = reward
         self.sampling = sampling
         self.optim = optim
-        # not submodules: not in the optimizer or the checkpoint (a base-model reference is the student itself)
+        # a submodule, never trained or checkpointed (a base-model reference is the student itself, not registered there)
         self.frozen = ro.Frozen(student if reference_adapters_off else reference, teachers, reference_adapters_off)
         self.samples_every = samples_every
         self.samples_dir = Path(samples_dir) if samples_dir is not None else None
@@ -170,22 +177,17 @@ class GRPOKDModule(L.LightningModule):
 
     # --- training -------------------------------------------------------------------------------
 
-    def frozen_on_device(self) -> ro.Frozen:
-        """The frozen models, moved to the student's device on first use."""
-        reference, teachers = self.frozen.reference, self.frozen.teachers
-        if reference is not None and next(reference.parameters()).device != self.device:
-            reference.to(self.device)
-        if teachers is not None:
-            teachers.to(self.device)
-        return self.frozen
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Step time from batch start to after the optimiser step (sampling, scoring, backward, update)."""
+        """Step time from batch start to after the optimiser step (sampling, scoring, backward, update).
+
+        Under DDP: the ranks' mean step time and the sum of their token rates (the job's throughput).
+        """
         elapsed = time.perf_counter() - self._step_start
-        self.log_dict({"train/step_time_s": elapsed, "train/tokens_per_s": self._step_tokens / elapsed}, batch_size=1)
+        self.log("train/step_time_s", elapsed, batch_size=1, sync_dist=True)
+        self.log("train/tokens_per_s", self._step_tokens / elapsed, batch_size=1, sync_dist=True, reduce_fx="sum")
 
     @property
     def steps_per_rollout(self) -> int:
@@ -215,37 +217,54 @@ class GRPOKDModule(L.LightningModule):
         part = phase % self.minibatches
         rollout, gold, old_logp = self.buffer.minibatch(part, self.minibatches)
         batch, score_metrics, frozen = ro.score(
-            self.student, rollout, needs, self.vocab_size, self.global_step, self.frozen_on_device(), self.temperature(needs), gold,
+            self.student, rollout, needs, self.vocab_size, self.global_step, self.frozen, self.temperature(needs), gold,
             old_logp, self.buffer.frozen.get(part),
         )
         self.buffer.frozen[part] = frozen
         out = self.objective(batch)
         self._step_tokens = float(rollout.completions.mask.sum() + rollout.prompts.mask.sum() * rollout.group_size)
         metrics = {"loss": out.loss.detach(), **score_metrics, **out.metrics, **ro.rollout_metrics(rollout)}
-        self.log_dict({f"train/{k}": v.float() for k, v in metrics.items()}, batch_size=len(examples["prompt"]))
-        self.log("reward", metrics.get("reward_mean", out.loss.detach()), prog_bar=True, logger=False, batch_size=1)
+        self.log_train(metrics, batch_size=len(examples["prompt"]))
+        self.log("reward", metrics.get("reward_mean", out.loss.detach()), prog_bar=True, logger=False, batch_size=1, sync_dist=True)
         if self.samples_every and self.global_step % self.samples_every == 0:
             self.log_samples(rollout, out.adv)
         return out.loss
 
+    def log_train(self, metrics: dict[str, Tensor], batch_size: int) -> None:
+        """train/<name> for each metric, reduced over ranks (DDP): maxima (`*_max`) by max, the rest by mean.
+
+        Every rank holds the same number of prompts and completions, so the mean of the ranks' means is the
+        mean over the whole step; the gradient DDP applies is the ranks' mean as well. Standard deviations
+        (`reward_std`) are the mean of the ranks' own, not the spread over all ranks' completions.
+        """
+        maxima = {f"train/{k}": v.float() for k, v in metrics.items() if k.endswith("_max")}
+        means = {f"train/{k}": v.float() for k, v in metrics.items() if not k.endswith("_max")}
+        self.log_dict(means, batch_size=batch_size, sync_dist=True)
+        self.log_dict(maxima, batch_size=batch_size, sync_dist=True, reduce_fx="max")
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = grad_norm(self.student, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        if "grad_2.0_norm_total" in norms:  # after DDP's all-reduce: the same on every rank
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], sync_dist=True)
 
     def log_samples(self, rollout: ro.Rollout, adv: Tensor | None, limit: int = 8) -> None:
-        """A table of sample completions with reward and advantage: W&B table and samples.jsonl."""
+        """A table of sample completions with reward and advantage: W&B table and samples.jsonl.
+
+        The first `limit` completions of every rank, with its `rank` (under DDP each rank samples its own prompts).
+        """
         prompts = self.tokenizer.batch_decode(rollout.prompts.ids, skip_special_tokens=True)
         rows = []
         for i, text in enumerate(rollout.texts[:limit]):
             rows.append({
                 "step": self.global_step,
+                "rank": self.global_rank,
                 "prompt": prompts[i // rollout.group_size],
                 "completion": text,
                 "answer": rollout.answers[i],
                 "reward": None if rollout.rewards is None else float(rollout.rewards[i]),
                 "adv": None if adv is None else float(adv[i]),
             })
+        rows = [row for rank_rows in parallel.gather(rows) for row in rank_rows]
         if self.samples_dir is not None and self.trainer.is_global_zero:
             self.samples_dir.mkdir(parents=True, exist_ok=True)
             with open(self.samples_dir / "samples.jsonl", "a") as f:
@@ -278,21 +297,24 @@ class GRPOKDModule(L.LightningModule):
         self.test_accuracy.update(self.greedy_rewards(examples))
         self.log(f"test/{self.eval_tag}", self.test_accuracy, batch_size=len(examples["prompt"]))
 
-    # --- checkpoints: RNG state, no frozen models -------------------------------------------------
+    # --- checkpoints: each rank's RNG state and pending rollout, no frozen models -------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Per-rank lists, in rank order: under DDP rank r resumes with its own rollout and random stream."""
         if self.buffer is not None and self.steps_per_rollout > 1:  # mid-rollout: its next updates need it
-            checkpoint["rollout_buffer"] = self.buffer.state()
-        checkpoint["rng"] = {
+            checkpoint["rollout_buffer"] = parallel.gather(self.buffer.state())
+        rng = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python": random.getstate(),
         }
+        checkpoint["rng"] = parallel.gather(rng)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rollout_buffer" in checkpoint:
-            self.buffer = RolloutBuffer.from_state(checkpoint["rollout_buffer"], self.device)
-        rng = checkpoint.get("rng")
+        buffer = parallel.rank_entry(checkpoint.get("rollout_buffer"), self.global_rank)
+        if buffer is not None:
+            self.buffer = RolloutBuffer.from_state(buffer, self.device)
+        rng = parallel.rank_entry(checkpoint.get("rng"), self.global_rank)
         if rng is None:
             return
         torch.set_rng_state(rng["torch"])

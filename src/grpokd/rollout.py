@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -162,21 +163,55 @@ def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sam
     return Rollout(prompts, completions, examples["solution"], examples["answer"], None, 1, truncated=none)
 
 
-@dataclass(frozen=True)
-class Frozen:
-    """The no-grad models an objective may need besides the student.
+class Frozen(torch.nn.Module):
+    """The no-grad models an objective may need besides the student: the reference and the teachers.
 
-    With `reference_adapters_off`, `reference` is the LoRA-wrapped student itself, scored with its
-    adapters disabled: its base model, the student as loaded, without a second copy in memory.
+    A submodule of the LightningModule, so that Lightning moves it with the student and FSDP can shard or
+    replicate it (`trainer=fsdp`), but never trained and never checkpointed: its parameters do not
+    require grad, it stays in eval mode whatever `train()` asks, and it adds nothing to `state_dict` (the
+    models are reloaded from their source on resume, so a checkpoint holds the student alone and does not grow
+    with the teachers); loading a state dict without its keys, as every checkpoint is, is not an error.
+
+    With `reference_adapters_off`, `reference` is the LoRA-wrapped student itself, scored with its adapters
+    disabled: its base model, the student as loaded, without a second copy in memory. It is then held but
+    not registered here, since it is the student: trained, checkpointed and placed as such.
     """
 
-    reference: PreTrainedModel | None = None
-    teachers: TeacherEnsemble | None = None
-    reference_adapters_off: bool = False
+    def __init__(self, reference: PreTrainedModel | None = None, teachers: TeacherEnsemble | None = None, reference_adapters_off: bool = False) -> None:
+        super().__init__()
+        if reference_adapters_off:
+            self.__dict__["reference"] = reference  # a plain attribute, not a submodule: requires_grad_(False) must not reach it
+        else:
+            self.reference = reference
+        self.teachers = teachers
+        self.reference_adapters_off = reference_adapters_off
+        self.requires_grad_(False)
+        self.eval()
+        self._prefix = ""  # where the last load_state_dict found this module (its keys' prefix)
+        self.register_load_state_dict_pre_hook(self._note_prefix)
+        self.register_load_state_dict_post_hook(self._forgive_missing)
 
     def reference_scope(self) -> contextlib.AbstractContextManager:
         """The context in which `reference` scores as the reference policy."""
         return adapters_off(self.reference) if self.reference_adapters_off else contextlib.nullcontext()
+
+    def models(self) -> list[torch.nn.Module]:
+        """The frozen models, each a unit that FSDP may shard: the reference (unless it is the student), then each teacher."""
+        teachers = list(self.teachers.teachers) if self.teachers is not None else []
+        own_reference = self.reference is not None and not self.reference_adapters_off
+        return ([self.reference] if own_reference else []) + teachers
+
+    def train(self, mode: bool = True) -> "Frozen":
+        return super().train(False)
+
+    def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        return {} if destination is None else destination
+
+    def _note_prefix(self, module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        self._prefix = prefix
+
+    def _forgive_missing(self, module: torch.nn.Module, incompatible: Any) -> None:
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(self._prefix)]
 
 
 @dataclass(frozen=True)

@@ -109,9 +109,19 @@ def slurm_job() -> str | None:
     return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
 
 
+STAMP = "GRPOKD_STAMP"
+
+
 def stamp() -> str:
-    """A unique directory part: `<date>/<time to the microsecond>-p<pid>`."""
-    return f"{datetime.now():%Y-%m-%d/%H-%M-%S.%f}-p{os.getpid()}"
+    """A unique directory part: `<date>/<time to the microsecond>-p<pid>`; a DDP rank > 0 takes its launcher's.
+
+    Lightning starts the other ranks of `trainer=ddp` by re-running the command line, so under `-m` each rank
+    resolves the sweep directory itself; the stamp is passed down in $GRPOKD_STAMP so that all ranks use one.
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0" and STAMP in os.environ:
+        return os.environ[STAMP]
+    os.environ[STAMP] = f"{datetime.now():%Y-%m-%d/%H-%M-%S.%f}-p{os.getpid()}"
+    return os.environ[STAMP]
 
 
 def run_dir(root: str, name: str, ckpt_path: str | None = None) -> str:

@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from grpokd import runtime
+from grpokd import parallel, runtime
 from grpokd.data.datamodule import TaskData
 from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import ConfigError, check_range
@@ -263,10 +263,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], r
     configured = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
     if not loggers:  # LearningRateMonitor refuses to run without a logger; with logger=none it has nothing to do
         configured = [c for c in configured if not isinstance(c, LearningRateMonitor)]
-    return hydra.utils.instantiate(
+    trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[*configured, *callbacks], default_root_dir=str(run_dir),
         plugins=[runtime.AtomicCheckpointIO()],
     )
+    parallel.check_launch(trainer)
+    return trainer
 
 
 def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str) -> float:
@@ -313,6 +315,8 @@ def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuSh
     clock, stop = runtime.RunClock(time.time()), runtime.GracefulStop(run_dir / "checkpoints")
     module = build_module(cfg, prep, run_dir)
     trainer = build_trainer(cfg, run_dir, [clock, stop, share], prep.resume_step)
+    if trainer.world_size > 1:  # Lightning re-seeds each rank with this at every stage: rank r samples with seed + r
+        L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     results: dict[str, Any] = {
         "objective": cfg.objective.name,
         "dataset": cfg.dataset.name,
@@ -372,6 +376,20 @@ def run_stages(cfg: DictConfig, prep: Prepared, module: GRPOKDModule, trainer: L
         results["val/accuracy"] = float(trainer.validate(module, datamodule=prep.data, verbose=False)[0]["val/accuracy"])
     if cfg.eval_test:
         results["test/accuracy_after"] = evaluate(trainer, module, prep.data, "accuracy_after")
-    save_student(module.student, module.tokenizer, run_dir / "student", prep.lora)
-    results["student_dir"] = str(run_dir / "student")
+    results["student_dir"] = str(export_student(trainer, module, run_dir / "student", prep.lora))
     return results
+
+
+def export_student(trainer: L.Trainer, module: GRPOKDModule, export: Path, lora: LoRA | None) -> Path:
+    """The student in Hugging Face format (`save_student`), written by rank 0 from the strategy's full state dict.
+
+    Every rank must call it: under FSDP the state dict gathers the shards (under DDP and in one process it is
+    the module's own). A LoRA student is saved from its own weights (FSDP refuses LoRA, so they are whole).
+    """
+    state = trainer.strategy.lightning_module_state_dict()
+    if trainer.is_global_zero:
+        prefix = "student."
+        weights = None if lora is not None else {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        save_student(module.student, module.tokenizer, export, lora, weights)
+    trainer.strategy.barrier("export_student")
+    return export

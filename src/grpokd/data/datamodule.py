@@ -6,7 +6,8 @@ student. Training draws from `PromptStream`, an endless stream of shuffled
 prompt batches in which batch i depends only on the seed and i; a resumed run
 starts it at the number of batches already trained on (global step times
 gradient accumulation), so it sees the same prompts as an uninterrupted one.
-Each rank takes its own slice, so a prompt's group never spans ranks. Validation uses a slice held
+Each rank takes its own slice, so a prompt's group never spans ranks, and its own share of the
+evaluation sets, unpadded, so that every example is scored once. Validation uses a slice held
 out from the end of the train split; test uses the dataset's test split. Training never sees a val or
 test prompt (`held_out`): a generator's duplicates would otherwise put them in train (measured on
 `arith`: 16.5% of the val prompts also occurred in train, so val rewarded memorising them).
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from grpokd.data.example import Example
@@ -124,7 +126,19 @@ class TaskData(L.LightningDataModule):
         return PromptStream(self.train_set, self.prompts_per_step, self.seed, trainer.global_rank, trainer.world_size, trained)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, collate_fn=collate)
+        return self.eval_loader(self.val_set, "data.val_size")
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size, collate_fn=collate)
+        return self.eval_loader(self.test_set, "data.test_size")
+
+    def eval_loader(self, examples: list[Example], key: str) -> DataLoader:
+        """Greedy-evaluation batches. Under DDP rank r of W takes examples r, r+W, ... and nothing is padded, so
+        the accuracy, summed over ranks by its metric, counts every example exactly once (Lightning's
+        DistributedSampler would repeat some to even the ranks out; it leaves this sampler in place)."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = None
+        if world > 1:
+            if 0 < len(examples) < world:  # a rank without a batch would leave the others waiting for it
+                raise ConfigError(f"{key}={len(examples)} is smaller than the {world} processes; each must evaluate at least one example")
+            sampler = UnrepeatedDistributedSampler(examples, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(examples, batch_size=self.eval_batch_size, collate_fn=collate, sampler=sampler)

@@ -114,23 +114,22 @@ class _Chunk(NamedTuple):
     kl_rev: Tensor  # [M] KL(theta || T_i), token mean
 
 
-class TeacherEnsemble:
-    """M frozen teachers sharing the student's tokenizer, with a weighting scheme."""
+class TeacherEnsemble(torch.nn.Module):
+    """M frozen teachers sharing the student's tokenizer, with a weighting scheme.
+
+    A module (the teachers in a ModuleList), so that the LightningModule holds the teachers as submodules:
+    Lightning moves them with the student and FSDP can shard each one (see `grpokd.rollout.Frozen`).
+    """
 
     def __init__(self, teachers: list[PreTrainedModel], names: list[str], weighting, chunk_prompts: int | None = None) -> None:
+        super().__init__()
         if not teachers:
             raise ConfigError("model.teachers is empty; this objective needs at least one teacher")
         getattr(weighting, "check", lambda m: None)(len(teachers))
-        self.teachers = [t.eval().requires_grad_(False) for t in teachers]
+        self.teachers = torch.nn.ModuleList(t.eval().requires_grad_(False) for t in teachers)
         self.names = names
         self.weighting = weighting
         self.chunk_prompts = chunk_prompts
-
-    def to(self, device: torch.device) -> "TeacherEnsemble":
-        for t in self.teachers:
-            if next(t.parameters()).device != device:
-                t.to(device)
-        return self
 
     @torch.no_grad()
     def gold_scores(self, prompts: Tokens, gold: Tokens, vocab_size: int) -> Tensor:

@@ -128,15 +128,18 @@ def adapters_off(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
         model.train(was_training)
 
 
-def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path, lora: LoRA | None) -> None:
+def save_student(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path, lora: LoRA | None, state_dict: dict | None = None,
+) -> None:
     """Save the trained student and its tokenizer to `directory`.
 
     Without LoRA: the model. With LoRA and `merge_on_export`: the adapters merged
     into the base weights, a plain Hugging Face model (merged in place: export is
     the run's last use of the student). Otherwise the adapter alone
     (adapter_config.json and its weights), to load with peft over the base model.
+    `state_dict`: the full model's weights when the module's own are sharded (FSDP, no LoRA); None: the model's.
     """
     if lora is not None and lora.merge_on_export:
         model = model.merge_and_unload()
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
