@@ -160,3 +160,39 @@ def test_truncated_completions_are_masked_out_entirely_and_parts_are_logged():
     assert float(metrics["rewards/format/mean"]) == 0.75 and float(metrics["rewards/correct/mean"]) == 0.5
     part = ro.select(r, 1, 2)
     assert part.texts == ["a", "a"] and part.reward_parts["format"].tolist() == [1.0, 1.0]
+
+
+# --- the arithmetic step reward -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("5 + 3 = 8 . 8 - 2 = 6 . #### 6", 1.0),
+        ("5 + 3 = 9 . 9 - 2 = 7 . #### 7", 0.5),  # a wrong fact, then a right step on the wrong value
+        ("6 * 3 = 21 . #### 21", 0.0),
+        ("#### 6", 0.0),  # no steps
+        ("2 + 3 * 4 = 14 . 12 / 4 / 3 = 1 . 10 - 2 - 3 = 5", 1.0),  # precedence, left to right
+        ("4 x 15 = 60 and 100 / 2 = $<<100/2=50>>50", 1.0),  # x, "$", GSM8K's calculator annotation
+        ("<<100-50-30-15=5>>5", 1.0),  # a chain is one step, never its tail "30-15=5"
+        ("5 / 0 = 1", 0.0),
+        ("8 x 1 1/2 = 12 . 1/2 * 1/2 = 1/4 . 2 + 2 = 5", 0.0),  # mixed numbers and fractions are not integer steps
+        ("5 + 3 = 8 . #### 9 = 4 + 4", 1.0),  # only the work before the answer marker
+    ],
+)
+def test_step_accuracy(text, expected):
+    from grpokd.data.rewards import StepsReward, step_accuracy
+
+    assert step_accuracy(text) == expected
+    assert StepsReward()(text, "unused") == expected
+
+
+def test_gsm8k_gold_steps_hold(shared_data):
+    """The GSM8K reference solutions' integer steps hold (the few that do not are the dataset's own slips, e.g. 192*100=1920)."""
+    from grpokd.data.rewards import step_accuracy, worked_steps
+
+    rows = [json.loads(line) for line in (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()]
+    assert worked_steps("5 + 3 = 8 . 8 - 2 = 6 . #### 6") == [("5 + 3", "8"), ("8 - 2", "6")]
+    scored = [step_accuracy(row["answer"]) for row in rows if worked_steps(row["answer"])]
+    assert len(scored) > 7000
+    assert sum(score == 1.0 for score in scored) / len(scored) > 0.98

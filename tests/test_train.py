@@ -71,16 +71,17 @@ def test_several_updates_per_rollout_clip_and_resume_exactly_mid_rollout(quick_c
 
 
 def test_minibatches_and_a_format_reward_on_a_composed_objective(quick_cfg, tmp_path):
-    """Two minibatches per rollout (2 prompts each), j3 plus an entropy bonus, a weighted format reward."""
+    """Two minibatches per rollout (2 prompts each), j3 plus an entropy bonus, weighted format and step rewards."""
     run = tmp_path / "composed"
     results = train(quick_cfg(
         "objective=j3", "rollout.minibatches=2", "+term@objective.terms.entropy=entropy_bonus", "reward.weights.format=0.5",
-        "rollout.mask_truncated_completions=true", "eval_before=false", "log.csv=true", run_dir=run,
+        "reward.weights.steps=0.25", "rollout.mask_truncated_completions=true", "eval_before=false", "log.csv=true", run_dir=run,
     ))
     assert results["status"] == "complete" and results["steps"] == 4
     rows = read_metrics(run)
-    correct, fmt, total = (train_column(rows, k) for k in ("train/rewards/correct/mean", "train/rewards/format/mean", "train/reward_mean"))
-    assert len(total) == 4 and all(abs(t - (c + 0.5 * f)) < 1e-6 for c, f, t in zip(correct, fmt, total))
+    keys = ("train/rewards/correct/mean", "train/rewards/format/mean", "train/rewards/steps/mean", "train/reward_mean")
+    correct, fmt, steps, total = (train_column(rows, k) for k in keys)
+    assert len(total) == 4 and all(abs(t - (c + 0.5 * f + 0.25 * s)) < 1e-6 for c, f, s, t in zip(correct, fmt, steps, total))
     assert len(train_column(rows, "train/entropy_bonus")) == 4 and len(train_column(rows, "train/ta_mean")) == 4
 
 

@@ -126,6 +126,59 @@ class FormatReward:
         return float(bool(marker) and bool(_NUMBER.search(tail) or _CHOICE.search(tail)))
 
 
+# A worked step "expression = result" over integers: "5 + 3 = 8", "4 x 15 = 60", GSM8K's "<<100-50-30-15=5>>" and
+# "$<<10/2=5>>5". The expression starts where no operator, number, word or decimal point precedes it (never the tail
+# of a longer chain, nor the fraction of a mixed number "1 1/2"); a result followed by a decimal part, a fraction or a
+# word is not an integer result, so the step is skipped.
+_OPERATOR = r"[-+*/x×÷]"
+_EQUATION = re.compile(
+    rf"(?<![\w.$])(?<!\d\s)(?<!{_OPERATOR})(?<!{_OPERATOR}\s)((?:\$?\d+\s*{_OPERATOR}\s*)+\$?\d+)\s*=\s*\$?(-?\d+)(?![\w./]*\d)"
+)
+
+
+def evaluate(expression: str) -> float:
+    """The value of an integer expression with + - * / (x, × and ÷ as * and /), usual precedence; nan on division by 0."""
+    tokens = re.findall(rf"\d+|{_OPERATOR}", expression.replace("$", ""))
+    total, term, sign = 0.0, float(tokens[0]), 1.0
+    for op, number in zip(tokens[1::2], map(float, tokens[2::2])):
+        if op in "+-":
+            total, term, sign = total + sign * term, number, 1.0 if op == "+" else -1.0
+        elif op in "*x×":
+            term *= number
+        else:
+            term = term / number if number else math.nan
+    return total + sign * term
+
+
+def worked_steps(text: str) -> list[tuple[str, str]]:
+    """The (expression, result) of every worked step before the answer marker: "5 + 3 = 8 . #### 8" -> [("5 + 3", "8")]."""
+    return _EQUATION.findall(text.rpartition(MARKER)[0] if MARKER in text else text)
+
+
+def step_accuracy(text: str) -> float:
+    """The fraction of `text`'s worked steps "expression = result" (integers) whose arithmetic holds; 0 with none.
+
+    A process reward for arithmetic: it checks each step on its own (a wrong fact "6 * 3 = 21" scores 0 for
+    that step even when an earlier error already spoiled the answer), so the completions of a group differ in
+    it more often than in final-answer correctness. Only the work before the answer marker counts.
+    """
+    steps = worked_steps(text)
+    if not steps:
+        return 0.0
+    return sum(math.isclose(evaluate(expression), int(result), abs_tol=1e-6) for expression, result in steps) / len(steps)
+
+
+class StepsReward:
+    """The fraction of the completion's worked steps whose arithmetic holds (`step_accuracy`); the answer is not used.
+
+    A shaping reward (`reward.weights.steps`), denser than 0/1 correctness. It rewards true statements, not
+    useful ones: with a large weight a policy may learn to write easy true steps; keep it below "correct".
+    """
+
+    def __call__(self, completion: str, answer: str) -> float:
+        return step_accuracy(completion)
+
+
 class WeightedRewards:
     """The training reward: a weighted sum of named reward functions, each also reported on its own.
 
