@@ -124,6 +124,8 @@ class GRPOKDModule(L.LightningModule):
         train_reward: the rollouts' reward, a weighted sum of named functions (default: `reward` alone).
         mask_truncated_completions: completions that hit max_new_tokens get no loss at all (their mask is zeroed).
         eval_pass_k: also log val/pass@k, k completions per val prompt sampled at the rollout settings (0: off).
+        logit_chunk: score the student and the reference this many completion positions at a time, never holding
+            their [N, T, V] logits (`rollout.score`); None: whole.
     """
 
     flops_per_batch = None  # for ThroughputMonitor: a step's FLOPs depend on the sampled lengths, so none are claimed
@@ -145,6 +147,7 @@ class GRPOKDModule(L.LightningModule):
         train_reward: WeightedRewards | None = None,
         mask_truncated_completions: bool = False,
         eval_pass_k: int = 0,
+        logit_chunk: int | None = None,
         reference_adapters_off: bool = False,
     ) -> None:
         super().__init__()
@@ -173,6 +176,7 @@ class GRPOKDModule(L.LightningModule):
         self.train_reward = train_reward or WeightedRewards({"correct": reward})
         self.mask_truncated_completions = mask_truncated_completions
         self.eval_pass_k = eval_pass_k
+        self.logit_chunk = logit_chunk
         self.val_pass = MeanMetric()
 
     # --- training -------------------------------------------------------------------------------
@@ -202,7 +206,7 @@ class GRPOKDModule(L.LightningModule):
             rollout = ro.mask_truncated(rollout)
         old_logp = None
         if self.steps_per_rollout > 1:
-            old_logp = ro.behaviour_logp(self.student, rollout, self.vocab_size, self.temperature(needs))
+            old_logp = ro.behaviour_logp(self.student, rollout, self.vocab_size, self.temperature(needs), self.logit_chunk)
         return RolloutBuffer(rollout, gold, old_logp)
 
     def temperature(self, needs) -> float:
@@ -218,7 +222,7 @@ class GRPOKDModule(L.LightningModule):
         rollout, gold, old_logp = self.buffer.minibatch(part, self.minibatches)
         batch, score_metrics, frozen = ro.score(
             self.student, rollout, needs, self.vocab_size, self.global_step, self.frozen, self.temperature(needs), gold,
-            old_logp, self.buffer.frozen.get(part),
+            old_logp, self.buffer.frozen.get(part), self.logit_chunk,
         )
         self.buffer.frozen[part] = frozen
         out = self.objective(batch)

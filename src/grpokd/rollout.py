@@ -18,9 +18,9 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd.data.rewards import WeightedRewards
-from grpokd.errors import check_range
+from grpokd.errors import ConfigError, check_range
 from grpokd.models.ensemble import TeacherEnsemble
-from grpokd.models.scoring import Tokens, completion_logits, decode, generate, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.models.scoring import Tokens, completion_logits, completion_logp, decode, generate, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.student import adapters_off
 from grpokd.objectives.base import Batch, KDStates, Needs
 from grpokd.objectives.kd import Mixture
@@ -149,10 +149,27 @@ def from_state(state: dict, device: torch.device | str = "cpu") -> Rollout:
 
 
 @torch.no_grad()
-def behaviour_logp(model: PreTrainedModel, rollout: Rollout, vocab_size: int, temperature: float) -> Tensor:
+def behaviour_logp(model: PreTrainedModel, rollout: Rollout, vocab_size: int, temperature: float, logit_chunk: int | None = None) -> Tensor:
     """pi_old's log-probs of the completion tokens, [N, T]: the policy that sampled them, before any update on them."""
-    logits = completion_logits(model, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
-    return token_logp(logits, rollout.completions.ids)
+    return frozen_logp(model, rollout, vocab_size, temperature, logit_chunk)
+
+
+def frozen_logp(model: PreTrainedModel, rollout: Rollout, vocab_size: int, temperature: float, logit_chunk: int | None) -> Tensor:
+    """A no-grad model's log-probs of the completion tokens at `temperature`, [N, T]; `logit_chunk` positions at a time."""
+    if logit_chunk:
+        return completion_logp(model, rollout.prompts, rollout.completions, vocab_size, temperature, logit_chunk)[0]
+    return token_logp(completion_logits(model, rollout.prompts, rollout.completions, vocab_size) / temperature, rollout.completions.ids)
+
+
+def check_chunkable(needs: Needs) -> None:
+    """ConfigError unless the objective's terms need only log-probs of the scored tokens, which `model.logit_chunk`
+    computes without the student's [N, T, V] logits (not: teachers, whose per-teacher metrics read the student's
+    full distribution; KD mixtures; the exact KL estimator; the entropy bonus)."""
+    full = [name for name, wanted in (("the student's full logits", needs.logits), ("the reference's full logits", needs.ref_logits),
+                                      ("teachers", needs_teachers(needs))) if wanted]
+    if full:
+        raise ConfigError(f"model.logit_chunk: this objective needs {' and '.join(full)}; chunked scoring covers objectives "
+                          "that use log-probs of the scored tokens only (grpo, sft, the k1-k3 KL estimators); set model.logit_chunk=null")
 
 
 def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sampling: Sampling, device: torch.device) -> Rollout:
@@ -241,6 +258,7 @@ def score(
     gold: Rollout | None = None,
     old_logp: Tensor | None = None,
     frozen_scores: FrozenScores | None = None,
+    logit_chunk: int | None = None,
 ) -> tuple[Batch, dict[str, Tensor], FrozenScores]:
     """The objective's `Batch`, detached logging metrics (entropy, per-teacher KL and weight), and the frozen scores.
 
@@ -250,23 +268,32 @@ def score(
     (from an earlier update on the same rollout) are given. Policy terms are
     scored at the sampling `temperature` (1.0 for gold rollouts); KD terms use
     the student's raw logits, tempered by the objective's own tau. `old_logp`
-    [N, T]: the behaviour policy's log-probs (None: on-policy).
+    [N, T]: the behaviour policy's log-probs (None: on-policy). `logit_chunk`: score the student and the
+    reference `logit_chunk` positions at a time, without their [N, T, V] logits (`scoring.completion_logp`;
+    objectives that need full distributions are refused, `check_chunkable`).
     """
     ids, mask = rollout.completions.ids, rollout.completions.mask.float()  # [N, T]
-    raw = completion_logits(student, rollout.prompts, rollout.completions, vocab_size)  # [N, T, V]
-    logits = raw / temperature  # [N, T, V]
+    if logit_chunk:  # [N, T] log-probs and entropies, never the [N, T, V] logits
+        check_chunkable(needs)
+        raw = logits = None
+        logp, token_entropy = completion_logp(student, rollout.prompts, rollout.completions, vocab_size, temperature, logit_chunk)
+    else:
+        raw = completion_logits(student, rollout.prompts, rollout.completions, vocab_size)  # [N, T, V]
+        logits = raw / temperature  # [N, T, V]
+        logp, token_entropy = token_logp(logits, ids), entropy(logits.detach())  # [N, T]
     kd_on_gold = (needs.teacher_forward or needs.teacher_reverse) and needs.kd_states == "gold"
     gold_raw = completion_logits(student, gold.prompts, gold.completions, vocab_size) if kd_on_gold else None  # [B, T', V] with grad
     if frozen_scores is None:
-        frozen_scores = score_frozen(raw.detach(), rollout, needs, vocab_size, frozen, temperature, gold, gold_raw)
+        student_raw = raw.detach() if raw is not None else None
+        frozen_scores = score_frozen(student_raw, rollout, needs, vocab_size, frozen, temperature, gold, gold_raw, logit_chunk)
     with torch.no_grad():
-        metrics = {"entropy": masked_mean(entropy(logits.detach()), mask)} | frozen_scores.metrics
+        metrics = {"entropy": masked_mean(token_entropy, mask)} | frozen_scores.metrics
     kd = None
     if frozen_scores.mixture is not None:
         states, kd_raw = (gold, gold_raw) if kd_on_gold else (rollout, raw)
         kd = KDStates(kd_raw, states.completions.mask.float(), needs.kd_tau, *frozen_scores.mixture)
     batch = Batch(
-        logp=token_logp(logits, ids),  # [N, T]
+        logp=logp,  # [N, T]
         mask=mask,
         group_size=rollout.group_size,
         rewards=rollout.rewards,
@@ -284,8 +311,8 @@ def score(
 
 @torch.no_grad()
 def score_frozen(
-    student_raw: Tensor, rollout: Rollout, needs: Needs, vocab_size: int, frozen: Frozen, temperature: float,
-    gold: Rollout | None = None, gold_raw: Tensor | None = None,
+    student_raw: Tensor | None, rollout: Rollout, needs: Needs, vocab_size: int, frozen: Frozen, temperature: float,
+    gold: Rollout | None = None, gold_raw: Tensor | None = None, logit_chunk: int | None = None,
 ) -> FrozenScores:
     """The reference's and the teachers' scores of a rollout, as `needs` asks (the student's logits feed metrics only)."""
     ref_logp = ref_logits = None
@@ -293,9 +320,11 @@ def score_frozen(
         if frozen.reference is None:
             raise ValueError("the objective needs a reference model but none was loaded")
         with frozen.reference_scope():
-            ref_all = completion_logits(frozen.reference, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
-        ref_logp = token_logp(ref_all, rollout.completions.ids) if needs.ref_logp else None  # [N, T]
-        ref_logits = ref_all if needs.ref_logits else None
+            if needs.ref_logits:
+                ref_logits = completion_logits(frozen.reference, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
+                ref_logp = token_logp(ref_logits, rollout.completions.ids) if needs.ref_logp else None  # [N, T]
+            else:
+                ref_logp = frozen_logp(frozen.reference, rollout, vocab_size, temperature, logit_chunk)  # [N, T]
     if not needs_teachers(needs):
         return FrozenScores(ref_logp, ref_logits)
     teacher_logp, weights, mixture, metrics = _score_teachers(student_raw, rollout, needs, vocab_size, frozen.teachers, gold, gold_raw, temperature)

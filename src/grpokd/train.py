@@ -33,7 +33,7 @@ from grpokd.models import coverage, loading
 from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.models.student import LoRA, add_lora, enable_checkpointing, lora_config, save_student
 from grpokd.module import GRPOKDModule, Optim
-from grpokd.rollout import Sampling, needs_teachers
+from grpokd.rollout import Sampling, check_chunkable, needs_teachers
 
 MODES = ("train", "eval")
 
@@ -80,6 +80,10 @@ def prepare(cfg: DictConfig) -> Prepared:
     check_range("trainer.max_steps", cfg.trainer.max_steps, low=1, integer=True)
     check_range("checkpoint_every", cfg.checkpoint_every, low=1, integer=True)
     check_range("eval_pass_k", cfg.eval_pass_k, low=0, integer=True)
+    if cfg.model.get("logit_chunk") is not None:
+        check_range("model.logit_chunk", cfg.model.logit_chunk, low=1, integer=True)
+        if cfg.mode == "train":
+            check_chunkable(objective.needs)
     if cfg.mode == "train" and objective.needs.rollouts and sampling.group_size < 2:
         raise ConfigError(
             f"group_size={sampling.group_size}: objective {cfg.objective.name} compares completions within a group; set group_size>=2"
@@ -220,7 +224,7 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         teachers=teachers, samples_every=cfg.log.samples_every, samples_dir=run_dir,
         updates_per_rollout=cfg.updates_per_rollout, minibatches=cfg.rollout.minibatches,
         train_reward=prep.train_reward, mask_truncated_completions=cfg.rollout.mask_truncated_completions,
-        eval_pass_k=cfg.eval_pass_k,
+        eval_pass_k=cfg.eval_pass_k, logit_chunk=cfg.model.get("logit_chunk"),
         reference_adapters_off=reference_adapters_off,
     )
 

@@ -11,13 +11,17 @@ For a seq2seq model the encoder runs once per prompt, in sampling (as
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd.models.student import checkpointing_off
+from grpokd.objectives.terms import entropy
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,63 @@ def generate(
     ids = out[:, 1:] if is_seq2seq(model) else out[:, prompts.ids.shape[1] :]  # drop decoder start / the prompt
     mask = completion_mask(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)  # [N, T]
     return Tokens(ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask)
+
+
+@contextlib.contextmanager
+def head_skipped(model: PreTrainedModel) -> Iterator[torch.nn.Linear]:
+    """Inside, the model's output head is the identity, so its "logits" are the final hidden states [.., H] (T5's
+    tied-embedding rescaling included); yields the head. Refused for models that transform the logits after the
+    head (final logit soft-capping), whose hidden states the head alone would not turn into their logits."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(f"chunked log-probs need a plain linear output head without logit soft-capping; {type(model).__name__} has none")
+    head.forward = lambda hidden: hidden  # an instance attribute shadows Linear.forward
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def completion_logp(
+    model: PreTrainedModel, prompts: Tokens, completions: Tokens, vocab_size: int | None, temperature: float, chunk: int,
+) -> tuple[Tensor, Tensor]:
+    """log softmax(logits / temperature) at the completion tokens [N, T], and the entropy there [N, T] (detached),
+    without the [N, T, V] logits: `completion_logits`' values, with memory bounded by `chunk` rows of V.
+
+    The model runs to its final hidden states [N, T, H]; `chunked_logp` applies the output head `chunk` (of N*T)
+    positions at a time and recomputes each chunk's logits in the backward pass.
+    """
+    with head_skipped(model) as head:
+        hidden = completion_logits(model, prompts, completions)  # [N, T, H]: the head is the identity here
+    return chunked_logp(hidden, head.weight, head.bias, completions.ids, vocab_size, temperature, chunk)
+
+
+def chunked_logp(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, vocab_size: int | None, temperature: float, chunk: int,
+) -> tuple[Tensor, Tensor]:
+    """`token_logp(linear(hidden, weight, bias)[..., :vocab_size] / temperature, ids)` and the entropy of that
+    distribution (detached), `chunk` positions at a time: [N, T, H], [V', H], [N, T] -> [N, T], [N, T].
+
+    Each chunk's [chunk, V] logits live only inside a checkpointed function: the forward keeps none of them and
+    the backward recomputes them chunk by chunk (as cut-cross-entropy and Liger's fused losses do), so memory
+    is O(N*T*H + chunk*V) instead of O(N*T*V); values and gradients equal the unchunked ones.
+    """
+    flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)  # [N*T, H], [N*T]
+    logps, entropies = [], []
+    for start in range(0, flat_ids.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        logp, ent = checkpoint(_chunk_logp, flat_hidden[rows], weight, bias, flat_ids[rows], vocab_size, temperature, use_reentrant=False)
+        logps.append(logp)
+        entropies.append(ent)
+    return torch.cat(logps).view(ids.shape), torch.cat(entropies).view(ids.shape)
+
+
+def _chunk_logp(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, vocab_size: int | None, temperature: float) -> tuple[Tensor, Tensor]:
+    """One chunk: [C, H] hidden states -> log-probs of `ids` [C] (with grad) and entropies [C] (detached)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)[..., :vocab_size] / temperature  # [C, V]
+    with torch.no_grad():
+        ent = entropy(logits)  # [C]
+    return token_logp(logits, ids), ent
 
 
 def completion_logits(model: PreTrainedModel, prompts: Tokens, completions: Tokens, vocab_size: int | None = None) -> Tensor:
