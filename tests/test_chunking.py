@@ -152,3 +152,22 @@ def test_objectives_that_need_full_distributions_are_refused():
                         (Needs(teacher_logp=True), "teachers"), (Needs(teacher_forward=True), "teachers")]:
         with pytest.raises(ConfigError, match=what):
             ro.check_chunkable(needs)
+
+
+def test_a_chunked_grpo_run_logs_the_same_losses_and_j1_is_refused_at_start_up(quick_cfg, tmp_path):
+    from test_train import read_metrics, train_column
+
+    from grpokd.train import prepare, train
+
+    losses = []
+    for chunk in ("null", "16"):
+        run = tmp_path / f"chunk-{chunk}"
+        results = train(quick_cfg("objective=grpo", "model=tiny_causal", f"model.logit_chunk={chunk}", "log.csv=true", "eval_before=false", run_dir=run))
+        assert results["status"] == "complete"
+        losses.append(train_column(read_metrics(run), "train/loss"))
+    assert len(losses[0]) == 4
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
+    with pytest.raises(ConfigError, match="model.logit_chunk: this objective needs"):
+        prepare(quick_cfg("objective=j1", "model.logit_chunk=16"))
+    with pytest.raises(ConfigError, match="model.logit_chunk"):
+        prepare(quick_cfg("objective=grpo", "model.logit_chunk=0"))
