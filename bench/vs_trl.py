@@ -1,0 +1,171 @@
+"""grpokd against TRL's GRPOTrainer on the same model, data and batch: step times and their ratio.
+
+    pip install -e ".[bench]"     # TRL
+    python bench/vs_trl.py [--steps 30] [--repeats 3] [--prompts 4] [--group 8] [--tokens 16]
+
+Both train the embedded `tiny-llama-student` with its tokenizer on `arith`
+training prompts, `prompts` x `group` completions of at most `tokens` new
+tokens per step, temperature 1, no top-k, beta 0.04, lr 1e-4, on the CPU, one
+process at a time. grpokd runs `python run.py objective=grpo model=tiny_causal`
+with evaluation off and TRL's default loss (DAPO's token-level mean,
+`objective.aggregation=token_mean`); TRL runs GRPOTrainer with its defaults
+otherwise (group-scaled advantages, epsilon 0.2, k3 KL to the reference). The
+figure is each trainer's own per-step timer, median over the steps after the
+first 3: TRL's logged `step_time` (sampling, scoring, backward and optimiser
+step), grpokd's `train/step_time_s` (batch start to after the optimiser step).
+Start-up and evaluation are not in it. Each run is a fresh subprocess; the
+table gives the median over `repeats` runs of those medians.
+
+`--profile` instead runs grpokd's side once under cProfile and prints where a
+training step's time goes: sampling (HF `generate`), rewards and decoding,
+scoring the student (forward with grad) and the frozen models, the objective,
+backward, Lightning's `self.log`, the optimiser update, and the rest of
+Lightning's loop (cProfile's own overhead inflates every figure alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WARMUP = 3  # steps left out of the median (first allocations, lazy initialisation)
+
+
+def grpokd_command(args: argparse.Namespace, out: Path) -> list[str]:
+    return [
+        sys.executable, str(REPO / "run.py"), "objective=grpo", "model=tiny_causal", f"trainer.max_steps={args.steps}",
+        f"data.prompts_per_step={args.prompts}", f"group_size={args.group}", f"rollout.sampling.max_new_tokens={args.tokens}",
+        "beta=0.04", "objective.aggregation=token_mean", "optim.lr=1e-4", "eval_before=false", "eval_test=false", "eval_pass_k=0", "data.val_size=0",
+        "logger=none", "log.csv=true", "callbacks=none", f"hydra.run.dir={out}",
+    ]
+
+
+def grpokd_run(args: argparse.Namespace, out: Path) -> float:
+    """Median `train/step_time_s` of one `run.py` run."""
+    done = subprocess.run(grpokd_command(args, out), capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"grpokd run failed:\n{done.stderr[-3000:]}")
+    with open(out / "csv" / "metrics.csv") as f:
+        times = [float(r["train/step_time_s"]) for r in csv.DictReader(f) if r.get("train/step_time_s")]
+    return statistics.median(times[WARMUP:])
+
+
+PHASES = (  # (label, file suffix, function): cumulative time of each, per step
+    ("sampling: generate", "grpokd/models/scoring.py", "generate"),
+    ("rewards, decoding (sample - generate)", "grpokd/rollout.py", "sample"),
+    ("scoring: student forward (score - frozen)", "grpokd/rollout.py", "score"),
+    ("scoring: reference (score_frozen)", "grpokd/rollout.py", "score_frozen"),
+    ("objective", "grpokd/objectives/policy.py", "__call__"),
+    ("backward", "torch/_tensor.py", "backward"),
+    ("Lightning self.log", "lightning/pytorch/core/module.py", "log"),
+    ("optimiser update", "torch/optim/adam.py", "adam"),
+    ("training loop total", "lightning/pytorch/loops/training_epoch_loop.py", "advance"),
+)
+
+
+def grpokd_profile(args: argparse.Namespace) -> None:
+    """Profile one grpokd run with cProfile and print the time per step of each phase."""
+    import pstats
+
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "cProfile", "-o", f"{out}/prof", *grpokd_command(args, Path(out) / "run")[1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if done.returncode != 0:
+            raise SystemExit(f"grpokd run failed:\n{done.stderr[-3000:]}")
+        stats = pstats.Stats(f"{out}/prof").stats
+    cumulative = {}
+    for label, suffix, function in PHASES:
+        cumulative[label] = sum(v[3] for (f, _, name), v in stats.items() if f.endswith(suffix) and name == function)
+    cumulative["rewards, decoding (sample - generate)"] -= cumulative["sampling: generate"]
+    cumulative["scoring: student forward (score - frozen)"] -= cumulative["scoring: reference (score_frozen)"]
+    total = cumulative.pop("training loop total")
+    print(f"grpokd objective=grpo under cProfile, {args.steps} steps: {1000 * total / args.steps:.1f} ms per step")
+    print("| phase | ms per step | share |")
+    print("|---|---|---|")
+    for label, seconds in [*cumulative.items(), ("rest of the loop", total - sum(cumulative.values()))]:
+        print(f"| {label} | {1000 * seconds / args.steps:.1f} | {100 * seconds / total:.0f}% |")
+
+
+def trl_one(args: argparse.Namespace) -> float:
+    """Median `step_time` of one GRPOTrainer run (in this process)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpokd.data.rewards import NumericReward
+    from grpokd.data.sources import arith
+    from grpokd.models import loading
+
+    tokenizer = loading.load_tokenizer("tiny-llama-student")
+    model = loading.load_model("tiny-llama-student")
+    train = arith().train[: args.prompts * args.steps]
+    data = Dataset.from_dict({"prompt": [e.prompt for e in train], "answer": [e.answer for e in train]})
+    correct = NumericReward()
+
+    def reward(completions: list[str], answer: list[str], **_: object) -> list[float]:
+        return [correct(c, a) for c, a in zip(completions, answer)]
+
+    times: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_log(self, _args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs and "step_time" in logs:
+                times.append(float(logs["step_time"]))
+
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(
+            output_dir=out, use_cpu=True, bf16=False, max_steps=args.steps, per_device_train_batch_size=args.prompts * args.group,
+            num_generations=args.group, max_completion_length=args.tokens, temperature=1.0, top_k=0, beta=0.04,
+            learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to="none", save_strategy="no",
+            disable_tqdm=True, seed=0,
+        )
+        GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[StepTimes()]).train()
+    return statistics.median(times[WARMUP:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--profile", action="store_true", help="profile grpokd's step instead (no TRL needed)")
+    parser.add_argument("--trl-one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.profile:
+        grpokd_profile(args)
+        return
+    if args.trl_one:
+        print(json.dumps({"step_time": trl_one(args)}))
+        return
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit('TRL is not installed: pip install -e ".[bench]"') from None
+    flags = [f"--{k}={getattr(args, k)}" for k in ("steps", "prompts", "group", "tokens")]
+    ours, theirs = [], []
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory() as out:
+            ours.append(grpokd_run(args, Path(out) / "run"))
+        done = subprocess.run([sys.executable, __file__, "--trl-one", *flags], check=True, capture_output=True, text=True, cwd=REPO)
+        theirs.append(json.loads(done.stdout.strip().splitlines()[-1])["step_time"])
+        print(f"repeat {repeat}: grpokd {ours[-1]:.4f} s/step, TRL {theirs[-1]:.4f} s/step", flush=True)
+    a, b = statistics.median(ours), statistics.median(theirs)
+    print(f"\nTRL {trl.__version__}, {args.prompts} prompts x {args.group} completions, <= {args.tokens} new tokens, "
+          f"{args.steps} steps, median of {args.repeats} runs of the in-loop median step time (first {WARMUP} steps left out)")
+    print("| trainer | s/step | throughput vs TRL |")
+    print("|---|---|---|")
+    print(f"| TRL GRPOTrainer | {b:.4f} | 1.00x |")
+    print(f"| grpokd objective=grpo | {a:.4f} | {b / a:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
