@@ -206,7 +206,7 @@ class GRPOKDModule(L.LightningModule):
             rollout = ro.mask_truncated(rollout)
         old_logp = None
         if self.steps_per_rollout > 1:
-            old_logp = ro.behaviour_logp(self.student, rollout, self.vocab_size, self.temperature(needs), self.logit_chunk)
+            old_logp = ro.frozen_logp(self.student, rollout, self.vocab_size, self.temperature(needs), self.logit_chunk)
         return RolloutBuffer(rollout, gold, old_logp)
 
     def temperature(self, needs) -> float:

@@ -149,13 +149,9 @@ def from_state(state: dict, device: torch.device | str = "cpu") -> Rollout:
 
 
 @torch.no_grad()
-def behaviour_logp(model: PreTrainedModel, rollout: Rollout, vocab_size: int, temperature: float, logit_chunk: int | None = None) -> Tensor:
-    """pi_old's log-probs of the completion tokens, [N, T]: the policy that sampled them, before any update on them."""
-    return frozen_logp(model, rollout, vocab_size, temperature, logit_chunk)
-
-
-def frozen_logp(model: PreTrainedModel, rollout: Rollout, vocab_size: int, temperature: float, logit_chunk: int | None) -> Tensor:
-    """A no-grad model's log-probs of the completion tokens at `temperature`, [N, T]; `logit_chunk` positions at a time."""
+def frozen_logp(model: PreTrainedModel, rollout: Rollout, vocab_size: int, temperature: float, logit_chunk: int | None = None) -> Tensor:
+    """A model's log-probs of the completion tokens at `temperature`, without grad, [N, T]: the reference's, or
+    pi_old's (the student that sampled them, before any update on them); `logit_chunk` positions at a time."""
     if logit_chunk:
         return completion_logp(model, rollout.prompts, rollout.completions, vocab_size, temperature, logit_chunk)[0]
     return token_logp(completion_logits(model, rollout.prompts, rollout.completions, vocab_size) / temperature, rollout.completions.ids)
