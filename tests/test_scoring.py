@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from grpokd.data.arith import make_arith
+from grpokd.models import loading
 from grpokd.models.scoring import Tokens, completion_logits, completion_mask, decode, generate, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.tokenizer import build_tokenizer
 from grpokd.models.zoo import Recipe, init_model
@@ -71,6 +73,69 @@ def test_seq2seq_scoring_matches_the_models_own_teacher_forced_loss():
         ours = -token_logp(completion_logits(model, prompts, target), target.ids).mean()
         theirs = model(input_ids=prompts.ids, attention_mask=prompts.mask, labels=target.ids).loss
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_scoring_shares_each_prompt_and_matches_the_models_own_loss_on_the_whole_sequences():
+    """The prompt's KV cache is computed once on B rows and shared by its K completions: the log-probs and their
+    gradients are those of the model's own loss on the N concatenated (unpadded) sequences."""
+    torch.manual_seed(0)
+    model, tokenizer = tiny("llama")
+    model.train()
+    examples = make_arith(3, seed=1)
+    prompts = tokenize_prompts(tokenizer, [ex.prompt for ex in examples], 64)  # [B, P], left-padded, unequal lengths
+    assert (prompts.mask == 0).any()
+    group = 2
+    targets = tokenize_targets(tokenizer, [ex.solution for ex in examples for _ in range(group)], 48)  # [N, T]
+    targets = Tokens(targets.ids, targets.mask.clone())
+    targets.mask[1, 3:] = 0  # one row ends early: its own padding
+    rows_seen = []
+    model.get_input_embeddings().register_forward_hook(lambda mod, args, out: rows_seen.append(tuple(out.shape[:2])))
+    logp = token_logp(completion_logits(model, prompts, targets), targets.ids)  # [N, T]
+    assert rows_seen == [tuple(prompts.ids.shape), tuple(targets.ids.shape)]  # prompts once ([B, P]), then the completions
+    shared = (logp * targets.mask).sum()
+    shared_grads = torch.autograd.grad(shared, list(model.parameters()))
+    whole = 0.0
+    for n in range(targets.ids.shape[0]):
+        prompt = prompts.ids[n // group][prompts.mask[n // group].bool()]
+        completion = targets.ids[n][targets.mask[n].bool()]
+        ids = torch.cat([prompt, completion])[None]
+        labels = ids.masked_fill(torch.arange(ids.shape[1]) < len(prompt), -100)
+        whole = whole - model(input_ids=ids, labels=labels).loss * len(completion)  # the sum of the completion's log-probs
+    whole_grads = torch.autograd.grad(whole, list(model.parameters()))
+    torch.testing.assert_close(shared, whole, atol=1e-4, rtol=1e-5)
+    for a, b in zip(shared_grads, whole_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def hf_generate(model, tokenizer, prompts: Tokens, group_size: int, max_new_tokens: int, **sampling) -> Tensor:
+    """transformers' own `generate`, the completion ids only ([N, T])."""
+    out = model.generate(input_ids=prompts.ids, attention_mask=prompts.mask, num_return_sequences=group_size, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+    return out[:, 1:] if model.config.is_encoder_decoder else out[:, prompts.ids.shape[1]:]
+
+
+SAMPLINGS = {
+    "greedy": dict(do_sample=False),
+    "t1": dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0),
+    "t0.7-k8-p0.9": dict(do_sample=True, temperature=0.7, top_k=8, top_p=0.9),
+}
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=list(SAMPLINGS))
+@pytest.mark.parametrize("name", ["tiny-t5-student", "tiny-llama-student"])
+def test_generate_draws_the_tokens_transformers_generate_draws_under_the_same_seed(name, sampling):
+    """The decoding loop is transformers' sampling step for step (same warpers, same random draws), on the shipped
+    students, whose completions end at EOS at different lengths."""
+    model, tokenizer = loading.load_model(name).train(), loading.load_tokenizer(name)
+    prompts = tokenize_prompts(tokenizer, [ex.prompt for ex in make_arith(5, seed=8)], 64)
+    group = 4 if SAMPLINGS[sampling]["do_sample"] else 1  # transformers has no K greedy completions
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ours = generate(model, tokenizer, prompts, group, 24, **SAMPLINGS[sampling])
+        torch.manual_seed(seed)
+        theirs = hf_generate(model, tokenizer, prompts, group, 24, **SAMPLINGS[sampling])
+        assert group == 1 or ours.mask.sum(-1).min() < ours.mask.sum(-1).max()  # ragged: rows stop at their own EOS
+        assert torch.equal(ours.ids, theirs.masked_fill(ours.mask == 0, tokenizer.pad_token_id))
 
 
 def test_seq2seq_encoder_runs_once_per_prompt_when_sampling_and_scoring():

@@ -5,22 +5,24 @@ decoder's tokens, for a causal model the continuation of the left-padded
 prompt. Each completion ends with the first EOS (included, mask 1); what
 follows is padding (mask 0). Rows n*K .. n*K+K-1 belong to prompt n.
 
-For a seq2seq model the encoder runs once per prompt, in sampling (as
-`generate` does) and in scoring (its states are repeated K times).
+Each prompt runs once per rollout step, not K times: in sampling and in scoring
+a seq2seq model's encoder runs on the B prompts (its states repeated K times), and
+a causal model's prompt KV cache is computed on the B prompts and repeated K times.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from grpokd.models.student import checkpointing_off
+from grpokd.models.student import checkpointed_layers, checkpointing_off
 from grpokd.objectives.terms import entropy
 
 
@@ -82,22 +84,84 @@ def generate(
 ) -> Tokens:
     """Sample `group_size` completions per prompt ([B, P] -> [B*K, T]); greedy when do_sample=False.
 
+    A plain decoding loop on the model's KV cache, transformers' `generate` step for step, with fewer round
+    trips: each prompt runs once (`decoding`), then every step feeds the N tokens just chosen and draws the next
+    from softmax(logits / temperature) after top-k and top-p (transformers' own warpers, in generate's order,
+    one `torch.multinomial` per step; argmax when greedy). Rows that have emitted EOS get padding; the loop stops
+    when every row has its EOS or at `max_new_tokens`. Under the same seed it returns `generate`'s tokens (a test
+    checks). The model's generation_config is not read: a repetition penalty or a default top-k there would
+    sample from another distribution than the one the rollout is scored under.
+
     Gradient checkpointing is suspended meanwhile: its layers would drop the KV cache that decoding reads.
     """
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else dict(do_sample=False)
+    warpers = LogitsProcessorList()
+    if do_sample:
+        warpers += [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        warpers += [TopKLogitsWarper(top_k)] if top_k else []
+        warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    chosen = []
     with checkpointing_off(model):
-        out = model.generate(
-            input_ids=prompts.ids,
-            attention_mask=prompts.mask,
-            num_return_sequences=group_size,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
-    ids = out[:, 1:] if is_seq2seq(model) else out[:, prompts.ids.shape[1] :]  # drop decoder start / the prompt
+        logits, step = decoding(model, prompts, group_size)  # [N, V]
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)  # [N] rows past their EOS
+        while True:
+            scores = warpers(None, logits.float())  # [N, V]
+            token = torch.multinomial(scores.softmax(-1), 1).squeeze(1) if do_sample else scores.argmax(-1)  # [N]
+            token = token.masked_fill(done, tokenizer.pad_token_id)
+            chosen.append(token)
+            done |= token == tokenizer.eos_token_id
+            if len(chosen) == max_new_tokens or bool(done.all()):
+                break
+            logits = step(token)
+    ids = torch.stack(chosen, 1)  # [N, T]
     mask = completion_mask(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)  # [N, T]
     return Tokens(ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask)
+
+
+def decoding(model: PreTrainedModel, prompts: Tokens, group_size: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """Start decoding K continuations of each prompt: the first next-token logits [N, V], and a step function
+    (the N tokens just chosen [N] -> the next logits [N, V]) that extends the KV cache it holds.
+
+    Each prompt runs once: for seq2seq the encoder on the B prompts, its states repeated K times; for a causal
+    model the prompt's cache is computed on the B prompts and repeated K times.
+    """
+    cache = None
+    if is_seq2seq(model):
+        encoded = model.get_encoder()(input_ids=prompts.ids, attention_mask=prompts.mask).last_hidden_state.repeat_interleave(group_size, 0)  # [N, P, D]
+        encoder_mask = prompts.mask.repeat_interleave(group_size, 0)  # [N, P]
+
+        def step(tokens: Tensor) -> Tensor:
+            nonlocal cache
+            out = model(encoder_outputs=(encoded,), attention_mask=encoder_mask, decoder_input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            return out.logits[:, -1]
+
+        return step(torch.full_like(encoder_mask[:, 0], model.config.decoder_start_token_id)), step
+    logits, cache = prompt_cache(model, prompts, group_size)  # [N, V]
+    mask = prompts.mask.repeat_interleave(group_size, 0)  # [N, P+t]: grows by one column per step
+    position = mask.sum(-1, keepdim=True) - 1  # [N, 1]: the last prompt token's position
+
+    def step(tokens: Tensor) -> Tensor:
+        nonlocal cache, mask, position
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        position = position + 1
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        return out.logits[:, -1]
+
+    return logits, step
+
+
+def prompt_cache(model: PreTrainedModel, prompts: Tokens, group_size: int) -> tuple[Tensor, Any]:
+    """A causal model on the B left-padded prompts once: the last position's logits, repeated K times [N, V], and
+    the prompts' KV cache, each row repeated K times (N rows), for K continuations of each prompt."""
+    out = model(input_ids=prompts.ids, attention_mask=prompts.mask, position_ids=positions(prompts.mask), use_cache=True)
+    out.past_key_values.batch_repeat_interleave(group_size)
+    return out.logits[:, -1].repeat_interleave(group_size, 0), out.past_key_values
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position ids under left padding: each row's real tokens count from 0 (padding gets 0 too, and is masked)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @contextlib.contextmanager
@@ -162,6 +226,11 @@ def completion_logits(model: PreTrainedModel, prompts: Tokens, completions: Toke
 
     N must be a multiple of B (K completions per prompt). Logits are sliced to
     `vocab_size` (the tokenizer's length) where the embedding is padded.
+
+    Each prompt runs once: a seq2seq model's encoder on the B prompts; a causal model's prompt KV cache, with grad,
+    computed on the B prompts and shared by their K completions, which run on it (the values of scoring the N
+    concatenated sequences, to float rounding, at a fraction of the tokens). Under gradient checkpointing, whose
+    layers drop the cache, a causal model runs the N whole sequences instead.
     """
     group_size = completions.ids.shape[0] // prompts.ids.shape[0]
     if is_seq2seq(model):
@@ -175,12 +244,17 @@ def completion_logits(model: PreTrainedModel, prompts: Tokens, completions: Toke
             use_cache=False,
         )
         logits = out.logits  # [N, T, V]
-    else:
+    elif checkpointed_layers(model):  # its layers drop the KV cache: the N whole sequences, prompts repeated
         ids = torch.cat([prompts.ids.repeat_interleave(group_size, 0), completions.ids], 1)  # [N, P+T]
         mask = torch.cat([prompts.mask.repeat_interleave(group_size, 0), completions.mask], 1)  # [N, P+T]
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
         logits = out.logits[:, prompts.ids.shape[1] - 1 : -1]  # [N, T, V]: position t predicts completion token t
+    else:  # the prompt once, its cache (with grad) shared by its K completions
+        first, cache = prompt_cache(model, prompts, group_size)  # [N, V]: the last prompt position predicts token 0
+        mask = torch.cat([prompts.mask.repeat_interleave(group_size, 0), completions.mask], 1)  # [N, P+T]
+        out = model(input_ids=completions.ids, attention_mask=mask, position_ids=positions(mask)[:, prompts.ids.shape[1] :],
+                    past_key_values=cache, use_cache=False)
+        logits = torch.cat([first[:, None], out.logits[:, :-1]], 1)  # [N, T, V]: completion position t predicts token t+1
     return logits[..., :vocab_size] if vocab_size is not None else logits
 
 

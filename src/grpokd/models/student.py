@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd.errors import ConfigError, check_range
@@ -103,10 +104,15 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def checkpointed_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The modules with gradient checkpointing on (empty when it is off)."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
 @contextlib.contextmanager
 def checkpointing_off(model: PreTrainedModel) -> Iterator[None]:
     """Suspend gradient checkpointing inside: generation needs the KV cache that checkpointed layers drop."""
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    layers = checkpointed_layers(model)
     for layer in layers:
         layer.gradient_checkpointing = False
     try:
