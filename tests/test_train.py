@@ -85,6 +85,22 @@ def test_minibatches_and_a_format_reward_on_a_composed_objective(quick_cfg, tmp_
     assert len(train_column(rows, "train/entropy_bonus")) == 4 and len(train_column(rows, "train/ta_mean")) == 4
 
 
+def test_training_metrics_reach_the_loggers_every_n_steps_and_callbacks_that_monitor_them(quick_cfg, tmp_path):
+    """The stacked training metrics follow `trainer.log_every_n_steps` as Lightning's own do, and a callback can
+    monitor one (early stopping on the sampled reward, checked at each validation, strict: a missing key fails)."""
+    run = tmp_path / "every2"
+    results = train(quick_cfg(
+        "objective=grpo", "eval_before=false", "log.csv=true", "trainer.log_every_n_steps=2", "trainer.val_check_interval=2",
+        "callbacks=early_stopping", "callbacks.early_stopping.monitor=train/reward_mean", "callbacks.early_stopping.patience=100", run_dir=run,
+    ))
+    assert results["status"] == "complete" and results["steps"] == 4
+    rows = read_metrics(run)
+    logged = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+    assert logged == [1, 3]
+    every = [r for r in rows if r.get("train/loss")]
+    assert all(r.get("train/reward_mean") and r.get("train/completion_len_max") and r.get("train/entropy") for r in every)
+
+
 def test_sft_on_the_causal_family_and_eval_mode(quick_cfg, tmp_path):
     results = train(quick_cfg("objective=sft", "model=tiny_causal", run_dir=tmp_path / "sft"))
     assert results["model"] == "tiny-llama-student" and results["steps"] == 4

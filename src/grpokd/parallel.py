@@ -1,7 +1,7 @@
 """Scale-out: what data-parallel (DDP) and sharded (FSDP) runs need beyond Lightning's defaults.
 
 - `gather`: every rank's copy of a Python object (the sample table; the RNG states and pending rollouts
-  in a checkpoint, `rank_entry` reads them back).
+  in a checkpoint, `rank_entry` reads them back); `reduce_over_ranks`: the step's training metrics.
 - `check_launch`: a multirun job under a Hydra launcher other than the basic one refuses Lightning's
   process launcher, which re-runs the command line.
 - `FSDP`: Lightning's FSDPStrategy with a choice for the frozen models (`rollout.Frozen`: the reference and
@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -43,6 +44,15 @@ def gather(obj: T) -> list[T]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, move_data_to_device(obj, "cpu"))
     return gathered
+
+
+def reduce_over_ranks(gathered: Tensor, names: list[str]) -> Tensor:
+    """Every rank's per-step metrics [R, n] (an all-gather of each rank's [n]) -> the step's [n]: maxima (names
+    ending `_max`) by max, the rest by mean. Every rank holds as many prompts and completions, so the mean of the
+    ranks' means is the mean over the step, as DDP's gradient is the ranks' mean; a standard deviation
+    (`reward_std`) is the mean of the ranks' own, not the spread over all ranks' completions."""
+    is_max = torch.tensor([name.endswith("_max") for name in names], device=gathered.device)  # [n]
+    return torch.where(is_max, gathered.amax(0), gathered.mean(0))
 
 
 def rank_entry(entries: list | dict | None, rank: int) -> Any:
