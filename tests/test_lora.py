@@ -83,8 +83,11 @@ def test_scoring_the_reference_between_forward_and_backward_leaves_the_students_
         enable_checkpointing(student)
     student = add_lora(student, LORA).train()
     perturb_adapters(student)
+    copy = loading.load_model(name).requires_grad_(False)
+    if checkpointing:  # scored as the checkpointed student is (whole sequences, no shared prompt cache): equal to the bit
+        enable_checkpointing(copy)
     grads = []
-    for frozen in (ro.Frozen(student, reference_adapters_off=True), ro.Frozen(loading.load_model(name).requires_grad_(False))):
+    for frozen in (ro.Frozen(student, reference_adapters_off=True), ro.Frozen(copy)):
         student.zero_grad()
         batch, _, _ = ro.score(student, rollout, Needs(ref_logp=True), vocab, 0, frozen, 0.7)
         ((batch.logp - batch.ref_logp) ** 2 * batch.mask).sum().backward()  # a k2-style KL to the reference

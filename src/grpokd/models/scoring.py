@@ -153,8 +153,10 @@ def decoding(model: PreTrainedModel, prompts: Tokens, group_size: int) -> tuple[
 
 def prompt_cache(model: PreTrainedModel, prompts: Tokens, group_size: int) -> tuple[Tensor, Any]:
     """A causal model on the B left-padded prompts once: the last position's logits, repeated K times [N, V], and
-    the prompts' KV cache, each row repeated K times (N rows), for K continuations of each prompt."""
-    out = model(input_ids=prompts.ids, attention_mask=prompts.mask, position_ids=positions(prompts.mask), use_cache=True)
+    the prompts' KV cache, each row repeated K times (N rows), for K continuations of each prompt. The output head
+    runs on the last position only (`logits_to_keep`): no [B, P, V] logits, which at a real vocabulary and with
+    grad would be the prompt's largest tensor."""
+    out = model(input_ids=prompts.ids, attention_mask=prompts.mask, position_ids=positions(prompts.mask), use_cache=True, logits_to_keep=1)
     out.past_key_values.batch_repeat_interleave(group_size)
     return out.logits[:, -1].repeat_interleave(group_size, 0), out.past_key_values
 
