@@ -14,7 +14,8 @@ figure is each trainer's own per-step timer, median over the steps after the
 first 3: TRL's logged `step_time` (sampling, scoring, backward and optimiser
 step), grpokd's `train/step_time_s` (batch start to after the optimiser step).
 Start-up and evaluation are not in it. Each run is a fresh subprocess; the
-table gives the median over `repeats` runs of those medians.
+table gives the median over `repeats` runs of those medians, then each repeat's
+ratio (its two runs are back to back, so slow drifts of the machine cancel).
 
 `--profile` instead runs grpokd's side once under cProfile and prints where a
 training step's time goes: sampling (HF `generate`), rewards and decoding,
@@ -159,12 +160,14 @@ def main() -> None:
         theirs.append(json.loads(done.stdout.strip().splitlines()[-1])["step_time"])
         print(f"repeat {repeat}: grpokd {ours[-1]:.4f} s/step, TRL {theirs[-1]:.4f} s/step", flush=True)
     a, b = statistics.median(ours), statistics.median(theirs)
+    paired = sorted(t / o for o, t in zip(ours, theirs))  # each repeat's two runs are back to back: drift cancels
     print(f"\nTRL {trl.__version__}, {args.prompts} prompts x {args.group} completions, <= {args.tokens} new tokens, "
           f"{args.steps} steps, median of {args.repeats} runs of the in-loop median step time (first {WARMUP} steps left out)")
     print("| trainer | s/step | throughput vs TRL |")
     print("|---|---|---|")
     print(f"| TRL GRPOTrainer | {b:.4f} | 1.00x |")
     print(f"| grpokd objective=grpo | {a:.4f} | {b / a:.2f}x |")
+    print(f"\nper-repeat ratios (TRL s/step / grpokd s/step): {', '.join(f'{r:.2f}' for r in paired)}; median {statistics.median(paired):.2f}x")
 
 
 if __name__ == "__main__":

@@ -101,11 +101,11 @@ def test_ddp_on_two_cpu_processes_splits_prompts_keeps_groups_reduces_accuracy_a
     check_ranks_draw_their_own_stream_in_whole_groups(rows, range(4, 6), streams)
 
 
-def test_training_metrics_reduce_over_ranks_by_mean_and_maxima_by_max():
-    gathered = torch.tensor([[1.0, 10.0, 0.5], [3.0, 12.0, 0.25]])  # [ranks, metrics]
-    reduced = parallel.reduce_over_ranks(gathered, ["train/loss", "train/completion_len_max", "train/reward_mean"])
-    assert reduced.tolist() == [2.0, 12.0, 0.375]
-    assert parallel.reduce_over_ranks(gathered[:1], ["train/loss", "train/completion_len_max", "train/reward_mean"]).tolist() == [1.0, 10.0, 0.5]
+def test_training_metrics_reduce_over_ranks_by_mean_maxima_by_max_and_job_rates_by_sum():
+    gathered = torch.tensor([[1.0, 10.0, 0.5, 100.0], [3.0, 12.0, 0.25, 150.0]])  # [ranks, metrics]
+    names = ["train/loss", "train/completion_len_max", "train/reward_mean", "train/tokens_per_s"]
+    assert parallel.reduce_over_ranks(gathered, names).tolist() == [2.0, 12.0, 0.375, 250.0]
+    assert parallel.reduce_over_ranks(gathered[:1], names).tolist() == [1.0, 10.0, 0.5, 100.0]
 
 
 def test_frozen_models_are_submodules_that_are_never_trained_or_checkpointed(quick_cfg, tmp_path):

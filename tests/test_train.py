@@ -98,7 +98,8 @@ def test_training_metrics_reach_the_loggers_every_n_steps_and_callbacks_that_mon
     logged = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
     assert logged == [1, 3]
     every = [r for r in rows if r.get("train/loss")]
-    assert all(r.get("train/reward_mean") and r.get("train/completion_len_max") and r.get("train/entropy") for r in every)
+    keys = ("train/reward_mean", "train/completion_len_max", "train/entropy", "train/grad_norm", "train/step_time_s", "train/tokens_per_s")
+    assert all(r.get(key) for r in every for key in keys)
 
 
 def test_sft_on_the_causal_family_and_eval_mode(quick_cfg, tmp_path):

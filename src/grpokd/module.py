@@ -32,7 +32,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import grad_norm
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -171,6 +170,8 @@ class GRPOKDModule(L.LightningModule):
         self.test_accuracy = MeanMetric()
         self._step_start = 0.0  # perf_counter at the start of the current training batch
         self._step_tokens = 0.0  # prompt + completion tokens processed in it
+        self._step_metrics: dict[str, Tensor] = {}  # the current step's training metrics, logged after its update
+        self._step_metrics_at = 0  # the step they belong to (the optimiser steps taken before it)
         self.updates_per_rollout, self.minibatches = updates_per_rollout, minibatches
         self.buffer: RolloutBuffer | None = None  # the rollout being reused (several updates per rollout)
         self.train_reward = train_reward or WeightedRewards({"correct": reward})
@@ -184,14 +185,16 @@ class GRPOKDModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Step time from batch start to after the optimiser step (sampling, scoring, backward, update).
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The update (Lightning's, which runs `training_step` and backward in its closure), then the step's
+        training metrics (`log_train`), with its grad norm and its time from batch start to after the update.
 
         Under DDP: the ranks' mean step time and the sum of their token rates (the job's throughput).
         """
+        super().optimizer_step(*args, **kwargs)
         elapsed = time.perf_counter() - self._step_start
-        self.log("train/step_time_s", elapsed, batch_size=1, sync_dist=True)
-        self.log("train/tokens_per_s", self._step_tokens / elapsed, batch_size=1, sync_dist=True, reduce_fx="sum")
+        timing = {"step_time_s": torch.tensor(elapsed), "tokens_per_s": torch.tensor(self._step_tokens / elapsed)}
+        self.log_train(self._step_metrics | timing, self._step_metrics_at)
 
     @property
     def steps_per_rollout(self) -> int:
@@ -228,35 +231,34 @@ class GRPOKDModule(L.LightningModule):
         out = self.objective(batch)
         self._step_tokens = float(rollout.completions.mask.sum() + rollout.prompts.mask.sum() * rollout.group_size)
         metrics = {"loss": out.loss.detach(), **score_metrics, **out.metrics, **ro.rollout_metrics(rollout)}
-        self.log_train(metrics)
+        self._step_metrics, self._step_metrics_at = metrics, self.global_step  # logged once the update is done (`optimizer_step`)
         self.log("reward", metrics.get("reward_mean", out.loss.detach()), prog_bar=True, logger=False, batch_size=1, sync_dist=True)
         if self.samples_every and self.global_step % self.samples_every == 0:
             self.log_samples(rollout, out.adv)
         return out.loss
 
-    def log_train(self, metrics: dict[str, Tensor]) -> None:
+    def log_train(self, metrics: dict[str, Tensor], step: int) -> None:
         """train/<name> for each metric: stacked into one tensor, reduced over ranks in one collective
-        (`parallel.reduce_over_ranks`: maxima by max, the rest by mean), put in `trainer.callback_metrics` (for
-        callbacks that monitor them) and handed to the loggers in one call, every `trainer.log_every_n_steps`
-        steps as Lightning logs.
+        (`parallel.reduce_over_ranks`), put in `trainer.callback_metrics` (for callbacks that monitor them) and
+        handed to the loggers in one call at `step`, every `trainer.log_every_n_steps` steps as Lightning logs.
 
         Not `self.log`: Lightning's result collection costs about half a millisecond per key and step, a tenth of
         a small model's step at twenty keys, for epoch aggregation that per-step values do not use.
         """
         names = [f"train/{k}" for k in metrics]
-        local = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])  # [n]
+        local = torch.stack([v.detach().float().reshape(()).to(self.device) for v in metrics.values()])  # [n]
         values = parallel.reduce_over_ranks(self.all_gather(local).reshape(-1, len(names)), names)  # [n]
         self.trainer.callback_metrics.update(zip(names, values))
-        step = self.global_step  # the optimiser steps taken before this one: Lightning's logging step
         if (step + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.should_stop:
             floats = dict(zip(names, values.tolist()), epoch=self.current_epoch)
             for logger in self.loggers:
                 logger.log_metrics(floats, step=step)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.student, norm_type=2)
-        if "grad_2.0_norm_total" in norms:  # after DDP's all-reduce: the same on every rank
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], sync_dist=True)
+        """The gradient's 2-norm before clipping (after DDP's all-reduce: the same on every rank)."""
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if grads:
+            self._step_metrics["grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
     def log_samples(self, rollout: ro.Rollout, adv: Tensor | None, limit: int = 8) -> None:
         """A table of sample completions with reward and advantage: W&B table and samples.jsonl.

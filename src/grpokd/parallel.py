@@ -48,11 +48,13 @@ def gather(obj: T) -> list[T]:
 
 def reduce_over_ranks(gathered: Tensor, names: list[str]) -> Tensor:
     """Every rank's per-step metrics [R, n] (an all-gather of each rank's [n]) -> the step's [n]: maxima (names
-    ending `_max`) by max, the rest by mean. Every rank holds as many prompts and completions, so the mean of the
-    ranks' means is the mean over the step, as DDP's gradient is the ranks' mean; a standard deviation
-    (`reward_std`) is the mean of the ranks' own, not the spread over all ranks' completions."""
+    ending `_max`) by max, rates of the whole job (`_per_s`) by sum, the rest by mean. Every rank holds as many
+    prompts and completions, so the mean of the ranks' means is the mean over the step, as DDP's gradient is the
+    ranks' mean; a standard deviation (`reward_std`) is the mean of the ranks' own, not the spread over all
+    ranks' completions."""
     is_max = torch.tensor([name.endswith("_max") for name in names], device=gathered.device)  # [n]
-    return torch.where(is_max, gathered.amax(0), gathered.mean(0))
+    is_sum = torch.tensor([name.endswith("_per_s") for name in names], device=gathered.device)  # [n]
+    return torch.where(is_max, gathered.amax(0), torch.where(is_sum, gathered.sum(0), gathered.mean(0)))
 
 
 def rank_entry(entries: list | dict | None, rank: int) -> Any:
