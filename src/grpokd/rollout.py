@@ -18,13 +18,14 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd.data.rewards import WeightedRewards
-from grpokd.errors import ConfigError, check_range
+from grpokd.errors import check_range
 from grpokd.models.ensemble import TeacherEnsemble
-from grpokd.models.scoring import Tokens, completion_logits, completion_logp, decode, generate, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.models.scoring import Tokens, completion_logits, decode, generate, logp_and_entropy, student_logits, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.student import adapters_off
 from grpokd.objectives.base import Batch, KDStates, Needs
 from grpokd.objectives.kd import Mixture
-from grpokd.objectives.terms import entropy, masked_mean
+from grpokd.objectives.logits import Logits, per_position
+from grpokd.objectives.terms import masked_mean
 
 
 @dataclass(frozen=True)
@@ -152,20 +153,8 @@ def from_state(state: dict, device: torch.device | str = "cpu") -> Rollout:
 def frozen_logp(model: PreTrainedModel, rollout: Rollout, vocab_size: int, temperature: float, logit_chunk: int | None = None) -> Tensor:
     """A model's log-probs of the completion tokens at `temperature`, without grad, [N, T]: the reference's, or
     pi_old's (the student that sampled them, before any update on them); `logit_chunk` positions at a time."""
-    if logit_chunk:
-        return completion_logp(model, rollout.prompts, rollout.completions, vocab_size, temperature, logit_chunk)[0]
-    return token_logp(completion_logits(model, rollout.prompts, rollout.completions, vocab_size) / temperature, rollout.completions.ids)
-
-
-def check_chunkable(needs: Needs) -> None:
-    """ConfigError unless the objective's terms need only log-probs of the scored tokens, which `model.logit_chunk`
-    computes without the student's [N, T, V] logits (not: teachers, whose per-teacher metrics read the student's
-    full distribution; KD mixtures; the exact KL estimator; the entropy bonus)."""
-    full = [name for name, wanted in (("the student's full logits", needs.logits), ("the reference's full logits", needs.ref_logits),
-                                      ("teachers", needs_teachers(needs))) if wanted]
-    if full:
-        raise ConfigError(f"model.logit_chunk: this objective needs {' and '.join(full)}; chunked scoring covers objectives "
-                          "that use log-probs of the scored tokens only (grpo, sft, the k1-k3 KL estimators); set model.logit_chunk=null")
+    logits = student_logits(model, rollout.prompts, rollout.completions, vocab_size, logit_chunk) / temperature  # [N, T, V]
+    return per_position(logits, token_logp, rollout.completions.ids)
 
 
 def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sampling: Sampling, device: torch.device) -> Rollout:
@@ -264,24 +253,19 @@ def score(
     (from an earlier update on the same rollout) are given. Policy terms are
     scored at the sampling `temperature` (1.0 for gold rollouts); KD terms use
     the student's raw logits, tempered by the objective's own tau. `old_logp`
-    [N, T]: the behaviour policy's log-probs (None: on-policy). `logit_chunk`: score the student and the
-    reference `logit_chunk` positions at a time, without their [N, T, V] logits (`scoring.completion_logp`;
-    objectives that need full distributions are refused, `check_chunkable`).
+    [N, T]: the behaviour policy's log-probs (None: on-policy). `logit_chunk`: the student's logits are
+    `ChunkedLogits`, which every term reads `logit_chunk` positions at a time (`objectives.logits.per_position`),
+    never holding them whole with grad; the reference's log-probs are chunked too. What the frozen models hand
+    the terms (the teachers' mixtures, the reference's logits for the exact KL) is held whole, without grad.
     """
     ids, mask = rollout.completions.ids, rollout.completions.mask.float()  # [N, T]
-    if logit_chunk:  # [N, T] log-probs and entropies, never the [N, T, V] logits
-        check_chunkable(needs)
-        raw = logits = None
-        logp, token_entropy = completion_logp(student, rollout.prompts, rollout.completions, vocab_size, temperature, logit_chunk)
-    else:
-        raw = completion_logits(student, rollout.prompts, rollout.completions, vocab_size)  # [N, T, V]
-        logits = raw / temperature  # [N, T, V]
-        logp, token_entropy = token_logp(logits, ids), entropy(logits.detach())  # [N, T]
+    raw = student_logits(student, rollout.prompts, rollout.completions, vocab_size, logit_chunk)  # [N, T, V], whole or chunked
+    logits = raw / temperature  # [N, T, V]
+    logp, token_entropy = per_position(logits, logp_and_entropy, ids)  # [N, T]
     kd_on_gold = (needs.teacher_forward or needs.teacher_reverse) and needs.kd_states == "gold"
-    gold_raw = completion_logits(student, gold.prompts, gold.completions, vocab_size) if kd_on_gold else None  # [B, T', V] with grad
+    gold_raw = student_logits(student, gold.prompts, gold.completions, vocab_size, logit_chunk) if kd_on_gold else None  # [B, T', V] with grad
     if frozen_scores is None:
-        student_raw = raw.detach() if raw is not None else None
-        frozen_scores = score_frozen(student_raw, rollout, needs, vocab_size, frozen, temperature, gold, gold_raw, logit_chunk)
+        frozen_scores = score_frozen(raw.detach(), rollout, needs, vocab_size, frozen, temperature, gold, gold_raw, logit_chunk)
     with torch.no_grad():
         metrics = {"entropy": masked_mean(token_entropy, mask)} | frozen_scores.metrics
     kd = None
@@ -307,8 +291,8 @@ def score(
 
 @torch.no_grad()
 def score_frozen(
-    student_raw: Tensor | None, rollout: Rollout, needs: Needs, vocab_size: int, frozen: Frozen, temperature: float,
-    gold: Rollout | None = None, gold_raw: Tensor | None = None, logit_chunk: int | None = None,
+    student_raw: Logits, rollout: Rollout, needs: Needs, vocab_size: int, frozen: Frozen, temperature: float,
+    gold: Rollout | None = None, gold_raw: Logits | None = None, logit_chunk: int | None = None,
 ) -> FrozenScores:
     """The reference's and the teachers' scores of a rollout, as `needs` asks (the student's logits feed metrics only)."""
     ref_logp = ref_logits = None
@@ -342,8 +326,8 @@ def needs_gold(needs: Needs, teachers: TeacherEnsemble | None) -> bool:
 
 
 def _score_teachers(
-    raw: Tensor, rollout: Rollout, needs: Needs, vocab_size: int, teachers: TeacherEnsemble | None,
-    gold: Rollout | None, gold_raw: Tensor | None, temperature: float,
+    raw: Logits, rollout: Rollout, needs: Needs, vocab_size: int, teachers: TeacherEnsemble | None,
+    gold: Rollout | None, gold_raw: Logits | None, temperature: float,
 ) -> tuple[Tensor | None, Tensor | None, Mixture | None, dict[str, Tensor]]:
     """Teacher log-probs and weights on the rollout, and the KD mixture at the KD states."""
     if teachers is None:

@@ -33,7 +33,7 @@ from grpokd.models import coverage, loading
 from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.models.student import LoRA, add_lora, enable_checkpointing, lora_config, save_student
 from grpokd.module import GRPOKDModule, Optim
-from grpokd.rollout import Sampling, check_chunkable, needs_teachers
+from grpokd.rollout import Sampling, needs_teachers
 
 MODES = ("train", "eval")
 
@@ -82,8 +82,6 @@ def prepare(cfg: DictConfig) -> Prepared:
     check_range("eval_pass_k", cfg.eval_pass_k, low=0, integer=True)
     if cfg.model.get("logit_chunk") is not None:
         check_range("model.logit_chunk", cfg.model.logit_chunk, low=1, integer=True)
-        if cfg.mode == "train":
-            check_chunkable(objective.needs)
     if cfg.mode == "train" and objective.needs.rollouts and sampling.group_size < 2:
         raise ConfigError(
             f"group_size={sampling.group_size}: objective {cfg.objective.name} compares completions within a group; set group_size>=2"

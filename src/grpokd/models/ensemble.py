@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 from grpokd.errors import ConfigError, check_range
 from grpokd.models.scoring import Tokens, completion_logits, token_logp
 from grpokd.objectives.kd import Mixture, TeacherMixer
+from grpokd.objectives.logits import Logits, per_position
 from grpokd.objectives.terms import entropy, masked_mean
 
 
@@ -142,7 +143,7 @@ class TeacherEnsemble(torch.nn.Module):
         self,
         prompts: Tokens,
         completions: Tokens,
-        student_logits: Tensor,
+        student_logits: Logits,
         vocab_size: int,
         tau: float = 1.0,
         forward: bool = False,
@@ -153,7 +154,7 @@ class TeacherEnsemble(torch.nn.Module):
     ) -> TeacherScores:
         """Score completions [N, T] of prompts [B, P] (N = B*K) with every teacher, one at a time.
 
-        `student_logits` [N, T, V] (detached here) only feed the per-teacher KL metrics.
+        `student_logits` [N, T, V] (detached here; whole or chunked) only feed the per-teacher KL metrics.
         `logp` asks for each teacher's log-probs of the completion tokens at `logp_temperature`.
         `gold_scores` [M, B] are required by competence weighting.
         """
@@ -172,13 +173,11 @@ class TeacherEnsemble(torch.nn.Module):
         return _concat(parts, completions.mask.float())
 
     def _score_rows(
-        self, prompts: Tokens, completions: Tokens, student_logits: Tensor, vocab_size: int, tau: float,
+        self, prompts: Tokens, completions: Tokens, student_logits: Logits, vocab_size: int, tau: float,
         forward: bool, reverse: bool, logp: bool, logp_temperature: float, gold_score: Tensor | None,
     ) -> _Chunk:
         mixer = TeacherMixer(tau, forward=forward, reverse=reverse) if (forward or reverse) else None
         mask = completions.mask.float()  # [n, T]
-        student_logq = student_logits.float().log_softmax(-1)  # [n, T, V]
-        student_q = student_logq.exp()  # [n, T, V]
         log_weights, logps, kl_fwd, kl_rev = [], [], [], []
         fixed = None  # [M, n, T] weights known before the teachers run: mixed directly, no online softmax
         if not self.weighting.uses_logits:
@@ -194,11 +193,10 @@ class TeacherEnsemble(torch.nn.Module):
                 mixer.add(logits, weight=fixed[i])
             if logp:
                 logps.append(token_logp(logits / logp_temperature, completions.ids))  # [n, T]
-            log_p = logits.float().log_softmax(-1)  # [n, T, V]
-            diff = log_p - student_logq  # [n, T, V]
-            kl_fwd.append(masked_mean(torch.linalg.vecdot(log_p.exp_(), diff), mask))  # KL(T_i || theta)
-            kl_rev.append(masked_mean(-torch.linalg.vecdot(student_q, diff), mask))  # KL(theta || T_i)
-            del logits, log_p, diff  # one teacher's [n, T, V] at a time
+            forward_kl, reverse_kl = per_position(student_logits, kl_both_ways, logits)  # [n, T] each
+            kl_fwd.append(masked_mean(forward_kl, mask))
+            kl_rev.append(masked_mean(reverse_kl, mask))
+            del logits  # one teacher's [n, T, V] at a time
         return _Chunk(
             weights=fixed if fixed is not None else torch.stack(log_weights).softmax(0),  # [M, n, T]
             logp=torch.stack(logps) if logp else None,  # [M, n, T]
@@ -207,6 +205,14 @@ class TeacherEnsemble(torch.nn.Module):
             kl_fwd=torch.stack(kl_fwd),  # [M]
             kl_rev=torch.stack(kl_rev),  # [M]
         )
+
+
+def kl_both_ways(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(T || theta) and KL(theta || T) at each position, from the two models' logits: [.., V] -> [..], [..]."""
+    log_q = student_logits.float().log_softmax(-1)
+    log_p = teacher_logits.float().log_softmax(-1)
+    diff = log_p - log_q
+    return torch.linalg.vecdot(log_p.exp(), diff), -torch.linalg.vecdot(log_q.exp(), diff)
 
 
 def _concat(chunks: list[_Chunk], mask: Tensor) -> TeacherScores:

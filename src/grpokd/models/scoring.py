@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from grpokd.models.student import checkpointed_layers, checkpointing_off
+from grpokd.objectives.logits import ChunkedLogits, Logits
 from grpokd.objectives.terms import entropy
 
 
@@ -181,45 +181,21 @@ def head_skipped(model: PreTrainedModel) -> Iterator[torch.nn.Linear]:
         del head.forward
 
 
-def completion_logp(
-    model: PreTrainedModel, prompts: Tokens, completions: Tokens, vocab_size: int | None, temperature: float, chunk: int,
-) -> tuple[Tensor, Tensor]:
-    """log softmax(logits / temperature) at the completion tokens [N, T], and the entropy there [N, T] (detached),
-    without the [N, T, V] logits: `completion_logits`' values, with memory bounded by `chunk` rows of V.
-
-    The model runs to its final hidden states [N, T, H]; `chunked_logp` applies the output head `chunk` (of N*T)
-    positions at a time and recomputes each chunk's logits in the backward pass.
-    """
+def student_logits(model: PreTrainedModel, prompts: Tokens, completions: Tokens, vocab_size: int | None, chunk: int | None = None) -> Logits:
+    """`completion_logits` [N, T, V], or with `chunk` the same logits as `ChunkedLogits`: the model runs to its
+    final hidden states [N, T, H] (its output head made the identity by `head_skipped`), and the head is applied
+    `chunk` positions at a time wherever the logits are used (`objectives.logits.per_position`)."""
+    if not chunk:
+        return completion_logits(model, prompts, completions, vocab_size)
     with head_skipped(model) as head:
         hidden = completion_logits(model, prompts, completions)  # [N, T, H]: the head is the identity here
-    return chunked_logp(hidden, head.weight, head.bias, completions.ids, vocab_size, temperature, chunk)
+    return ChunkedLogits(hidden, head.weight, head.bias, vocab_size, chunk)
 
 
-def chunked_logp(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, vocab_size: int | None, temperature: float, chunk: int,
-) -> tuple[Tensor, Tensor]:
-    """`token_logp(linear(hidden, weight, bias)[..., :vocab_size] / temperature, ids)` and the entropy of that
-    distribution (detached), `chunk` positions at a time: [N, T, H], [V', H], [N, T] -> [N, T], [N, T].
-
-    Each chunk's [chunk, V] logits live only inside a checkpointed function: the forward keeps none of them and
-    the backward recomputes them chunk by chunk (as cut-cross-entropy and Liger's fused losses do), so memory
-    is O(N*T*H + chunk*V) instead of O(N*T*V); values and gradients equal the unchunked ones.
-    """
-    flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)  # [N*T, H], [N*T]
-    logps, entropies = [], []
-    for start in range(0, flat_ids.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        logp, ent = checkpoint(_chunk_logp, flat_hidden[rows], weight, bias, flat_ids[rows], vocab_size, temperature, use_reentrant=False)
-        logps.append(logp)
-        entropies.append(ent)
-    return torch.cat(logps).view(ids.shape), torch.cat(entropies).view(ids.shape)
-
-
-def _chunk_logp(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, vocab_size: int | None, temperature: float) -> tuple[Tensor, Tensor]:
-    """One chunk: [C, H] hidden states -> log-probs of `ids` [C] (with grad) and entropies [C] (detached)."""
-    logits = torch.nn.functional.linear(hidden, weight, bias)[..., :vocab_size] / temperature  # [C, V]
+def logp_and_entropy(logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """log softmax(logits) at `ids` (with grad) and the entropy there (detached): [.., V], [..] -> [..], [..]."""
     with torch.no_grad():
-        ent = entropy(logits)  # [C]
+        ent = entropy(logits)
     return token_logp(logits, ids), ent
 
 

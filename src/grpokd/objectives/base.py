@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from grpokd.objectives.logits import Logits
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -42,7 +44,7 @@ class KDStates:
     so no M x [N', T', V] stack is ever held.
     """
 
-    logits: Tensor  # [N', T', V] student logits at these positions, with grad, untempered
+    logits: Logits  # [N', T', V] student logits at these positions, with grad, untempered (whole or chunked)
     mask: Tensor  # [N', T']
     tau: float
     pbar: Tensor | None = None  # [N', T', V]
@@ -59,7 +61,7 @@ class Batch:
     group_size: int = 1  # K: completions per prompt, consecutive rows form a group
     rewards: Tensor | None = None  # [N]
     old_logp: Tensor | None = None  # [N, T] behaviour-policy log-probs; None means on-policy (logp.detach())
-    logits: Tensor | None = None  # [N, T, V] student logits, with grad
+    logits: Logits | None = None  # [N, T, V] student logits, with grad (whole or chunked: read them with `per_position`)
     ref_logp: Tensor | None = None  # [N, T]
     ref_logits: Tensor | None = None  # [N, T, V]
     teacher_logp: Tensor | None = None  # [M, N, T] each teacher's log-probs of the scored tokens

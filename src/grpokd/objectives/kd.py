@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from grpokd.objectives.base import Batch, KDStates
+from grpokd.objectives.logits import Logits, per_position
 from grpokd.objectives.terms import check_choice, group_advantages, masked_mean
 
 KD_STATES = ("rollouts", "gold")  # where KD is evaluated: the sampled completions or the gold solutions
@@ -148,7 +149,7 @@ class TeacherMixer:
             self._lbar / norm[..., None] if self.reverse else None,  # [N, T, V]
         )
 
-    def kd_states(self, logits: Tensor, mask: Tensor) -> KDStates:
+    def kd_states(self, logits: Logits, mask: Tensor) -> KDStates:
         """The student's logits [N, T, V] (with grad) and mask [N, T] bundled with this mixture."""
         pbar, neg_entropy, lbar = self.result()
         return KDStates(logits=logits, mask=mask, tau=self.tau, pbar=pbar, neg_entropy=neg_entropy, lbar=lbar)
@@ -170,16 +171,19 @@ def forward_kd(kd: KDStates) -> Tensor:
     (d/dz_S = tau (q - pbar)). Computed in float32.
 
     Args:
-        kd: logits [N, T, V] (student, with grad), tau, pbar [N, T, V], neg_entropy [N, T].
+        kd: logits [N, T, V] (student, with grad; whole or `ChunkedLogits`), tau, pbar [N, T, V], neg_entropy [N, T].
 
     Returns:
         [N, T].
     """
     if kd.pbar is None or kd.neg_entropy is None:
         raise ValueError("forward_kd needs kd.pbar and kd.neg_entropy (a forward TeacherMixer)")
-    log_q = F.log_softmax(kd.logits.float() / kd.tau, dim=-1)  # [N, T, V]
-    cross = (kd.pbar.detach() * log_q).sum(-1)  # [N, T]
-    return kd.tau**2 * (kd.neg_entropy.detach() - cross)  # [N, T]
+    return kd.tau**2 * (kd.neg_entropy.detach() - per_position(kd.logits / kd.tau, _cross_entropy_sum, kd.pbar.detach()))  # [N, T]
+
+
+def _cross_entropy_sum(logits: Tensor, pbar: Tensor) -> Tensor:
+    """sum_a pbar(a) log softmax(logits)(a): [.., V], [.., V] -> [..]."""
+    return (pbar * F.log_softmax(logits.float(), dim=-1)).sum(-1)
 
 
 def reverse_kd(kd: KDStates) -> Tensor:
@@ -190,16 +194,20 @@ def reverse_kd(kd: KDStates) -> Tensor:
     valid because sum_i w_i = 1. Gradient flows to kd.logits only. Float32.
 
     Args:
-        kd: logits [N, T, V] (student, with grad), tau, lbar [N, T, V].
+        kd: logits [N, T, V] (student, with grad; whole or `ChunkedLogits`), tau, lbar [N, T, V].
 
     Returns:
         [N, T].
     """
     if kd.lbar is None:
         raise ValueError("reverse_kd needs kd.lbar (a reverse TeacherMixer)")
-    log_q = F.log_softmax(kd.logits.float() / kd.tau, dim=-1)  # [N, T, V]
-    q = log_q.exp()  # [N, T, V]
-    return kd.tau**2 * (q * (log_q - kd.lbar.detach())).sum(-1)  # [N, T]
+    return kd.tau**2 * per_position(kd.logits / kd.tau, _reverse_divergence, kd.lbar.detach())  # [N, T]
+
+
+def _reverse_divergence(logits: Tensor, lbar: Tensor) -> Tensor:
+    """sum_a q(a) (log q(a) - lbar(a)), q = softmax(logits): [.., V], [.., V] -> [..]."""
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    return (log_q.exp() * (log_q - lbar)).sum(-1)
 
 
 def sequence_weights(teacher_weights: Tensor, mask: Tensor) -> Tensor:

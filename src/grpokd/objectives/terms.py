@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from grpokd.objectives.base import Batch
+from grpokd.objectives.logits import per_position
 
 ADV_SCALES = ("group", "batch", "none")
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
@@ -267,7 +268,7 @@ def kl_to_reference(batch: Batch, estimator: str) -> Tensor:
     if estimator == "full":
         if batch.logits is None or batch.ref_logits is None:
             raise ValueError("kl_estimator='full' needs batch.logits and batch.ref_logits")
-        return kl_full(batch.logits, batch.ref_logits)
+        return per_position(batch.logits, kl_full, batch.ref_logits)
     if batch.ref_logp is None:
         raise ValueError(f"kl_estimator={estimator!r} needs batch.ref_logp")
     return kl_sampled(batch.logp, batch.ref_logp, estimator)

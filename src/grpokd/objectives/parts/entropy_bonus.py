@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from grpokd.objectives.base import Batch, Needs
+from grpokd.objectives.logits import per_position
 from grpokd.objectives.policy import Term, TermOut
 from grpokd.objectives.terms import entropy, masked_mean
 
@@ -20,5 +21,5 @@ class EntropyBonus(Term):
     def __call__(self, batch: Batch) -> TermOut:
         if batch.logits is None:
             raise ValueError("the entropy bonus needs batch.logits")
-        ent = entropy(batch.logits)  # [N, T] of the sampling policy
+        ent = per_position(batch.logits, entropy)  # [N, T] of the sampling policy
         return TermOut(-ent, batch.mask, metrics={"entropy_bonus": masked_mean(ent.detach(), batch.mask)})

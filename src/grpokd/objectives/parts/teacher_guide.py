@@ -10,12 +10,15 @@ student's guide use temperature 1 (`batch.kd.logits`, the raw logits).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from grpokd.objectives.base import Batch, Needs
 from grpokd.objectives.kd import require_kd
+from grpokd.objectives.logits import per_position
 from grpokd.objectives.policy import Term, TermOut
 from grpokd.objectives.terms import check_choice, masked_mean
 
@@ -42,6 +45,11 @@ def teacher_targets(pbar: Tensor, mode: str) -> Tensor:
 def hard_guidance(logits: Tensor, targets: Tensor) -> Tensor:
     """-log q(y_t) at each position, q = softmax(logits): [N, T] (gradient to logits)."""
     return -F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # [N, T]
+
+
+def agrees(logits: Tensor, targets: Tensor) -> Tensor:
+    """1.0 where the student's own argmax is the target: [.., V], [..] -> [..]."""
+    return (logits.argmax(-1) == targets).float()
 
 
 def topk_guidance(logits: Tensor, pbar: Tensor, k: int) -> Tensor:
@@ -78,13 +86,13 @@ class TeacherGuide(Term):
 
     def __call__(self, batch: Batch) -> TermOut:
         kd = require_kd(batch, 1.0, "the teacher guide")
-        student = kd.logits  # [N, T, V] raw (temperature 1), with grad
+        student = kd.logits  # [N, T, V] raw (temperature 1), with grad; whole or chunked
         metrics = {}
         if self.target == "topk":
-            guide = topk_guidance(student, kd.pbar, self.top_k)  # [N, T]
+            guide = per_position(student, partial(topk_guidance, k=self.top_k), kd.pbar)  # [N, T]
         else:
             targets = teacher_targets(kd.pbar, self.target)  # [N, T]
-            guide = hard_guidance(student, targets)  # [N, T]
-            metrics["guide_agree"] = masked_mean((student.detach().argmax(-1) == targets).float(), batch.mask)
+            guide = per_position(student, hard_guidance, targets)  # [N, T]
+            metrics["guide_agree"] = masked_mean(per_position(student.detach(), agrees, targets), batch.mask)
         metrics |= {"guide": masked_mean(guide.detach(), batch.mask), "lam": torch.tensor(self.coefficient(batch.step))}
         return TermOut(guide, batch.mask, metrics=metrics)
