@@ -9,7 +9,7 @@ import torch
 from grpokd import rollout as ro
 from grpokd.errors import ConfigError
 from grpokd.models import loading
-from grpokd.models.scoring import completion_logits, generate, logp_and_entropy, student_logits, token_logp, tokenize_prompts
+from grpokd.models.scoring import completion_logits, generate, logits_for, logp_and_entropy, token_logp, tokenize_prompts
 from grpokd.objectives.base import KDStates
 from grpokd.objectives.grpo import GRPO
 from grpokd.objectives.kd import forward_kd
@@ -84,7 +84,7 @@ def test_chunked_logp_of_a_one_hot_head_is_exact():
 
 
 @pytest.mark.parametrize("name", STUDENTS)
-def test_chunked_student_logits_equal_completion_logits_on_the_tiny_models(name):
+def test_chunked_logits_equal_completion_logits_on_the_tiny_models(name):
     tokenizer, model = loading.load_tokenizer(name), loading.load_model(name)
     torch.manual_seed(0)
     prompts = tokenize_prompts(tokenizer, PROMPTS, 64)
@@ -93,7 +93,7 @@ def test_chunked_student_logits_equal_completion_logits_on_the_tiny_models(name)
     grads = []
     for chunk in (None, 5):
         model.zero_grad()
-        logits = student_logits(model, prompts, completions, vocab, chunk) / 0.7
+        logits = logits_for(model, prompts, completions, vocab, chunk) / 0.7
         assert isinstance(logits, ChunkedLogits) == (chunk is not None)
         logp, ent = per_position(logits, logp_and_entropy, completions.ids)
         (logp * completions.mask).sum().backward()
@@ -139,8 +139,8 @@ def test_no_full_vocabulary_tensor_is_saved_for_backward():
     pbar = torch.randn(n, t, vocab).softmax(-1)
     mixture = (pbar, (pbar * pbar.log()).sum(-1))
     for chunk, bound in ((None, lambda saved: saved >= n * t * vocab), (8, lambda saved: saved < n * t * vocab / 2)):
-        logp = saved_new_numel(lambda: per_position(student_logits(model, prompts, completions, None, chunk), token_logp, completions.ids))
-        kd = saved_new_numel(lambda: forward_kd(KDStates(student_logits(model, prompts, completions, None, chunk), completions.mask.float(), 1.0, *mixture)), mixture)
+        logp = saved_new_numel(lambda: per_position(logits_for(model, prompts, completions, None, chunk), token_logp, completions.ids))
+        kd = saved_new_numel(lambda: forward_kd(KDStates(logits_for(model, prompts, completions, None, chunk), completions.mask.float(), 1.0, *mixture)), mixture)
         assert bound(logp) and bound(kd), (chunk, logp, kd)  # chunked: a lost checkpoint would add N T V
 
 

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import check_range
 from grpokd.models.ensemble import TeacherEnsemble
-from grpokd.models.scoring import Tokens, completion_logits, decode, generate, logp_and_entropy, student_logits, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.models.scoring import Tokens, completion_logits, decode, generate, logits_for, logp_and_entropy, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.student import adapters_off
 from grpokd.objectives.base import Batch, KDStates, Needs
 from grpokd.objectives.kd import Mixture
@@ -153,7 +153,7 @@ def from_state(state: dict, device: torch.device | str = "cpu") -> Rollout:
 def frozen_logp(model: PreTrainedModel, rollout: Rollout, vocab_size: int, temperature: float, logit_chunk: int | None = None) -> Tensor:
     """A model's log-probs of the completion tokens at `temperature`, without grad, [N, T]: the reference's, or
     pi_old's (the student that sampled them, before any update on them); `logit_chunk` positions at a time."""
-    logits = student_logits(model, rollout.prompts, rollout.completions, vocab_size, logit_chunk) / temperature  # [N, T, V]
+    logits = logits_for(model, rollout.prompts, rollout.completions, vocab_size, logit_chunk) / temperature  # [N, T, V]
     return per_position(logits, token_logp, rollout.completions.ids)
 
 
@@ -259,11 +259,11 @@ def score(
     the terms (the teachers' mixtures, the reference's logits for the exact KL) is held whole, without grad.
     """
     ids, mask = rollout.completions.ids, rollout.completions.mask.float()  # [N, T]
-    raw = student_logits(student, rollout.prompts, rollout.completions, vocab_size, logit_chunk)  # [N, T, V], whole or chunked
+    raw = logits_for(student, rollout.prompts, rollout.completions, vocab_size, logit_chunk)  # [N, T, V], whole or chunked
     logits = raw / temperature  # [N, T, V]
     logp, token_entropy = per_position(logits, logp_and_entropy, ids)  # [N, T]
     kd_on_gold = (needs.teacher_forward or needs.teacher_reverse) and needs.kd_states == "gold"
-    gold_raw = student_logits(student, gold.prompts, gold.completions, vocab_size, logit_chunk) if kd_on_gold else None  # [B, T', V] with grad
+    gold_raw = logits_for(student, gold.prompts, gold.completions, vocab_size, logit_chunk) if kd_on_gold else None  # [B, T', V] with grad
     if frozen_scores is None:
         frozen_scores = score_frozen(raw.detach(), rollout, needs, vocab_size, frozen, temperature, gold, gold_raw, logit_chunk)
     with torch.no_grad():

@@ -181,10 +181,11 @@ def head_skipped(model: PreTrainedModel) -> Iterator[torch.nn.Linear]:
         del head.forward
 
 
-def student_logits(model: PreTrainedModel, prompts: Tokens, completions: Tokens, vocab_size: int | None, chunk: int | None = None) -> Logits:
-    """`completion_logits` [N, T, V], or with `chunk` the same logits as `ChunkedLogits`: the model runs to its
-    final hidden states [N, T, H] (its output head made the identity by `head_skipped`), and the head is applied
-    `chunk` positions at a time wherever the logits are used (`objectives.logits.per_position`)."""
+def logits_for(model: PreTrainedModel, prompts: Tokens, completions: Tokens, vocab_size: int | None, chunk: int | None = None) -> Logits:
+    """A model's logits at the completion positions, as scoring reads them: `completion_logits` [N, T, V], or with
+    `chunk` the same logits as `ChunkedLogits`: the model runs to its final hidden states [N, T, H] (its output
+    head made the identity by `head_skipped`), and the head is applied `chunk` positions at a time wherever the
+    logits are used (`objectives.logits.per_position`)."""
     if not chunk:
         return completion_logits(model, prompts, completions, vocab_size)
     with head_skipped(model) as head:
