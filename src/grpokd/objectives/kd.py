@@ -17,6 +17,7 @@ time, so M teachers' [N, T, V] tensors are never stacked.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -178,12 +179,13 @@ def forward_kd(kd: KDStates) -> Tensor:
     """
     if kd.pbar is None or kd.neg_entropy is None:
         raise ValueError("forward_kd needs kd.pbar and kd.neg_entropy (a forward TeacherMixer)")
-    return kd.tau**2 * (kd.neg_entropy.detach() - per_position(kd.logits / kd.tau, _cross_entropy_sum, kd.pbar.detach()))  # [N, T]
+    cross = per_position(kd.logits, partial(_cross_entropy_sum, tau=kd.tau), kd.pbar.detach())  # [N, T]
+    return kd.tau**2 * (kd.neg_entropy.detach() - cross)  # [N, T]
 
 
-def _cross_entropy_sum(logits: Tensor, pbar: Tensor) -> Tensor:
-    """sum_a pbar(a) log softmax(logits)(a): [.., V], [.., V] -> [..]."""
-    return (pbar * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+def _cross_entropy_sum(logits: Tensor, pbar: Tensor, tau: float) -> Tensor:
+    """sum_a pbar(a) log q(a), q = softmax(logits / tau): [.., V], [.., V] -> [..]."""
+    return (pbar * F.log_softmax(logits.float() / tau, dim=-1)).sum(-1)
 
 
 def reverse_kd(kd: KDStates) -> Tensor:
@@ -201,12 +203,12 @@ def reverse_kd(kd: KDStates) -> Tensor:
     """
     if kd.lbar is None:
         raise ValueError("reverse_kd needs kd.lbar (a reverse TeacherMixer)")
-    return kd.tau**2 * per_position(kd.logits / kd.tau, _reverse_divergence, kd.lbar.detach())  # [N, T]
+    return kd.tau**2 * per_position(kd.logits, partial(_reverse_divergence, tau=kd.tau), kd.lbar.detach())  # [N, T]
 
 
-def _reverse_divergence(logits: Tensor, lbar: Tensor) -> Tensor:
-    """sum_a q(a) (log q(a) - lbar(a)), q = softmax(logits): [.., V], [.., V] -> [..]."""
-    log_q = F.log_softmax(logits.float(), dim=-1)
+def _reverse_divergence(logits: Tensor, lbar: Tensor, tau: float) -> Tensor:
+    """sum_a q(a) (log q(a) - lbar(a)), q = softmax(logits / tau): [.., V], [.., V] -> [..]."""
+    log_q = F.log_softmax(logits.float() / tau, dim=-1)
     return (log_q.exp() * (log_q - lbar)).sum(-1)
 
 
