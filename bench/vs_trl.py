@@ -18,7 +18,7 @@ table gives the median over `repeats` runs of those medians, then each repeat's
 ratio (its two runs are back to back, so slow drifts of the machine cancel).
 
 `--profile` instead runs grpokd's side once under cProfile and prints where a
-training step's time goes: sampling (HF `generate`), rewards and decoding,
+training step's time goes: sampling (`scoring.generate`), rewards and decoding,
 scoring the student (forward with grad) and the frozen models, the objective,
 backward, Lightning's `self.log`, the optimiser update, and the rest of
 Lightning's loop (cProfile's own overhead inflates every figure alike).
