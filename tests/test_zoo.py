@@ -48,6 +48,8 @@ def test_the_causal_testbed_leaves_room_for_rl_and_distillation():
         assert teacher["accuracy_arith_mc"] >= 0.6
 
 
-def test_t5_teachers_are_better_than_the_t5_student():
+def test_t5_teachers_are_far_better_than_the_t5_student_on_arith():
+    """The issue's 2.5x holds for the T5 family on the numeric task; on arith_mc every T5 is at chance (README)."""
     student = build("tiny-t5-student")["accuracy_arith"]
-    assert all(build(name)["accuracy_arith"] > 1.5 * student for name in ("tiny-t5-teacher-s", "tiny-t5-teacher-m"))
+    for name in ("tiny-t5-teacher-s", "tiny-t5-teacher-m"):
+        assert build(name)["accuracy_arith"] >= 2.5 * student, name
