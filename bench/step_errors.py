@@ -56,11 +56,11 @@ def main() -> None:
         rollout = sample(model, tokenizer, examples, sampling, reward)
         counts["correct answer"] += int(rollout.rewards.sum())
         counts["greedy"] += int(greedy_rewards(model, tokenizer, examples, reward, sampling).sum())
+        counts["pass@k"] += int(rollout.rewards.view(-1, args.group).amax(-1).sum())
         for i, problem in enumerate(chunk):
             answers = [reward.extract(t) for t in rollout.texts[i * args.group : (i + 1) * args.group]]
             votes = collections.Counter(a for a in answers if a is not None).most_common(1)
-            counts["majority"] += bool(votes) and votes[0][0] == problem.answer
-            counts["pass@k"] += problem.answer in answers
+            counts["majority"] += bool(votes) and reward(f"#### {votes[0][0]}", problem.answer) == 1.0
         for kind, p_gold in first_divergences(model, tokenizer, chunk, sampling):
             divergence[kind].append(p_gold)
         for i, text in enumerate(rollout.texts):
