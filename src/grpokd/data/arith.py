@@ -136,6 +136,42 @@ def _choice_example(rng: random.Random, max_operand: int) -> Example:
     return Example(prompt, " ".join([*problem.steps, scan, "####", letter]), letter)
 
 
+SLIP_OPS = ("-", "*")  # the operators whose results `slipped` writes one too high
+
+
+def slipped(example: Example, rng: random.Random, rate: float) -> Example:
+    """`example` as a solver with a systematic slip writes it: each "-" or "*" step's result one too high with
+    probability `rate`, the error carried through the later steps to the answer ("8 - 3 = 6 . 6 + 2 = 8 . #### 8").
+
+    Only the solution changes (and, for multiple choice, a distractor becomes the slipped value when it is not
+    an option, so that the scan finds it); `answer` stays the correct one. A draw whose carried values would
+    leave 0..MAX_NUMBER keeps the example as it is. This is the embedded student's training data: it half-holds
+    the slip, so the correct result is in its distribution but not its mode (see the README's testbed).
+    """
+    head, letter = example.solution.split(" #### ")
+    tokens = head.split()
+    written, value, n = [], None, 0
+    while n + 5 < len(tokens) and tokens[n + 3] == "=":  # "a op b = v ." steps, then the multiple-choice scan
+        a, op, b = tokens[n : n + 3]
+        a = int(a) if value is None else value  # later steps start from the value written before
+        value = {"+": a + int(b), "-": a - int(b), "*": a * int(b)}[op] + (op in SLIP_OPS and rng.random() < rate)
+        if not 0 <= value <= MAX_NUMBER:
+            return example
+        written.append(f"{a} {op} {b} = {value} .")
+        n += 6
+    if example.answer.isdigit():
+        return Example(example.prompt, " ".join([*written, "####", str(value)]), example.answer)
+    question, listed = example.prompt.split(" Options : ")
+    values = listed.split()[2::3]  # "A ) 9 B ) 4 ..." -> ["9", "4", ...]
+    if str(value) not in values:
+        correct = CHOICE_LETTERS.index(example.answer)
+        values[rng.choice([i for i in range(len(values)) if i != correct])] = str(value)
+    chosen = values.index(str(value))
+    scan = " ".join(f"{label} {v}" for label, v in zip(CHOICE_LETTERS, values[: chosen + 1]))
+    prompt = f"{question} Options : " + " ".join(f"{label} ) {v}" for label, v in zip(CHOICE_LETTERS, values))
+    return Example(prompt, " ".join([*written, scan, "####", CHOICE_LETTERS[chosen]]), example.answer)
+
+
 def _generate(
     make: Callable[[random.Random, int], Example], n: int, seed: int, max_operand: int, exclude: Collection[str]
 ) -> list[Example]:

@@ -63,6 +63,7 @@ class Recipe:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
+    slip: float = 0.0  # rate of the systematic slip in its training data (`grpokd.data.arith.slipped`)
 
 
 # Measured on the 2-core CPU (torch 2 threads, batch 64): the Llama family (d128, 3 layers) runs ~8 steps/s.
@@ -79,7 +80,7 @@ ZOO: dict[str, Recipe] = {
     "tiny-t5-student": Recipe("t5", d_model=128, layers=2, heads=4, d_ff=256, steps=100),
     "tiny-t5-teacher-s": Recipe("t5", d_model=128, layers=3, heads=4, d_ff=256, steps=2500, seed=1),
     "tiny-t5-teacher-m": Recipe("t5", d_model=160, layers=3, heads=4, d_ff=384, steps=2500, seed=2),
-    "tiny-llama-student": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=150),
+    "tiny-llama-student": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=1000, slip=0.85),
     "tiny-llama-teacher-s": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=1500, seed=1),
     "tiny-llama-teacher-m": Recipe("llama", d_model=160, layers=4, heads=4, d_ff=320, steps=1500, seed=2),
 }
@@ -95,7 +96,8 @@ def recipe_key(recipe: Recipe) -> str:
 
     tokenizer = build_tokenizer(recipe.family).backend_tokenizer.to_str()
     tasks = [asdict(ex) for ex in arith.make_arith(20, DATA_SEED) + arith.make_arith_mc(20, DATA_SEED)]  # the format's fingerprint
-    blob = json.dumps({"recipe": asdict(recipe), "tokenizer": tokenizer, "tasks": tasks, "data": DATA_SEED, "v": ZOO_VERSION}, sort_keys=True)
+    fields = {k: v for k, v in asdict(recipe).items() if not (k == "slip" and v == 0.0)}  # builds from before the field keep their keys
+    blob = json.dumps({"recipe": fields, "tokenizer": tokenizer, "tasks": tasks, "data": DATA_SEED, "v": ZOO_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -117,12 +119,16 @@ def ensure(name: str) -> Path:
     return target
 
 
-def training_data() -> tuple[list[Example], list[Example], list[Example]]:
-    """The zoo's SFT mixture (arith + arith_mc train splits) and the two held-out test sets."""
-    from grpokd.data import sources
+def training_data(slip: float = 0.0, seed: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
+    """The zoo's SFT mixture (arith + arith_mc train splits, written with `slip`) and the two held-out test sets."""
+    from grpokd.data import arith, sources
 
     num, mc = sources.arith(seed=DATA_SEED), sources.arith_mc(seed=DATA_SEED)
-    return num.train + mc.train, num.test[:200], mc.test[:200]
+    train = num.train + mc.train
+    if slip > 0:
+        rng = random.Random(seed)
+        train = [arith.slipped(ex, rng, slip) for ex in train]
+    return train, num.test[:200], mc.test[:200]
 
 
 def init_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -194,7 +200,7 @@ def pass_at_k(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: 
 def _build(name: str, recipe: Recipe, target: Path) -> None:
     tokenizer = build_tokenizer(recipe.family)
     model = init_model(recipe, tokenizer)
-    train, test_num, test_mc = training_data()
+    train, test_num, test_mc = training_data(recipe.slip, recipe.seed)
     start = time.time()
     loss = sft_train(model, tokenizer, train, recipe, desc=f"building embedded {name}")
     torch.manual_seed(0)
