@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 
 import pytest
@@ -31,6 +32,56 @@ def test_synthetic_tokens_are_in_the_vocabulary_and_single_spaced(make):
             tokens = text.split(" ")
             assert all(tokens), f"empty token (double space) in {text!r}"
             assert set(tokens) <= vocabulary, set(tokens) - vocabulary
+
+
+def steps_of(solution: str) -> list[tuple[int, str, int, int]]:
+    """The worked steps of a solution as (a, op, b, result)."""
+    tokens = solution.split(" #### ")[0].split()
+    return [(int(tokens[i]), tokens[i + 1], int(tokens[i + 2]), int(tokens[i + 4])) for i in range(0, len(tokens) - 5, 6) if tokens[i + 3] == "="]
+
+
+@pytest.mark.parametrize("make", [synthetic.make_arith, synthetic.make_arith_mc])
+def test_slipped_at_rate_zero_is_the_example_itself(make):
+    rng = random.Random(0)
+    examples = make(300, seed=7)
+    assert [synthetic.slipped(ex, rng, 0.0) for ex in examples] == examples
+
+
+def test_slipped_at_rate_one_writes_every_minus_and_times_result_one_too_high_and_carries_it():
+    rng, changed = random.Random(0), 0
+    for example in synthetic.make_arith(500, seed=8):
+        slipped = synthetic.slipped(example, rng, 1.0)
+        assert slipped.prompt == example.prompt and slipped.answer == example.answer  # the reward still wants the truth
+        if slipped == example:  # kept: a carried value would have left 0..MAX_NUMBER, or no - / * step
+            continue
+        changed += 1
+        steps, value = steps_of(slipped.solution), None
+        for a, op, b, result in steps:
+            assert value is None or a == value  # each later step starts from the value written before
+            true = {"+": a + b, "-": a - b, "*": a * b}[op]
+            assert result == true + (op in synthetic.SLIP_OPS) and 0 <= result <= synthetic.MAX_NUMBER
+            value = result
+        assert slipped.solution.endswith(f"#### {value}") and str(value) != example.answer
+        assert [(op, b) for _, op, b, _ in steps] == [(op, b) for _, op, b, _ in steps_of(example.solution)]
+    assert changed > 300
+
+
+def test_slipped_choice_examples_scan_to_the_slipped_value_and_keep_the_true_answer_among_the_options():
+    rng, changed = random.Random(0), 0
+    for example in synthetic.make_arith_mc(500, seed=9):
+        slipped = synthetic.slipped(example, rng, 1.0)
+        if slipped == example:
+            continue
+        changed += 1
+        values = slipped.prompt.split(" Options : ")[1].split()[2::3]
+        true_values = example.prompt.split(" Options : ")[1].split()[2::3]
+        written = str(steps_of(slipped.solution)[-1][-1])
+        letter = slipped.solution.split(" #### ")[1]
+        assert len(set(values)) == 5 and values[synthetic.CHOICE_LETTERS.index(letter)] == written
+        assert slipped.answer == example.answer and values["ABCDE".index(example.answer)] == true_values["ABCDE".index(example.answer)]
+        assert sum(v != t for v, t in zip(values, true_values)) <= 1  # at most one distractor replaced
+        assert ChoiceReward()(slipped.solution, slipped.answer) == 0.0
+    assert changed > 300
 
 
 def test_vocabulary_is_words_sorted_then_numbers():

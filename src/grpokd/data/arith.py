@@ -22,6 +22,11 @@ about once and GRPO did not move the held-out accuracy in 400 steps, although it
 raised the reward of a fixed set of 16 prompts from 10% to 46% in 40 steps.
 With 0..20 every fact recurs in training several times within 100 RL steps.
 
+`slipped` rewrites an example as a solver with a systematic slip would (a "-"
+or "*" result one too high, carried to the answer): the embedded causal
+student is trained on such data, so that RL has a shared, half-known error to
+fix and the teachers (trained on the true solutions) know the fix.
+
 A problem is a start sentence and 0-2 operation sentences; 40% have one
 computation step, 60% two. Generation is a pure function of the seed
 (`random.Random(seed)`).
