@@ -6,7 +6,8 @@ Samples `group` completions of each of `problems` fresh `arith` problems (the
 task's generator, seed + 1) at the rollout temperature and classifies every worked step "expression = result"
 (`rewards.worked_steps`): its arithmetic holds or not, and its expression is the
 gold solution's step at that position or not (a miscopied operand, a skipped or
-invented step). It prints the share of each class: how sparse a per-step
+invented step), and per operator how often the result holds or is one too high (the embedded
+student's trained slip, `grpokd.data.arith.slipped`). It prints the share of each class: how sparse a per-step
 arithmetic reward (`StepsReward`) is, whether the student's errors are wrong
 facts or wrong expressions, and how many of its correct answers rest on wrong
 work (a lucky answer that the 0/1 reward reinforces all the same).
@@ -50,6 +51,7 @@ def main() -> None:
     reward = NumericReward(fallback_last_number=False)  # the arith dataset's reward
     counts: collections.Counter[str] = collections.Counter()
     divergence: dict[str, list[float]] = collections.defaultdict(list)  # token kind -> gold token probabilities
+    by_operator: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)  # op -> result - true
     for start in range(0, len(problems), args.batch):
         chunk = problems[start : start + args.batch]
         examples = {"prompt": [p.prompt for p in chunk], "answer": [p.answer for p in chunk]}
@@ -71,6 +73,8 @@ def main() -> None:
             counts["completions without a step"] += not steps
             for k, (expression, result) in enumerate(steps):
                 holds = "holds" if abs(evaluate(expression) - int(result)) < 1e-6 else "wrong result"
+                operator = next((op for op in "+-*" if op in expression.split()), "?")
+                by_operator[operator][round(int(result) - evaluate(expression))] += 1  # 0: holds, +1: one too high (the slip)
                 same = "gold expression" if k < len(gold) and " ".join(expression.split()) == gold[k] else "other expression"
                 counts[f"{holds}, {same}"] += 1
     completions = len(problems) * args.group
@@ -82,6 +86,9 @@ def main() -> None:
     print(f"  without a step: {100 * counts['completions without a step'] / completions:.1f}% of completions")
     for key in classes:
         print(f"  {key}: {counts[key]} ({100 * counts[key] / max(steps, 1):.1f}% of steps)")
+    for operator, errors in sorted(by_operator.items()):
+        total = sum(errors.values())
+        print(f"  '{operator}' steps: {total}, result holds {100 * errors[0] / total:.1f}%, one too high {100 * errors[1] / total:.1f}%")
     n = len(problems)
     print(f"  greedy accuracy {100 * counts['greedy'] / n:.1f}%, majority of the {args.group} samples (maj@{args.group}) "
           f"{100 * counts['majority'] / n:.1f}%, pass@{args.group} {100 * counts['pass@k'] / n:.1f}%")

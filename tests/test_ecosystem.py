@@ -61,8 +61,8 @@ def test_logged_config_is_flat_with_choices_and_only_the_objectives_keys(tmp_pat
     j1 = logged_config(compose(["objective=j1"], tmp_path), choices={"objective": "j1", "dataset": "arith"}, git=git)
     j3 = logged_config(compose(["objective=j3"], tmp_path), choices={}, git=git)
     assert j1["choices/objective"] == "j1" and j1["git_commit"] == "abc" and j1["git_dirty"] is False
-    assert "gamma" not in j1 and j3["gamma"] == 0.5  # J' ignores gamma; J''' uses it (tuned: 0.5)
-    assert j1["lam"] == 0.5 and j1["optim.lr"] == pytest.approx(3e-4)
+    assert "gamma" not in j1 and j3["gamma"] == 0.1  # J' ignores gamma; J''' uses it (tuned: 0.1)
+    assert j1["lam"] == 0.5 and j1["optim.lr"] == pytest.approx(1e-4)
     assert not any(k == "run_dir" or k.split(".")[0] in {"logger", "callbacks", "paths", "hydra"} for k in j1)
     assert all(not isinstance(v, dict) for v in j1.values())
 
