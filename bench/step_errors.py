@@ -57,7 +57,12 @@ def main() -> None:
         examples = {"prompt": [p.prompt for p in chunk], "answer": [p.answer for p in chunk]}
         rollout = sample(model, tokenizer, examples, sampling, reward)
         counts["correct answer"] += int(rollout.rewards.sum())
-        counts["greedy"] += int(greedy_rewards(model, tokenizer, examples, reward, sampling).sum())
+        greedy = greedy_rewards(model, tokenizer, examples, reward, sampling)
+        counts["greedy"] += int(greedy.sum())
+        for problem, right in zip(chunk, greedy.tolist()):
+            kind = "with a - or * step" if {"-", "*"} & set(problem.solution.split()) else "with only + steps"
+            counts[f"problems {kind}"] += 1
+            counts[f"greedy right {kind}"] += int(right)
         counts["pass@k"] += int(rollout.rewards.view(-1, args.group).amax(-1).sum())
         for i, problem in enumerate(chunk):
             answers = [reward.extract(t) for t in rollout.texts[i * args.group : (i + 1) * args.group]]
@@ -92,6 +97,8 @@ def main() -> None:
     n = len(problems)
     print(f"  greedy accuracy {100 * counts['greedy'] / n:.1f}%, majority of the {args.group} samples (maj@{args.group}) "
           f"{100 * counts['majority'] / n:.1f}%, pass@{args.group} {100 * counts['pass@k'] / n:.1f}%")
+    for kind in ("with only + steps", "with a - or * step"):
+        print(f"  greedy right on {counts[f'greedy right {kind}']} of the {counts[f'problems {kind}']} problems {kind}")
     diverged = sum(len(v) for v in divergence.values())
     print(f"  greedy follows the gold solution to the end on {n - diverged} of {n} problems; where it first leaves it:")
     for kind, probs in sorted(divergence.items(), key=lambda kv: -len(kv[1])):

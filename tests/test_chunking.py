@@ -154,7 +154,7 @@ def test_score_with_chunks_gives_grpos_batch_and_gradients():
             p.add_(0.01 * torch.randn_like(p))
     torch.manual_seed(0)
     examples = {"prompt": PROMPTS, "answer": ["8", "7"]}
-    rollout = ro.sample(student, tokenizer, examples, ro.Sampling(group_size=4, max_new_tokens=16), lambda c, a: float(len(c) % 3 == 0))
+    rollout = ro.sample(student, tokenizer, examples, ro.Sampling(group_size=4, max_new_tokens=16), lambda c, a: float(sum(map(ord, c)) % 2))  # any reward that varies
     objective = GRPO(beta=0.1)
     results = []
     for chunk in (None, 6):

@@ -111,8 +111,8 @@ def test_gradient_checkpointing_changes_no_loss_gradient_or_generation(name, lor
     loss_ckpt, grads_ckpt = nll_and_grads(checkpointed, rollout, vocab)
     torch.testing.assert_close(loss_ckpt, loss)
     assert grads.keys() == grads_ckpt.keys() and (lora is None or all("lora_" in n for n in grads))
-    for key in grads:
-        torch.testing.assert_close(grads_ckpt[key], grads[key])
+    for key in grads:  # recomputation reorders float sums: measured up to 2.6e-5 apart on the shipped causal student
+        torch.testing.assert_close(grads_ckpt[key], grads[key], rtol=1e-4, atol=1e-4)
     # generation in training mode (as rollouts are sampled) keeps its KV cache: the same greedy completions
     tokenizer = loading.load_tokenizer(name)
     prompts = tokenize_prompts(tokenizer, PROMPTS, 64)
@@ -135,11 +135,12 @@ def test_merged_export_is_a_plain_model_with_the_adapted_logits_and_the_adapter_
     save_student(student, tokenizer, tmp_path / "merged", LORA)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in key for key in merged.state_dict())
-    torch.testing.assert_close(completion_logits(merged, rollout.prompts, rollout.completions, vocab), adapted, rtol=1e-5, atol=1e-5)
+    # merging W + (alpha / r) B A rounds differently from applying B A on the fly: measured up to 8.2e-5 on logits of about 10
+    torch.testing.assert_close(completion_logits(merged, rollout.prompts, rollout.completions, vocab), adapted, rtol=1e-4, atol=1e-4)
 
 
 def test_lora_trains_only_the_adapters_and_its_reference_is_the_base_model(quick_cfg, tmp_path):
-    cfg = quick_cfg("objective=grpo", "model.lora.r=8", "trainer.max_steps=2", "+trainer.limit_val_batches=0", "optim.lr=1e-3",
+    cfg = quick_cfg("objective=grpo", "beta=0.04", "model.lora.r=8", "trainer.max_steps=2", "+trainer.limit_val_batches=0", "optim.lr=1e-3",
                     "rollout.sampling.max_new_tokens=16")
     prep = prepare(cfg)
     module = build_module(cfg, prep, tmp_path)

@@ -55,7 +55,8 @@ def train_column(rows: list[dict[str, str]], key: str) -> list[float]:
 def test_several_updates_per_rollout_clip_and_resume_exactly_mid_rollout(quick_cfg, tmp_path):
     """mu = 3: the first update of a rollout is on-policy (rho = 1, nothing clipped), the later ones are clipped;
     a run stopped after step 2 (mid-rollout) and resumed ends with the uninterrupted run's weights."""
-    mu = ["objective=grpo", "updates_per_rollout=3", "optim.lr=1e-2", "eval_before=false", "log.csv=true", "trainer.max_steps=6"]
+    mu = ["objective=grpo", "updates_per_rollout=3", "optim.lr=1e-2", "eval_before=false", "log.csv=true", "trainer.max_steps=6",
+          "reward.weights.steps=1.0"]  # a reward that varies within every group, so that every update moves the policy
     straight = tmp_path / "straight"
     train(quick_cfg(*mu, run_dir=straight))
     clip = train_column(read_metrics(straight), "train/clip_region")
