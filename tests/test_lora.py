@@ -141,7 +141,7 @@ def test_merged_export_is_a_plain_model_with_the_adapted_logits_and_the_adapter_
 
 def test_lora_trains_only_the_adapters_and_its_reference_is_the_base_model(quick_cfg, tmp_path):
     cfg = quick_cfg("objective=grpo", "beta=0.04", "model.lora.r=8", "trainer.max_steps=2", "+trainer.limit_val_batches=0", "optim.lr=1e-3",
-                    "rollout.sampling.max_new_tokens=16")
+                    "rollout.sampling.max_new_tokens=16", "reward.weights.steps=1.0")  # a reward that varies in every group: the adapters get a gradient
     prep = prepare(cfg)
     module = build_module(cfg, prep, tmp_path)
     assert module.frozen.reference is module.student and module.frozen.reference_adapters_off  # no second copy
@@ -162,7 +162,7 @@ def test_lora_trains_only_the_adapters_and_its_reference_is_the_base_model(quick
 def test_a_lora_run_with_checkpointing_completes_exports_and_resumes_to_the_same_weights(quick_cfg, tmp_path):
     run = ["objective=grpo", "model.lora.r=8", "model.gradient_checkpointing=true", "eval_before=false", "eval_test=false",
            "+trainer.limit_val_batches=0", "optim.lr=1e-3", "rollout.sampling.max_new_tokens=16", "trainer.max_steps=2",
-           "checkpoint_every=1"]
+           "checkpoint_every=1", "reward.weights.steps=1.0"]  # a reward that varies in every group: the adapters learn
     straight = train(quick_cfg(*run, run_dir=tmp_path / "straight"))
     assert straight["status"] == "complete" and straight["steps"] == 2
     train(quick_cfg(*run, "trainer.max_steps=1", run_dir=tmp_path / "first"))

@@ -16,8 +16,9 @@ The family is made so that RL and distillation both have room: the teachers
 solve the tasks, and the causal student half-holds a systematic slip (its
 training data is written by `grpokd.data.arith.slipped`), so the right answer
 is among its samples but not its greedy choice (see the README's testbed
-table). `python -m grpokd.models.zoo` prints every model's build report; `--ship` rebuilds into the cache and copies the results into
-`embedded/` (what a developer runs after changing a recipe or the tasks).
+table). `python -m grpokd.models.zoo` prints every model's build report;
+`--ship` rebuilds into the cache and copies the results into `embedded/`
+(what a developer runs after changing a recipe or the tasks).
 """
 
 from __future__ import annotations
