@@ -34,11 +34,13 @@ computation step, 60% two. Generation is a pure function of the seed
 
 from __future__ import annotations
 
+import operator
 import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from grpokd.data.example import Example
+from grpokd.data.rewards import worked_steps
 
 MAX_NUMBER = 20
 MAX_FACTOR = 9  # factors of "*" are 2..9, products stay <= MAX_NUMBER
@@ -74,8 +76,11 @@ def vocabulary() -> list[str]:
     return sorted(words) + [str(n) for n in range(MAX_NUMBER + 1)]
 
 
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
 def _step(a: int, op: str, b: int) -> tuple[str, int]:
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    value = _APPLY[op](a, b)
     assert 0 <= value <= MAX_NUMBER, (a, op, b)
     return f"{a} {op} {b} = {value} .", value
 
@@ -153,17 +158,14 @@ def slipped(example: Example, rng: random.Random, rate: float) -> Example:
     leave 0..MAX_NUMBER keeps the example as it is. This is the embedded student's training data: it half-holds
     the slip, so the correct result is in its distribution but not its mode (see the README's testbed).
     """
-    head, letter = example.solution.split(" #### ")
-    tokens = head.split()
-    written, value, n = [], None, 0
-    while n + 5 < len(tokens) and tokens[n + 3] == "=":  # "a op b = v ." steps, then the multiple-choice scan
-        a, op, b = tokens[n : n + 3]
+    written, value = [], None
+    for expression, _ in worked_steps(example.solution):  # the "a op b = v ." steps, not the multiple-choice scan
+        a, op, b = expression.split()
         a = int(a) if value is None else value  # later steps start from the value written before
-        value = {"+": a + int(b), "-": a - int(b), "*": a * int(b)}[op] + (op in SLIP_OPS and rng.random() < rate)
+        value = _APPLY[op](a, int(b)) + (op in SLIP_OPS and rng.random() < rate)
         if not 0 <= value <= MAX_NUMBER:
             return example
         written.append(f"{a} {op} {b} = {value} .")
-        n += 6
     if example.answer.isdigit():
         return Example(example.prompt, " ".join([*written, "####", str(value)]), example.answer)
     question, listed = example.prompt.split(" Options : ")
