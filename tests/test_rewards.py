@@ -6,7 +6,19 @@ import json
 
 import pytest
 
-from grpokd.data.rewards import ChoiceReward, NumericReward, extract_choice, extract_number, numbers_equal
+from grpokd.data.rewards import (
+    ChoiceReward,
+    FormatReward,
+    NumericReward,
+    Parsed,
+    answer_style,
+    boxed_contents,
+    extract_choice,
+    extract_number,
+    numbers_equal,
+    parse_choice,
+    parse_number,
+)
 from grpokd.data.sources import mathinstruct
 
 
@@ -89,6 +101,187 @@ def test_reward_classes():
     assert choice.extract("the answer is (E)") == "E"
 
 
+# --- answers as instruct models write them: styles and their priority ------------------------------
+
+# Hand-written in the manner of SmolLM2-Instruct and Qwen2.5(-Math)-Instruct on GSM8K-style questions.
+MARKER_SOLUTION = """The farm has 3 fields of 400 trees and one of 34 trees.
+The large fields hold 3 * 400 = 1,200 trees.
+In total there are 1,200 + 34 = 1,234 trees.
+#### 1,234"""
+ANSWER_IS_DOLLARS = """Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4, so she uses 3 + 4 = 7 eggs.
+That leaves 16 - 7 = 9 eggs, and at $2 each she makes 9 * 2 = $18.
+
+The answer is $18."""
+BOXED_LATEX = r"""To find the number of pages, we multiply the pages per day by the number of days:
+\[
+6 \times 7 = 42
+\]
+Therefore, the final answer is $\boxed{42}$."""
+BOLD_ANSWER_UNIT = """She walks 2.5 km to school and back each day, so over 3 days:
+
+2.5 * 3 = 7.5
+
+**Answer:** 7.5 km"""
+MARKER_WITHOUT_NUMBER = """Each box holds 12 apples and there are 4 boxes, so 4 * 12 = 48 apples.
+####"""
+BOXED_TWICE = r"""First I get $\boxed{12}$ for the red marbles.
+Wait, I forgot the 3 blue ones: 12 + 3 = 15. So the answer is $\boxed{15}$."""
+ANSWER_IS_TWICE = """At first glance the answer is 12.
+But the shop closes on Sunday, so she works 6 days, not 4, at $3 a day: 6 * 3 = 18.
+So the answer is 18 dollars."""
+FULL_STOP = "He had 10 cookies and ate 3, so he has 10 - 3 = 7 left.\nSo he has 7."
+NEGATIVE_ANSWER_IS = "The temperature goes from 5 degrees down by 8: 5 - 8 = -3.\nThe answer is -3."
+NEGATIVE_BOXED = r"The change in elevation is $120 - 123 = -3$ metres, so the answer is \(\boxed{-3}\)."
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MARKER_SOLUTION, Parsed("1234", "marker")),
+        (ANSWER_IS_DOLLARS, Parsed("18", "answer_is")),
+        (BOXED_LATEX, Parsed("42", "boxed")),
+        (BOLD_ANSWER_UNIT, Parsed("7.5", "answer_is")),
+        (MARKER_WITHOUT_NUMBER, Parsed(None, "marker")),  # the marker commits: the 48 before it is not the answer
+        (BOXED_TWICE, Parsed("15", "boxed")),  # the last box wins
+        (ANSWER_IS_TWICE, Parsed("18", "answer_is")),  # the last phrase wins
+        (FULL_STOP, Parsed("7", "last")),  # "7." ends the sentence: no decimal point
+        (NEGATIVE_ANSWER_IS, Parsed("-3", "answer_is")),
+        (NEGATIVE_BOXED, Parsed("-3", "boxed")),
+        ("the final answer is: $1,200.", Parsed("1200", "answer_is")),
+        ("Answer: 42", Parsed("42", "answer_is")),
+        ("x = 3\nANSWER: -4", Parsed("-4", "answer_is")),  # case-insensitive; the sign after the colon is a sign
+        ("so the answer is 18 dollars.", Parsed("18", "answer_is")),
+        ("The answer is: **$1,200**.", Parsed("1200", "answer_is")),  # Markdown and "$" between phrase and number
+        (r"Thus, the answer is \(25\%\).", Parsed("25", "answer_is")),
+        ("The answer is 12. Checking that the answer is right: 12 * 2 = 24.", Parsed("12", "answer_is")),  # a phrase without a number is no answer
+        ("Answer: add 2 and 3 to get 5", Parsed("5", "last")),
+        (r"$\boxed{1,234}$", Parsed("1234", "boxed")),
+        (r"$\boxed{1{,}234}$", Parsed("1234", "boxed")),  # LaTeX's thousands separator
+        (r"\boxed{18 \text{ dollars}}", Parsed("18", "boxed")),  # nested braces
+        (r"\boxed{\$18.50}", Parsed("18.5", "boxed")),
+        (r"\boxed{x = 12 \text{ km}}", Parsed("12", "boxed")),
+        (r"\boxed{-3}", Parsed("-3", "boxed")),
+        (r"\boxed{\frac{1}{2}}", Parsed("0.5", "boxed")),  # a fraction is its quotient
+        (r"\boxed{-\dfrac{3}{4}}", Parsed("-0.75", "boxed")),
+        (r"The answer is $\frac{3}{2}$.", Parsed("1.5", "answer_is")),
+        (r"\boxed{\text{seven}} The answer is 7.", Parsed("7", "answer_is")),  # a box without a number does not commit
+        (r"5 + 2 = 7, so \boxed{7", Parsed("7", "last")),  # an unclosed box (truncated) is no box
+        ("it is 10-3", Parsed("3", "last")),  # a binary minus is no sign
+        ("", Parsed(None, None)),
+        ("no digits at all", Parsed(None, None)),
+        ("####", Parsed(None, "marker")),
+    ],
+)
+def test_parse_number_reads_each_style(text, expected):
+    assert parse_number(text) == expected
+    assert extract_number(text) == expected.value
+    assert NumericReward().parse(text) == expected
+
+
+def test_parse_number_priority_marker_then_boxed_then_answer_is_then_last():
+    text = "I tried 2 first.\nThe answer is 3.\n$\\boxed{4}$\n#### 5"
+    assert parse_number(text) == Parsed("5", "marker")
+    without_marker = text.rpartition("\n####")[0]
+    assert parse_number(without_marker) == Parsed("4", "boxed")
+    without_box = without_marker.rpartition("\n$\\boxed")[0]
+    assert parse_number(without_box) == Parsed("3", "answer_is")
+    assert parse_number("I tried 2 first.\nThe total is 3.") == Parsed("3", "last")
+    # the order holds wherever each style stands in the text
+    assert parse_number("#### 5\n$\\boxed{4}$ The answer is 3.") == Parsed("5", "marker")
+    assert parse_number("$\\boxed{4}$ The answer is 3. Then 2") == Parsed("4", "boxed")
+
+
+def test_without_the_fallback_only_a_stated_answer_counts():
+    assert parse_number("so she has 5 apples", fallback_last_number=False) == Parsed(None, None)
+    assert parse_number("", fallback_last_number=False) == Parsed(None, None)
+    assert parse_number(BOXED_LATEX, fallback_last_number=False) == Parsed("42", "boxed")
+    assert parse_number(ANSWER_IS_DOLLARS, fallback_last_number=False) == Parsed("18", "answer_is")
+    assert NumericReward(fallback_last_number=False)(BOXED_LATEX, "42") == 1.0
+
+
+def test_boxed_contents_match_braces_in_order():
+    assert boxed_contents(r"\boxed{1} and \boxed{\frac{1}{2}} and \fbox{B} and \boxed{open") == ["1", r"\frac{1}{2}", "B"]
+    assert boxed_contents("no box") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The speed is 60 km/hr, so the time is 120 / 60 = 2 hours.\nThe answer is (B).", Parsed("B", "answer_is")),
+        ("Let the number be x. Then 3x = 63, so x = 21.\n**Answer:** (D) 21", Parsed("D", "answer_is")),
+        (r"So the correct option is $\boxed{C}$.", Parsed("C", "boxed")),
+        (r"Therefore, the answer is \(\boxed{(E)}\).", Parsed("E", "boxed")),
+        (r"First $\boxed{A}$, but rechecking: $\boxed{B}$", Parsed("B", "boxed")),  # the last box wins
+        (r"$\boxed{21}$, which is option (B). The answer is B.", Parsed("B", "answer_is")),  # a box without a letter does not commit
+        ("The answer is (A). Hmm, no: the answer is (C).", Parsed("C", "answer_is")),
+        ("x = 21 . #### D", Parsed("D", "marker")),
+        ("x = 21 .\n####", Parsed(None, "marker")),
+        ("A train covers 60 km, which is option D", Parsed("D", "last")),
+        ("", Parsed(None, None)),
+        ("no choice here", Parsed(None, None)),
+    ],
+)
+def test_parse_choice_reads_each_style(text, expected):
+    assert parse_choice(text) == expected
+    assert extract_choice(text) == expected.value
+    assert ChoiceReward().parse(text) == expected
+
+
+def test_parse_choice_priority_marker_then_boxed_then_answer_is_then_last():
+    assert parse_choice("Option A fails. The answer is (B). $\\boxed{C}$ #### D") == Parsed("D", "marker")
+    assert parse_choice("Option A fails. The answer is (B). $\\boxed{C}$") == Parsed("C", "boxed")
+    assert parse_choice("Option A fails. The answer is (B).") == Parsed("B", "answer_is")
+    assert parse_choice("Option A fails.") == Parsed("A", "last")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MARKER_SOLUTION, "marker"),
+        ("x = 21 . #### D", "marker"),
+        (BOXED_LATEX, "boxed"),
+        (r"So the correct option is $\boxed{C}$.", "boxed"),
+        (ANSWER_IS_DOLLARS, "answer_is"),
+        ("The answer is (B).", "answer_is"),
+        (r"$\boxed{4}$ #### 5", "marker"),  # the highest-priority style
+        (MARKER_WITHOUT_NUMBER, None),  # a marker with nothing parseable after it
+        (r"$\boxed{12}$" + "\n####", None),  # ... commits even after a box
+        ("so she has 5 apples", None),  # the last number is not a stated answer
+        ("A train covers 60 km, which is option D", None),  # nor is the last letter
+        ("", None),
+    ],
+)
+def test_answer_style_names_the_style_of_a_stated_number_or_letter(text, expected):
+    assert answer_style(text) == expected
+
+
+def test_format_reward_accepts_the_configured_styles():
+    marker, boxed, answer_is = "5 + 3 = 8 . #### 8", BOXED_LATEX, ANSWER_IS_DOLLARS
+    assert [FormatReward()(t, "0") for t in (marker, boxed, answer_is)] == [1.0, 0.0, 0.0]  # the default: the marker only
+    assert [FormatReward(["boxed"])(t, "0") for t in (marker, boxed, answer_is)] == [0.0, 1.0, 0.0]
+    every = FormatReward(("marker", "boxed", "answer_is"))
+    assert [every(t, "0") for t in (marker, boxed, answer_is, "so 8", MARKER_WITHOUT_NUMBER)] == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert every(r"So the correct option is $\boxed{C}$.", "A") == 1.0  # letters too; correctness is not checked
+    for wrong in (["last"], ["boxd"]):
+        with pytest.raises(ValueError, match="choose from marker, boxed, answer_is"):
+            FormatReward(wrong)
+
+
+def test_format_reward_default_is_the_marker_rule():
+    """The default is the former rule: a "####" and, after the last one, a number or a standalone letter A-E."""
+    cases = {
+        "#### 8": 1.0, "#### -3.5": 1.0, "#### $1,234": 1.0, "#### (B)": 1.0, "#### 12 apples": 1.0, r"#### \frac{1}{2}": 1.0,
+        "#### 3 then ####": 0.0, "#### b": 0.0, "#### none": 0.0, "####": 0.0, "the answer is 8": 0.0, r"\boxed{8}": 0.0, "": 0.0,
+    }
+    assert {text: FormatReward()(text, "8") for text in cases} == cases
+
+
+def test_format_reward_styles_from_a_hydra_list():
+    from omegaconf import OmegaConf
+
+    assert FormatReward(OmegaConf.create({"styles": ["marker", "boxed"]}).styles)(BOXED_LATEX, "42") == 1.0
+
+
 def _gsm8k_gold(solution: str) -> str:
     """The gold answer read independently of the extractor: the text after '####' without commas."""
     return solution.split("####")[-1].strip().replace(",", "")
@@ -120,8 +313,6 @@ def test_every_aqua_gold_rationale_scores_one(shared_data):
 
 
 def test_format_reward_needs_a_parseable_answer_line_not_a_correct_one():
-    from grpokd.data.rewards import FormatReward
-
     fmt = FormatReward()
     assert fmt("5 + 3 = 8 . #### 8", "6") == 1.0
     assert fmt("... #### C", "A") == 1.0
@@ -130,7 +321,7 @@ def test_format_reward_needs_a_parseable_answer_line_not_a_correct_one():
 
 
 def test_weighted_rewards_sum_by_weight_and_keep_each_part():
-    from grpokd.data.rewards import FormatReward, NumericReward, WeightedRewards
+    from grpokd.data.rewards import WeightedRewards
 
     rewards = WeightedRewards({"correct": NumericReward(False), "format": FormatReward()}, {"correct": 1.0, "format": 0.25})
     texts, answers = ["#### 8", "#### 7", "8"], ["8", "8", "8"]

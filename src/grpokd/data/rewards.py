@@ -1,12 +1,22 @@
-"""Answer extraction and 0/1 correctness rewards.
+r"""Answer parsing and 0/1 correctness rewards.
 
 Two answer kinds cover every dataset here: a number (GSM8K, `arith`) and a
 multiple-choice letter A-E (MathInstruct, AQuA-RAT, `arith_mc`). Gold
-solutions end in the GSM8K marker "#### <answer>"; text after the last marker
-is the final answer. Completions without a marker fall back to looser
-patterns, so a model that answers in prose is still scored.
+solutions end in the GSM8K marker "#### <answer>". Instruct models (SmolLM2,
+Qwen2.5) answer in other styles too, so a completion is read in the first of
+these styles that it uses (`STYLES`, in priority order):
 
-The extractors are pure module-level functions; the reward classes only bind
+- "marker": the first answer after the last "####". A marker commits: with no
+  answer after it the completion has none, whatever the text before says.
+- "boxed": the answer inside the last LaTeX `\boxed{...}` (or `\fbox{...}`)
+  that holds one: "$\boxed{1,234}$", "\boxed{18 \text{ dollars}}", "\boxed{(B)}".
+- "answer_is": the answer right after the last "answer is" / "Answer:" /
+  "answer -" phrase (case-insensitive; Markdown "**", ":", "$" and "\(" between
+  them are skipped) that is followed by one: "The final answer is: $1,200."
+- "last": the last answer anywhere in the text; a fallback, numbers only when
+  asked for (`fallback_last_number`), always for choices (as before).
+
+The parsers are pure module-level functions; the reward classes only bind
 options so that Hydra can build them from `_target_`.
 """
 
@@ -14,8 +24,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
 
 MARKER = "####"
+STYLES = ("marker", "boxed", "answer_is", "last")  # the parsers' priority order
+FORMAT_STYLES = STYLES[:-1]  # the styles in which a model states its answer; "last" is a guess
 
 # A number as written in math text: optional minus (not when it is a binary
 # minus as in "10-3"), optional "$", thousands groups "1,234" or plain digits,
@@ -23,10 +38,39 @@ MARKER = "####"
 _NUMBER = re.compile(
     r"(?:(?<![\w)])-)?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?:(?<![\w)])-)?\.\d+"
 )
+# A number or a LaTeX fraction "\frac{1}{2}" (also \dfrac, \tfrac) of unsigned decimals, read as its quotient.
+# A zero denominator is no fraction (its digits are read as plain numbers, as before fractions were known).
+_FRACTION = r"(?P<sign>(?<![\w)])-)?\\[dt]?frac\{\s*(?P<num>\d+(?:\.\d+)?)\s*\}\{(?!\s*0*(?:\.0*)?\s*\})\s*(?P<den>\d+(?:\.\d+)?)\s*\}"
+_NUMERIC = rf"{_FRACTION}|(?P<number>{_NUMBER.pattern})"
 # A choice letter standing alone, optionally in parentheses: "B", "(B)", "B)".
-_CHOICE = re.compile(r"(?<![A-Za-z0-9])\(?([A-E])\)?(?![A-Za-z0-9])")
-# "answer is (B)", "answer is B", "Answer: B", "Answer : B", "correct answer - B".
-_ANSWER_IS = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*|[:\-]\s*)\(?([A-E])\)?(?![A-Za-z0-9])")
+_CHOICE = re.compile(r"(?<![A-Za-z0-9])\(?(?P<letter>[A-E])\)?(?![A-Za-z0-9])")
+# "answer is", "Answer:", "answer -", then what may stand between the phrase and the answer: spaces, Markdown
+# emphasis "**", colons, "$" and the LaTeX openers "\(", "\[", "\$".
+_ANSWER_IS = r"(?i:answer)\s*(?:(?i:is)|[:\-])(?:[\s*_:$]|\\[(\[$])*"
+# LaTeX boxes; their contents are read up to the matching brace.
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parsed answer: its canonical value (None: no answer) and the style it was read in (one of `STYLES`; None: none found)."""
+
+    value: str | None
+    style: str | None
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How one answer kind is read: its pattern, the pattern after an answer phrase, a match's canonical value."""
+
+    pattern: re.Pattern[str]
+    answer_is: re.Pattern[str]
+    value: Callable[[re.Match[str]], str]
+
+    def first(self, text: str) -> str | None:
+        """The canonical value of the first answer of this kind in `text`, None if there is none."""
+        match = self.pattern.search(text)
+        return self.value(match) if match else None
 
 
 def normalize_number(token: str) -> str:
@@ -40,23 +84,70 @@ def normalize_number(token: str) -> str:
     return "-" + number if negative and number != "0" else number
 
 
-def extract_number(text: str, fallback_last_number: bool = True) -> str | None:
-    """The final numeric answer of `text`, normalised (see `normalize_number`).
+def _number_value(match: re.Match[str]) -> str:
+    """The canonical value of a `_NUMERIC` match: "1,234.50" -> "1234.5", "\\frac{1}{4}" -> "0.25" (28 digits for 1/3)."""
+    if match["number"] is not None:
+        return normalize_number(match["number"])
+    quotient = Decimal(match["num"]) / Decimal(match["den"])
+    return normalize_number(f"{match['sign'] or ''}{quotient:f}")
 
-    With a "####" marker: the first number after the last marker, or None if
-    there is none (a model that wrote the marker committed to that answer).
-    Without a marker: the last number in the text if `fallback_last_number`,
-    else None. Commas, "$", "%", a trailing period and trailing decimal zeros
-    are ignored: "#### $1,234.50." -> "1234.5".
-    """
+
+_NUMBERS = _Kind(re.compile(_NUMERIC), re.compile(rf"{_ANSWER_IS}(?:{_NUMERIC})"), _number_value)
+_CHOICES = _Kind(
+    _CHOICE, re.compile(rf"{_ANSWER_IS}\(?(?P<letter>[A-E])\)?(?![A-Za-z0-9])"), lambda match: match["letter"]
+)
+
+
+def boxed_contents(text: str) -> list[str]:
+    """The contents of every `\\boxed{...}` / `\\fbox{...}` in `text`, in order: nested braces kept, unclosed boxes dropped."""
+    contents = []
+    for box in _BOX.finditer(text):
+        depth = 1
+        for end in range(box.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if depth == 0:
+                contents.append(text[box.end() : end])
+                break
+    return contents
+
+
+def _first_of(texts: Iterable[str], kind: _Kind) -> str | None:
+    """The first answer of `kind` found in `texts`, each text read with `kind.first`."""
+    return next((value for text in texts if (value := kind.first(text)) is not None), None)
+
+
+def _parse(text: str, kind: _Kind, fallback_last: bool) -> Parsed:
+    """`text`'s answer of `kind` in the first style of `STYLES` that it uses (see the module docstring)."""
     _, marker, tail = text.rpartition(MARKER)
     if marker:
-        match = _NUMBER.search(tail)
-        return normalize_number(match.group()) if match else None
-    if not fallback_last_number:
-        return None
-    matches = _NUMBER.findall(text)
-    return normalize_number(matches[-1]) if matches else None
+        return Parsed(kind.first(tail), "marker")
+    boxed = _first_of(reversed(boxed_contents(text)), kind)
+    if boxed is not None:
+        return Parsed(boxed, "boxed")
+    phrases = list(kind.answer_is.finditer(text))
+    if phrases:
+        return Parsed(kind.value(phrases[-1]), "answer_is")
+    values = list(kind.pattern.finditer(text)) if fallback_last else []
+    return Parsed(kind.value(values[-1]), "last") if values else Parsed(None, None)
+
+
+def parse_number(text: str, fallback_last_number: bool = True) -> Parsed:
+    """The final numeric answer of `text` and its style: marker, boxed, answer_is, then last (if `fallback_last_number`).
+
+    Values are normalised (see `normalize_number`): commas, "$", "%", a unit
+    word or a full stop after the number and trailing decimal zeros are ignored
+    ("#### $1,234.50." -> "1234.5", "**Answer:** 7.5 km" -> "7.5"); a minus
+    is a sign only when it does not follow a word or ")" ("10-3" -> "3"). A
+    LaTeX fraction reads as its quotient: "\\boxed{\\frac{1}{2}}" -> "0.5"; a
+    LaTeX thousands group "1{,}234" as "1,234". A marker with no number after it
+    gives Parsed(None, "marker"); no answer at all gives Parsed(None, None).
+    """
+    return _parse(text.replace("{,}", ","), _NUMBERS, fallback_last_number)
+
+
+def extract_number(text: str, fallback_last_number: bool = True) -> str | None:
+    """The final numeric answer of `text`, normalised: `parse_number(text, fallback_last_number).value`."""
+    return parse_number(text, fallback_last_number).value
 
 
 def numbers_equal(a: str, b: str) -> bool:
@@ -72,33 +163,47 @@ def numbers_equal(a: str, b: str) -> bool:
     return math.isclose(x, y, rel_tol=0.0, abs_tol=1e-6)
 
 
-def extract_choice(text: str) -> str | None:
-    """The multiple-choice letter (A-E, case-sensitive) that `text` answers with.
+def parse_choice(text: str) -> Parsed:
+    """The multiple-choice letter (A-E, case-sensitive) that `text` answers with, and its style.
 
-    In order: the first standalone letter after the last "####"; else the last
-    "answer is (B)" / "answer is B" / "Answer: B" phrase; else the last
-    standalone capital A-E in the text (may catch the article "A": it is a
-    fallback). Parentheses are stripped: "(B)" -> "B".
+    Styles as in `parse_number`: the first standalone letter after the last
+    "####"; else the letter in the last box holding one ("\\boxed{(B)}"); else
+    the letter right after the last answer phrase ("The answer is (B)",
+    "**Answer:** B"); else the last standalone capital A-E in the text (may
+    catch the article "A": it is a fallback). Parentheses are stripped:
+    "(B)" -> "B".
     """
-    _, marker, tail = text.rpartition(MARKER)
-    if marker:
-        match = _CHOICE.search(tail)
-        return match.group(1) if match else None
-    phrases = _ANSWER_IS.findall(text)
-    if phrases:
-        return phrases[-1]
-    letters = _CHOICE.findall(text)
-    return letters[-1] if letters else None
+    return _parse(text, _CHOICES, fallback_last=True)
+
+
+def extract_choice(text: str) -> str | None:
+    """The multiple-choice letter that `text` answers with: `parse_choice(text).value`."""
+    return parse_choice(text).value
+
+
+def answer_style(text: str) -> str | None:
+    """The style ("marker", "boxed" or "answer_is") in which `text` states an answer, number or letter; None if none.
+
+    The first style of `FORMAT_STYLES` in which `parse_number` (without the
+    last-number fallback) or `parse_choice` finds an answer; a choice found only
+    as the last capital letter is no stated answer. A marker commits, so "####"
+    with nothing parseable after it gives None even when a box precedes it.
+    """
+    found = {parsed.style for parsed in (parse_number(text, fallback_last_number=False), parse_choice(text)) if parsed.value is not None}
+    return next((style for style in FORMAT_STYLES if style in found), None)
 
 
 class NumericReward:
-    """1.0 if the completion's final number equals the gold answer (see `extract_number`), else 0.0."""
+    """1.0 if the completion's final number equals the gold answer (see `parse_number`), else 0.0."""
 
     def __init__(self, fallback_last_number: bool = True) -> None:
         self.fallback_last_number = fallback_last_number
 
+    def parse(self, completion: str) -> Parsed:
+        return parse_number(completion, self.fallback_last_number)
+
     def extract(self, completion: str) -> str | None:
-        return extract_number(completion, self.fallback_last_number)
+        return self.parse(completion).value
 
     def __call__(self, completion: str, answer: str) -> float:
         predicted = self.extract(completion)
@@ -106,24 +211,37 @@ class NumericReward:
 
 
 class ChoiceReward:
-    """1.0 if the completion's choice letter equals the gold letter (see `extract_choice`), else 0.0."""
+    """1.0 if the completion's choice letter equals the gold letter (see `parse_choice`), else 0.0."""
+
+    def parse(self, completion: str) -> Parsed:
+        return parse_choice(completion)
 
     def extract(self, completion: str) -> str | None:
-        return extract_choice(completion)
+        return self.parse(completion).value
 
     def __call__(self, completion: str, answer: str) -> float:
         return float(self.extract(completion) == answer.strip().strip("()"))
 
 
 class FormatReward:
-    """1.0 if the completion ends its work with the answer line, "#### <answer>", and the answer parses, else 0.0.
+    """1.0 if the completion states a parseable answer in one of `styles` (see `answer_style`), else 0.0.
 
-    The answer parses as a number (numeric tasks) or a choice letter A-E; correctness is not checked.
+    The answer may be a number (numeric tasks) or a choice letter A-E; correctness is not checked. The default,
+    ("marker",), asks for the answer line "#### <answer>" with a parseable answer after the last marker; adding
+    "boxed" or "answer_is" also accepts the answers instruct models write without being taught the marker.
+
+    Args:
+        styles: accepted styles, a subset of `FORMAT_STYLES` ("marker", "boxed", "answer_is").
     """
 
+    def __init__(self, styles: Iterable[str] = ("marker",)) -> None:
+        self.styles = tuple(styles)
+        unknown = sorted(set(self.styles) - set(FORMAT_STYLES))
+        if unknown:
+            raise ValueError(f"FormatReward styles {', '.join(unknown)} unknown; choose from {', '.join(FORMAT_STYLES)}")
+
     def __call__(self, completion: str, answer: str) -> float:
-        _, marker, tail = completion.rpartition(MARKER)
-        return float(bool(marker) and bool(_NUMBER.search(tail) or _CHOICE.search(tail)))
+        return float(answer_style(completion) in self.styles)
 
 
 # A worked step "expression = result" over integers: "5 + 3 = 8", "4 x 15 = 60", GSM8K's "<<100-50-30-15=5>>" and
