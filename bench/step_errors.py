@@ -41,8 +41,9 @@ def main() -> None:
 
     from grpokd.data.arith import make_arith
     from grpokd.data.rewards import NumericReward, evaluate, worked_steps
+    from grpokd.evaluation import greedy
     from grpokd.models import loading
-    from grpokd.rollout import Sampling, greedy_rewards, sample
+    from grpokd.rollout import Sampling, sample
 
     torch.manual_seed(args.seed)
     tokenizer, model = loading.load_tokenizer(args.model), loading.load_model(args.model).eval()
@@ -57,9 +58,9 @@ def main() -> None:
         examples = {"prompt": [p.prompt for p in chunk], "answer": [p.answer for p in chunk]}
         rollout = sample(model, tokenizer, examples, sampling, reward)
         counts["correct answer"] += int(rollout.rewards.sum())
-        greedy = greedy_rewards(model, tokenizer, examples, reward, sampling)
-        counts["greedy"] += int(greedy.sum())
-        for problem, right in zip(chunk, greedy.tolist()):
+        right_greedy = greedy(model, tokenizer, examples, reward, sampling).rewards
+        counts["greedy"] += int(right_greedy.sum())
+        for problem, right in zip(chunk, right_greedy.tolist()):
             kind = "with a - or * step" if {"-", "*"} & set(problem.solution.split()) else "with only + steps"
             counts[f"problems {kind}"] += 1
             counts[f"greedy right {kind}"] += int(right)

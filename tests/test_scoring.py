@@ -11,7 +11,7 @@ from torch import Tensor
 
 from grpokd.data.arith import make_arith
 from grpokd.models import loading
-from grpokd.models.scoring import Tokens, completion_logits, completion_mask, decode, generate, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.models.scoring import Tokens, completion_logits, completion_mask, decode, end_token_ids, ended, generate, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.tokenizer import build_tokenizer
 from grpokd.models.zoo import Recipe, init_model
 
@@ -35,9 +35,32 @@ def test_tokenizer_round_trips_the_synthetic_tasks(family):
 
 
 def test_completion_mask_keeps_the_first_eos_and_drops_what_follows():
-    eos, pad = 1, 0
+    eos = 1
     ids = torch.tensor([[5, 6, 1, 0, 0], [5, 1, 7, 1, 0], [5, 6, 7, 8, 9]])
-    assert completion_mask(ids, eos, pad).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert completion_mask(ids, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_completion_mask_and_ended_stop_at_any_declared_end_token():
+    """An instruct model declares several end tokens (<|im_end|> = 2, <|endoftext|> = 0 here); padding is the
+    first of them, as SmolLM2 pads with <|im_end|>. The first end token of either kind is kept and scored."""
+    ends = [2, 0]
+    ids = torch.tensor([[5, 0, 2, 2], [5, 6, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2]])
+    mask = completion_mask(ids, ends)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended(Tokens(ids, mask), ends).tolist() == [True, True, False, True]
+
+
+def test_end_token_ids_unite_the_tokenizer_and_the_generation_config():
+    torch.manual_seed(0)
+    model, tokenizer = tiny("llama")
+    assert end_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = [7, tokenizer.eos_token_id, 9]
+    assert end_token_ids(model, tokenizer) == [tokenizer.eos_token_id, 7, 9]
+    prompts = tokenize_prompts(tokenizer, ["what is 3 + 4 ?"], 64)
+    out = generate(model, tokenizer, prompts, group_size=8, max_new_tokens=12)  # sampled: token 7 or 9 may end a row
+    first_end = [next((t for t, i in enumerate(row) if i in (7, 9, tokenizer.eos_token_id)), None) for row in out.ids.tolist()]
+    assert [int(m.sum()) for m in out.mask] == [12 if t is None else t + 1 for t in first_end]
+    assert any(row[t] in (7, 9) for row, t in zip(out.ids.tolist(), first_end) if t is not None)  # seed 0: the case is exercised
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -109,6 +109,18 @@ def test_sft_on_the_causal_family_and_eval_mode(quick_cfg, tmp_path):
     evaluated = train(quick_cfg("mode=eval", f"model.student={tmp_path / 'sft' / 'student'}", run_dir=tmp_path / "eval"))
     assert evaluated["test/accuracy"] == pytest.approx(results["test/accuracy_after"])
     assert not (tmp_path / "eval" / "checkpoints").exists()
+    # every test evaluation leaves its predictions, one line per problem in split order, and an exact 95% interval
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    after, again = read(tmp_path / "sft" / "predictions.jsonl"), read(tmp_path / "eval" / "predictions.jsonl")
+    assert len(read(tmp_path / "sft" / "predictions_before.jsonl")) == len(after) == 32
+    assert [r["index"] for r in after] == list(range(32))
+    assert [r["completion"] for r in again] == [r["completion"] for r in after]  # the exported student, the same greedy answers
+    assert sum(r["reward"] for r in again) / 32 == pytest.approx(evaluated["test/accuracy"])
+    row = again[0]
+    assert set(row) == {"index", "prompt", "completion", "parsed", "style", "gold", "reward", "ended"}
+    assert row["reward"] == float(row["parsed"] == row["gold"]) and isinstance(row["ended"], bool)
+    low, high = evaluated["test/accuracy_ci95"]
+    assert 0 <= low <= evaluated["test/accuracy"] <= high <= 1 and high - low > 0.1  # 32 problems: a wide interval
 
 
 def test_grpo_on_the_causal_family_with_wandb_offline(quick_cfg, tmp_path, monkeypatch):

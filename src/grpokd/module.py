@@ -37,7 +37,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grpokd import parallel
+from grpokd import evaluation, parallel, runtime
 from grpokd import rollout as ro
 from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import check_range
@@ -117,7 +117,8 @@ class GRPOKDModule(L.LightningModule):
             `reference` is then not given.
         teachers: the teacher ensemble, only when the objective needs teachers.
         samples_every: log a table of sample completions every this many steps (0: never).
-        samples_dir: where samples.jsonl is written (besides W&B tables).
+        samples_dir: where samples.jsonl (training samples) and predictions.jsonl (test evaluations) are written
+            (besides W&B tables).
         updates_per_rollout: optimiser passes over each rollout (mu >= 1; 1: on-policy, no pi_old).
         minibatches: each pass splits the rollout's prompts into this many minibatches, one step each.
         train_reward: the rollouts' reward, a weighted sum of named functions (default: `reward` alone).
@@ -179,6 +180,7 @@ class GRPOKDModule(L.LightningModule):
         self.eval_pass_k = eval_pass_k
         self.logit_chunk = logit_chunk
         self.val_pass = MeanMetric()
+        self._predictions: list[dict[str, Any]] = []  # the current test evaluation's prediction rows on this rank
 
     # --- training -------------------------------------------------------------------------------
 
@@ -295,20 +297,41 @@ class GRPOKDModule(L.LightningModule):
 
     # --- evaluation -----------------------------------------------------------------------------
 
-    def greedy_rewards(self, examples: dict[str, list[str]]) -> Tensor:
-        return ro.greedy_rewards(self.student, self.tokenizer, examples, self.reward, self.sampling)
+    def greedy(self, examples: dict[str, list[str]]) -> evaluation.Greedy:
+        return evaluation.greedy(self.student, self.tokenizer, examples, self.reward, self.sampling)
 
     def validation_step(self, examples: dict[str, list[str]], batch_idx: int) -> None:
-        self.val_accuracy.update(self.greedy_rewards(examples))
+        self.val_accuracy.update(self.greedy(examples).rewards)
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(examples["prompt"]))
         if self.eval_pass_k:
             seed = 7919 * self.global_step + batch_idx  # the same samples for the same checkpoint
-            self.val_pass.update(ro.pass_at_k(self.student, self.tokenizer, examples, self.reward, self.sampling, self.eval_pass_k, seed))
+            self.val_pass.update(evaluation.pass_at_k(self.student, self.tokenizer, examples, self.reward, self.sampling, self.eval_pass_k, seed))
             self.log(f"val/pass@{self.eval_pass_k}", self.val_pass, batch_size=len(examples["prompt"]))
 
+    def on_test_epoch_start(self) -> None:
+        self._predictions = []
+
     def test_step(self, examples: dict[str, list[str]], batch_idx: int) -> None:
-        self.test_accuracy.update(self.greedy_rewards(examples))
+        result = self.greedy(examples)
+        self.test_accuracy.update(result.rewards)
         self.log(f"test/{self.eval_tag}", self.test_accuracy, batch_size=len(examples["prompt"]))
+        world, done = self.trainer.world_size, len(self._predictions)  # rank r of W evaluates examples r, r+W, ...
+        indices = [(done + j) * world + self.global_rank for j in range(len(result.completions))]
+        self._predictions += evaluation.prediction_rows(examples, result, self.reward, indices)
+
+    def on_test_epoch_end(self) -> None:
+        """The test evaluation's predictions, one JSON line per problem in split order: <run_dir>/predictions.jsonl
+        (predictions_before.jsonl for the evaluation before training), and a W&B table test/predictions."""
+        rows = sorted((row for rank_rows in parallel.gather(self._predictions) for row in rank_rows), key=lambda row: row["index"])
+        if not rows:
+            return
+        name = "predictions_before.jsonl" if self.eval_tag == "accuracy_before" else "predictions.jsonl"
+        if self.samples_dir is not None and self.trainer.is_global_zero:
+            runtime.atomic_write(self.samples_dir / name, "".join(json.dumps(row) + "\n" for row in rows).encode())
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                columns = list(rows[0])
+                logger.log_table(key=f"test/predictions/{self.eval_tag}", columns=columns, data=[[r[c] for c in columns] for r in rows])
 
     # --- checkpoints: each rank's RNG state and pending rollout, no frozen models -------------------
 

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import check_range
 from grpokd.models.ensemble import TeacherEnsemble
-from grpokd.models.scoring import Tokens, completion_logits, decode, generate, logits_for, logp_and_entropy, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.models.scoring import Tokens, completion_logits, decode, end_token_ids, ended, generate, logits_for, logp_and_entropy, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.student import adapters_off
 from grpokd.objectives.base import Batch, KDStates, Needs
 from grpokd.objectives.kd import Mixture
@@ -43,6 +43,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k truncation (transformers' default of 50 would bias the policy gradient)
+    prompt_special_tokens: bool = True  # False for chat-rendered prompts, which hold their special tokens (`data.prompts`)
 
     def __post_init__(self) -> None:
         key = "rollout.sampling."
@@ -64,7 +65,7 @@ class Rollout:
     answers: list[str]  # N gold answers (repeated per group)
     rewards: Tensor | None  # [N], None for gold rollouts
     group_size: int  # K
-    truncated: Tensor  # [N] bool: hit max_new_tokens without EOS
+    truncated: Tensor  # [N] bool: hit max_new_tokens without an end token
     reward_parts: dict[str, Tensor] = field(default_factory=dict)  # name -> [N], each reward function's value
 
 
@@ -80,7 +81,7 @@ def sample(
     `reward`: one function (the rollout's reward), or `WeightedRewards` (their weighted sum, each kept in `reward_parts`).
     """
     device = next(model.parameters()).device
-    prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len).to(device)  # [B, P]
+    prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len, sampling.prompt_special_tokens).to(device)  # [B, P]
     completions = generate(
         model, tokenizer, prompts, sampling.group_size, sampling.max_new_tokens,
         do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
@@ -91,25 +92,8 @@ def sample(
     values = weighted.parts(texts, answers)
     rewards = torch.tensor(weighted.total(values), dtype=torch.float32, device=device)  # [N]
     parts = {name: torch.tensor(v, dtype=torch.float32, device=device) for name, v in values.items()}  # name -> [N]
-    ends = (completions.ids == tokenizer.eos_token_id) & (completions.mask == 1)  # [N, T]
-    return Rollout(prompts, completions, texts, answers, rewards, sampling.group_size, ~ends.any(-1), parts)
-
-
-@torch.no_grad()
-def pass_at_k(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]],
-    reward: Callable[[str, str], float], sampling: Sampling, k: int, seed: int,
-) -> Tensor:
-    """[B]: 1 where any of k completions sampled at the rollout settings earns `reward` (pass@k from n = k samples).
-
-    Sampled under a forked RNG seeded with `seed`: evaluation never shifts the training's random stream, so
-    turning pass@k on or off leaves a run's training unchanged.
-    """
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        rollout = sample(model, tokenizer, examples, replace(sampling, group_size=k), reward)
-    return rollout.rewards.view(-1, k).amax(-1)
+    truncated = ~ended(completions, end_token_ids(model, tokenizer))  # [N]
+    return Rollout(prompts, completions, texts, answers, rewards, sampling.group_size, truncated, parts)
 
 
 def mask_truncated(rollout: Rollout) -> Rollout:
@@ -159,7 +143,7 @@ def frozen_logp(model: PreTrainedModel, rollout: Rollout, vocab_size: int, tempe
 
 def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sampling: Sampling, device: torch.device) -> Rollout:
     """The gold solutions as completions (K = 1), for objectives that need no rollouts."""
-    prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len).to(device)  # [B, P]
+    prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len, sampling.prompt_special_tokens).to(device)  # [B, P]
     completions = tokenize_targets(tokenizer, examples["solution"], sampling.max_new_tokens).to(device)  # [B, T]
     none = torch.zeros(completions.ids.shape[0], dtype=torch.bool, device=device)
     return Rollout(prompts, completions, examples["solution"], examples["answer"], None, 1, truncated=none)
@@ -352,21 +336,6 @@ def _score_teachers(
         scores = scores or gold_side
     metrics = {f"teacher/{key}/{name}": values[i] for key, values in scores.metrics.items() for i, name in enumerate(teachers.names)}
     return (scores.logp, scores.weights if needs.teacher_logp else None, mixture, metrics)
-
-
-@torch.no_grad()
-def greedy_rewards(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: dict[str, list[str]],
-    reward: Callable[[str, str], float],
-    sampling: Sampling,
-) -> Tensor:
-    """Reward of each prompt's greedy completion: [B] (evaluation)."""
-    device = next(model.parameters()).device
-    prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len).to(device)  # [B, P]
-    texts = decode(tokenizer, generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=sampling.max_new_tokens))
-    return torch.tensor([reward(t, a) for t, a in zip(texts, examples["answer"])], dtype=torch.float32, device=device)
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, Tensor]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from grpokd import parallel, runtime
+from grpokd.data import prompts
 from grpokd.data.datamodule import TaskData
 from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import ConfigError, check_range
+from grpokd.evaluation import binomial_interval
 from grpokd.loggers import continue_csv, csv_logger, logged_config
 from grpokd.models import coverage, loading
 from grpokd.models.ensemble import TeacherEnsemble
@@ -47,6 +50,7 @@ class Prepared:
     reward: Any  # the dataset's correctness reward (greedy evaluation)
     train_reward: WeightedRewards  # the rollouts' reward: correctness and the configured extra functions, weighted
     sampling: Sampling
+    prompt_format: prompts.PromptFormat  # plain or chat layout of the prompts (chosen with the tokenizer)
     optim: Optim
     ckpt_path: str | None  # the checkpoint to resume from (ckpt_path, or the run's own last.ckpt with resume=true)
     resume_step: int | None  # its global step
@@ -104,9 +108,10 @@ def prepare(cfg: DictConfig) -> Prepared:
     reward = instantiate_group(cfg.dataset.reward, "dataset.reward")
     train_reward = weighted_rewards(cfg, reward)
     data = TaskData(splits, seed=cfg.seed, prompt_template=cfg.dataset.prompt_template, **cfg.data)
+    prompt_format = prompts.PromptFormat(cfg.dataset.get("chat"), cfg.dataset.get("system"), cfg.dataset.get("instruction"))
     ckpt_path = checkpoint_to_resume(cfg)
     resume_step = runtime.check_checkpoint(ckpt_path) if ckpt_path else None
-    return Prepared(objective, data, reward, train_reward, sampling, optim, ckpt_path, resume_step, lora)
+    return Prepared(objective, data, reward, train_reward, sampling, prompt_format, optim, ckpt_path, resume_step, lora)
 
 
 def student_lora(cfg: DictConfig) -> LoRA | None:
@@ -185,11 +190,13 @@ def check_updates(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule:
     """Load the student (and the reference only if the objective needs one) into the LightningModule.
 
-    The tokenizer comes first and is checked against the dataset, then every model's family, then the weights.
-    With LoRA, a reference that is the student (model.reference null) is not loaded: it is the student's
-    base model, scored with the adapters disabled.
+    The tokenizer comes first: it renders the prompts (the chat layout, when the dataset asks or the tokenizer has
+    a chat template), counts those that `rollout.sampling.max_prompt_len` cuts, and is checked against the
+    dataset; then every model's family, then the weights. With LoRA, a reference that is the student
+    (model.reference null) is not loaded: it is the student's base model, scored with the adapters disabled.
     """
     tokenizer = loading.load_tokenizer(cfg.model.student, "model.student")
+    sampling = render_prompts(prep, tokenizer, cfg.model.student)
     if cfg.check_tokenizer:
         sample = prep.data.train_set[:500] + prep.data.test_set[:500]
         coverage.check(coverage.measure(tokenizer, sample, prep.reward), cfg.dataset.name, cfg.model.student)
@@ -218,13 +225,29 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         student = add_lora(student, prep.lora)
     student.train()
     return GRPOKDModule(
-        student, tokenizer, prep.objective, prep.reward, prep.sampling, prep.optim, reference=reference,
+        student, tokenizer, prep.objective, prep.reward, sampling, prep.optim, reference=reference,
         teachers=teachers, samples_every=cfg.log.samples_every, samples_dir=run_dir,
         updates_per_rollout=cfg.updates_per_rollout, minibatches=cfg.rollout.minibatches,
         train_reward=prep.train_reward, mask_truncated_completions=cfg.rollout.mask_truncated_completions,
         eval_pass_k=cfg.eval_pass_k, logit_chunk=cfg.model.get("logit_chunk"),
         reference_adapters_off=reference_adapters_off,
     )
+
+
+def render_prompts(prep: Prepared, tokenizer, student: str) -> Sampling:
+    """Render `prep.data`'s prompts in the layout `prep.prompt_format` picks for `tokenizer`, warn once about those
+    longer than max_prompt_len (left-truncated everywhere), and return the sampling settings that tokenize them."""
+    chat = prep.prompt_format.uses_chat(tokenizer, student)
+    if chat:
+        prep.data.render_prompts(partial(prep.prompt_format.render, tokenizer))
+    sampling = replace(prep.sampling, prompt_special_tokens=not chat)
+    splits = {"train": prep.data.train_set, "val": prep.data.val_set, "test": prep.data.test_set}
+    counts = {
+        name: (prompts.count_long(tokenizer, [ex.prompt for ex in split], sampling.max_prompt_len, sampling.prompt_special_tokens), len(split))
+        for name, split in splits.items() if split
+    }
+    prompts.warn_long(counts, sampling.max_prompt_len)
+    return sampling
 
 
 def teacher_spec(item: Any) -> tuple[str, str | None]:
@@ -273,10 +296,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], r
     return trainer
 
 
-def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str) -> float:
-    """Greedy test accuracy, logged as test/<tag>."""
+def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str) -> dict[str, Any]:
+    """Greedy test accuracy, logged as test/<tag>, with its 95% interval (test/<tag>_ci95); predictions.jsonl."""
     module.eval_tag = tag
-    return float(trainer.test(module, datamodule=data, verbose=False)[0][f"test/{tag}"])
+    accuracy = float(trainer.test(module, datamodule=data, verbose=False)[0][f"test/{tag}"])
+    return {f"test/{tag}": accuracy, f"test/{tag}_ci95": with_interval(accuracy, len(data.test_set))}
+
+
+def with_interval(accuracy: float, n: int) -> list[float]:
+    """The exact binomial 95% interval of an accuracy over `n` problems (each scored 0 or 1), rounded to 4 places."""
+    return [round(bound, 4) for bound in binomial_interval(round(accuracy * n), n)]
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -364,20 +393,21 @@ def run_stages(cfg: DictConfig, prep: Prepared, module: GRPOKDModule, trainer: L
                run_dir: Path) -> dict[str, Any]:
     """Evaluate (mode=eval), or evaluate before, fit, validate, test and export the student (mode=train)."""
     if cfg.mode == "eval":
-        return {"test/accuracy": evaluate(trainer, module, prep.data, "accuracy")}
+        return evaluate(trainer, module, prep.data, "accuracy")
     results: dict[str, Any] = {}
     earlier = read_results(run_dir) if prep.ckpt_path else {}  # a resumed run keeps the first part's "before"
     if "test/accuracy_before" in earlier:
-        results["test/accuracy_before"] = earlier["test/accuracy_before"]
+        results |= {key: earlier[key] for key in ("test/accuracy_before", "test/accuracy_before_ci95") if key in earlier}
     elif cfg.eval_before and cfg.eval_test and prep.ckpt_path is None:
-        results["test/accuracy_before"] = evaluate(trainer, module, prep.data, "accuracy_before")
+        results |= evaluate(trainer, module, prep.data, "accuracy_before")
     trainer.fit(module, datamodule=prep.data, ckpt_path=prep.ckpt_path)
     if stop.signum is not None:
         return results
     if prep.data.val_set and trainer.limit_val_batches != 0:  # the final greedy val accuracy: what `sweep=tune` selects on
         results["val/accuracy"] = float(trainer.validate(module, datamodule=prep.data, verbose=False)[0]["val/accuracy"])
+        results["val/accuracy_ci95"] = with_interval(results["val/accuracy"], len(prep.data.val_set))
     if cfg.eval_test:
-        results["test/accuracy_after"] = evaluate(trainer, module, prep.data, "accuracy_after")
+        results |= evaluate(trainer, module, prep.data, "accuracy_after")
     results["student_dir"] = str(export_student(trainer, module, run_dir / "student", prep.lora))
     return results
 

@@ -15,7 +15,8 @@ test prompt (`held_out`): a generator's duplicates would otherwise put them in t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -117,6 +118,13 @@ class TaskData(L.LightningDataModule):
         self.prompts_per_step = prompts_per_step
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+
+    def render_prompts(self, render: Callable[[str], str]) -> None:
+        """Every prompt (train, val, test) replaced by `render(prompt)`: the chat layout (`data.prompts`), which
+        needs the student's tokenizer and so comes after the splits are drawn."""
+        self.train_set, self.val_set, self.test_set = (
+            [replace(ex, prompt=render(ex.prompt)) for ex in split] for split in (self.train_set, self.val_set, self.test_set)
+        )
 
     def train_dataloader(self) -> PromptStream:
         trainer = self.trainer

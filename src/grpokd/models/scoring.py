@@ -2,8 +2,11 @@
 
 Completions are always "the tokens after the prompt": for a seq2seq model the
 decoder's tokens, for a causal model the continuation of the left-padded
-prompt. Each completion ends with the first EOS (included, mask 1); what
-follows is padding (mask 0). Rows n*K .. n*K+K-1 belong to prompt n.
+prompt. Each completion ends with the first end token (included, mask 1: it is
+the policy's choice and is scored as such); what follows is padding (mask 0).
+The end tokens are every EOS the model declares (`end_token_ids`: an instruct
+model's generation config may list several, e.g. `<|im_end|>` and
+`<|endoftext|>`). Rows n*K .. n*K+K-1 belong to prompt n.
 
 Each prompt runs once per rollout step, not K times: in sampling and in scoring
 a seq2seq model's encoder runs on the B prompts (its states repeated K times), and
@@ -41,11 +44,31 @@ def is_seq2seq(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> Tokens:
-    """Prompts with the tokenizer's own special tokens, truncated from the left to keep the question's end."""
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int, special_tokens: bool = True) -> Tokens:
+    """Prompts, left-padded and truncated from the left to keep the question's end (every prompt of a run, in
+    training and evaluation alike, goes through here; `data.prompts.count_long` counts the ones cut at start-up).
+
+    `special_tokens`: add the tokenizer's own (T5's closing </s>, a BOS); False for prompts rendered by a chat
+    template, which already hold theirs.
+    """
     tokenizer.truncation_side = "left"
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, add_special_tokens=special_tokens, return_tensors="pt")
     return Tokens(enc["input_ids"], enc["attention_mask"])
+
+
+def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token that ends a completion: the tokenizer's EOS and the model's `generation_config.eos_token_id`
+    (an id or a list of them, e.g. SmolLM2's and Qwen2.5's `<|im_end|>` beside `<|endoftext|>`), in that order."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    declared = declared if isinstance(declared, (list, tuple)) else [declared]
+    ids = [tokenizer.eos_token_id, *declared]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def ended(completions: Tokens, end_ids: list[int]) -> Tensor:
+    """[N] bool: the completion stopped at an end token (False: it hit the length limit)."""
+    ends = torch.isin(completions.ids, torch.tensor(end_ids, device=completions.ids.device))  # [N, T]
+    return (ends & (completions.mask == 1)).any(-1)
 
 
 def tokenize_targets(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> Tokens:
@@ -60,14 +83,12 @@ def tokenize_targets(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_l
     return Tokens(ids, mask)
 
 
-def completion_mask(ids: Tensor, eos_id: int, pad_id: int) -> Tensor:
-    """1 up to and including the first EOS of each row, 0 after; a row without EOS is all 1 (truncated)."""
-    is_eos = ids == eos_id  # [N, T]
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-    mask = ~after_eos
-    if pad_id != eos_id:  # generate() pads finished rows; those pads are after EOS anyway
-        mask &= ~((ids == pad_id) & after_eos)
-    return mask.long()
+def completion_mask(ids: Tensor, end_ids: int | list[int]) -> Tensor:
+    """1 up to and including the first end token (any of `end_ids`) of each row, 0 after; a row without one is
+    all 1 (truncated)."""
+    is_end = torch.isin(ids, torch.tensor(end_ids, device=ids.device))  # [N, T]
+    after_end = (is_end.long().cumsum(-1) - is_end.long()) > 0  # strictly after the first end token
+    return (~after_end).long()
 
 
 @torch.no_grad()
@@ -87,8 +108,8 @@ def generate(
     A plain decoding loop on the model's KV cache, transformers' `generate` step for step, with fewer round
     trips: each prompt runs once (`decoding`), then every step feeds the N tokens just chosen and draws the next
     from softmax(logits / temperature) after top-k and top-p (transformers' own warpers, in generate's order,
-    one `torch.multinomial` per step; argmax when greedy). Rows that have emitted EOS get padding; the loop stops
-    when every row has its EOS or at `max_new_tokens`. Under the same seed it returns `generate`'s tokens (a test
+    one `torch.multinomial` per step; argmax when greedy). Rows that have emitted an end token (any of
+    `end_token_ids`) get padding; the loop stops when every row has ended or at `max_new_tokens`. Under the same seed it returns `generate`'s tokens (a test
     checks). The model's generation_config is not read: a repetition penalty or a default top-k there would
     sample from another distribution than the one the rollout is scored under.
 
@@ -99,21 +120,22 @@ def generate(
         warpers += [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
         warpers += [TopKLogitsWarper(top_k)] if top_k else []
         warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
-    chosen = []
+    chosen, end_ids = [], end_token_ids(model, tokenizer)
     with checkpointing_off(model):
         logits, step = decoding(model, prompts, group_size)  # [N, V]
-        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)  # [N] rows past their EOS
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)  # [N] rows past their end token
+        ends = torch.tensor(end_ids, device=logits.device)
         while True:
             scores = warpers(None, logits.float())  # [N, V]
             token = torch.multinomial(scores.softmax(-1), 1).squeeze(1) if do_sample else scores.argmax(-1)  # [N]
             token = token.masked_fill(done, tokenizer.pad_token_id)
             chosen.append(token)
-            done |= token == tokenizer.eos_token_id
+            done |= torch.isin(token, ends)
             if len(chosen) == max_new_tokens or bool(done.all()):
                 break
             logits = step(token)
     ids = torch.stack(chosen, 1)  # [N, T]
-    mask = completion_mask(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)  # [N, T]
+    mask = completion_mask(ids, end_ids)  # [N, T]
     return Tokens(ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask)
 
 

@@ -40,11 +40,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrai
 from grpokd.data.datamodule import collate
 from grpokd.data.example import Example
 from grpokd.data.rewards import ChoiceReward, NumericReward
+from grpokd.evaluation import greedy
 from grpokd.models.scoring import completion_logits, decode, generate, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.tokenizer import build_tokenizer
 from grpokd.objectives.base import Batch
 from grpokd.objectives.sft import SFT
-from grpokd.rollout import Sampling, greedy_rewards
+from grpokd.rollout import Sampling
 
 ZOO_VERSION = 2  # bump when the training code (not a recipe) changes what gets built
 EMBEDDED_DIR = Path(__file__).parent / "embedded"  # built models shipped with the package
@@ -183,7 +184,7 @@ def greedy_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     model.eval()
     sampling = Sampling(max_prompt_len=PROMPT_LEN, max_new_tokens=TARGET_LEN)
     batches = (collate(data[i : i + batch_size]) for i in range(0, len(data), batch_size))
-    return sum(greedy_rewards(model, tokenizer, b, reward, sampling).sum().item() for b in batches) / len(data)
+    return sum(greedy(model, tokenizer, b, reward, sampling).rewards.sum().item() for b in batches) / len(data)
 
 
 @torch.no_grad()

@@ -1,0 +1,98 @@
+"""Evaluation: greedy accuracy with the predictions behind it, pass@k, and the binomial interval of an accuracy.
+
+Greedy evaluation (val and test) decodes one completion per prompt with argmax
+at the rollout's lengths and scores it with the dataset's correctness reward.
+Every test evaluation writes what it saw, one JSON line per problem
+(`prediction_rows`): the prompt as rendered (chat template included), the
+completion, the answer parsed from it and the style it was written in, the gold
+answer, the reward, and whether the completion stopped at an end token or hit
+the length limit. An accuracy is reported with its exact (Clopper-Pearson) 95%
+interval, so that 0/20 reads as "0 to 17%", not as "zero".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from grpokd.models.scoring import decode, end_token_ids, ended, generate, tokenize_prompts
+from grpokd.rollout import Sampling, sample
+
+
+@dataclass(frozen=True)
+class Greedy:
+    """One greedy completion per prompt, scored. B prompts."""
+
+    completions: list[str]  # B completion texts (special tokens dropped)
+    rewards: Tensor  # [B] the correctness reward of each
+    ended: Tensor  # [B] bool: stopped at an end token (False: hit max_new_tokens)
+
+
+@torch.no_grad()
+def greedy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]],
+    reward: Callable[[str, str], float], sampling: Sampling,
+) -> Greedy:
+    """The greedy completion of each prompt at the rollout's lengths, its reward and whether it ended."""
+    device = next(model.parameters()).device
+    prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len, sampling.prompt_special_tokens).to(device)  # [B, P]
+    completions = generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=sampling.max_new_tokens)  # [B, T]
+    texts = decode(tokenizer, completions)
+    rewards = torch.tensor([reward(t, a) for t, a in zip(texts, examples["answer"])], dtype=torch.float32, device=device)  # [B]
+    return Greedy(texts, rewards, ended(completions, end_token_ids(model, tokenizer)))
+
+
+@torch.no_grad()
+def pass_at_k(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]],
+    reward: Callable[[str, str], float], sampling: Sampling, k: int, seed: int,
+) -> Tensor:
+    """[B]: 1 where any of k completions sampled at the rollout settings earns `reward` (pass@k from n = k samples).
+
+    Sampled under a forked RNG seeded with `seed`: evaluation never shifts the training's random stream, so
+    turning pass@k on or off leaves a run's training unchanged.
+    """
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        rollout = sample(model, tokenizer, examples, replace(sampling, group_size=k), reward)
+    return rollout.rewards.view(-1, k).amax(-1)
+
+
+def prediction_rows(examples: dict[str, list[str]], result: Greedy, reward: Any, indices: list[int]) -> list[dict[str, Any]]:
+    """One record per prompt: index in the split, prompt as rendered, completion, parsed answer and its style
+    (when `reward` can parse: `parse(text) -> (value, style)`), gold answer, reward, and whether it ended."""
+    rows = []
+    for i, (index, completion) in enumerate(zip(indices, result.completions)):
+        parsed = reward.parse(completion) if hasattr(reward, "parse") else None
+        rows.append({
+            "index": index,
+            "prompt": examples["prompt"][i],
+            "completion": completion,
+            "parsed": None if parsed is None else parsed.value,
+            "style": None if parsed is None else parsed.style,
+            "gold": examples["answer"][i],
+            "reward": float(result.rewards[i]),
+            "ended": bool(result.ended[i]),
+        })
+    return rows
+
+
+def binomial_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) `level` interval of a proportion from `successes` of `n` trials.
+
+    0 of 20 -> (0.0, 0.168); 10 of 20 -> (0.272, 0.728); n = 0 -> (0.0, 1.0).
+    """
+    from scipy import stats
+
+    if n == 0:
+        return 0.0, 1.0
+    alpha = 1 - level
+    low = 0.0 if successes == 0 else float(stats.beta.ppf(alpha / 2, successes, n - successes + 1))
+    high = 1.0 if successes == n else float(stats.beta.ppf(1 - alpha / 2, successes + 1, n - successes))
+    return low, high
