@@ -2,16 +2,22 @@
 
     pip install -e ".[bench]"     # TRL
     python bench/vs_trl.py [--steps 30] [--repeats 3] [--prompts 4] [--group 8] [--tokens 16]
+    python bench/vs_trl.py --model DIR --data ../shared/data/gsm8k --steps 4 --warmup 1 --prompts 2 --group 4 --tokens 128
 
-Both train the embedded `tiny-llama-student` with its tokenizer on `arith`
-training prompts, `prompts` x `group` completions of at most `tokens` new
-tokens per step, temperature 1, no top-k, beta 0.04, lr 1e-4, on the CPU, one
-process at a time. grpokd runs `python run.py objective=grpo model=tiny_causal`
+Both train the same student with its tokenizer, `prompts` x `group`
+completions of at most `tokens` new tokens per step, temperature 1, no top-k,
+beta 0.04, lr 1e-4, on the CPU, one process at a time: by default the embedded
+`tiny-llama-student` on `arith` training prompts; with `--model` a real causal
+model directory (e.g. SmolLM2-135M-Instruct converted from its GGUF with
+`python -m grpokd.models.convert`) on GSM8K training prompts from `--data`,
+both in the chat layout (grpokd's `model=smollm2` settings; TRL's
+conversational prompts, the same user message with the dataset's instruction,
+rendered by the same chat template). grpokd runs `python run.py objective=grpo model=tiny_causal`
 with evaluation off and TRL's default loss (DAPO's token-level mean,
 `objective.aggregation=token_mean`); TRL runs GRPOTrainer with its defaults
 otherwise (group-scaled advantages, epsilon 0.2, k3 KL to the reference). The
 figure is each trainer's own per-step timer, median over the steps after the
-first 3: TRL's logged `step_time` (sampling, scoring, backward and optimiser
+first `--warmup` (3): TRL's logged `step_time` (sampling, scoring, backward and optimiser
 step), grpokd's `train/step_time_s` (batch start to after the optimiser step).
 Start-up and evaluation are not in it. Each run is a fresh subprocess; the
 table gives the median over `repeats` runs of those medians, then each repeat's
@@ -36,12 +42,12 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WARMUP = 3  # steps left out of the median (first allocations, lazy initialisation)
 
 
 def grpokd_command(args: argparse.Namespace, out: Path) -> list[str]:
+    model = ["model=tiny_causal"] if args.model is None else ["model=smollm2", f"model.student={args.model}", "dataset=gsm8k", f"dataset.path={args.data}"]
     return [
-        sys.executable, str(REPO / "run.py"), "objective=grpo", "model=tiny_causal", f"trainer.max_steps={args.steps}",
+        sys.executable, str(REPO / "run.py"), "objective=grpo", *model, f"trainer.max_steps={args.steps}",
         f"data.prompts_per_step={args.prompts}", f"group_size={args.group}", f"rollout.sampling.max_new_tokens={args.tokens}",
         "beta=0.04", "objective.aggregation=token_mean", "optim.lr=1e-4", "eval_before=false", "eval_test=false", "eval_pass_k=0", "data.val_size=0",
         "logger=none", "log.csv=true", "callbacks=none", f"hydra.run.dir={out}",
@@ -55,7 +61,7 @@ def grpokd_run(args: argparse.Namespace, out: Path) -> float:
         raise SystemExit(f"grpokd run failed:\n{done.stderr[-3000:]}")
     with open(out / "csv" / "metrics.csv") as f:
         times = [float(r["train/step_time_s"]) for r in csv.DictReader(f) if r.get("train/step_time_s")]
-    return statistics.median(times[WARMUP:])
+    return statistics.median(times[args.warmup :])
 
 
 PHASES = (  # (label, file suffix, function): cumulative time of each, per step
@@ -97,18 +103,25 @@ def grpokd_profile(args: argparse.Namespace) -> None:
 def trl_one(args: argparse.Namespace) -> float:
     """Median `step_time` of one GRPOTrainer run (in this process)."""
     from datasets import Dataset
+    from omegaconf import OmegaConf
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from grpokd.data.rewards import NumericReward
-    from grpokd.data.sources import arith
+    from grpokd.data.sources import arith, gsm8k
     from grpokd.models import loading
 
-    tokenizer = loading.load_tokenizer("tiny-llama-student")
-    model = loading.load_model("tiny-llama-student")
-    train = arith().train[: args.prompts * args.steps]
-    data = Dataset.from_dict({"prompt": [e.prompt for e in train], "answer": [e.answer for e in train]})
-    correct = NumericReward()
+    name = args.model or "tiny-llama-student"
+    tokenizer, model = loading.load_tokenizer(name), loading.load_model(name)
+    if args.model is None:
+        train = arith().train[: args.prompts * args.steps]
+        prompts = [e.prompt for e in train]
+    else:  # conversational: the user message grpokd's chat layout renders (conf/dataset/gsm8k.yaml's instruction)
+        train = gsm8k(args.data).train[: args.prompts * args.steps]
+        instruction = OmegaConf.load(REPO / "conf" / "dataset" / "gsm8k.yaml").instruction
+        prompts = [[{"role": "user", "content": f"{e.prompt}\n\n{instruction}"}] for e in train]
+    data = Dataset.from_dict({"prompt": prompts, "answer": [e.answer for e in train]})
+    correct = NumericReward(fallback_last_number=args.model is not None)  # the dataset's reward (arith: no fallback)
 
     def reward(completions: list[str], answer: list[str], **_: object) -> list[float]:
         return [correct(c, a) for c, a in zip(completions, answer)]
@@ -128,7 +141,7 @@ def trl_one(args: argparse.Namespace) -> float:
             disable_tqdm=True, seed=0,
         )
         GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[StepTimes()]).train()
-    return statistics.median(times[WARMUP:])
+    return statistics.median(times[args.warmup :])
 
 
 def main() -> None:
@@ -138,6 +151,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of each run's median")
+    parser.add_argument("--model", help="a causal Hugging Face model directory (default: the embedded tiny-llama-student on arith)")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gsm8k"), help="GSM8K directory (with --model)")
     parser.add_argument("--profile", action="store_true", help="profile grpokd's step instead (no TRL needed)")
     parser.add_argument("--trl-one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,7 +167,7 @@ def main() -> None:
         import trl
     except ImportError:
         raise SystemExit('TRL is not installed: pip install -e ".[bench]"') from None
-    flags = [f"--{k}={getattr(args, k)}" for k in ("steps", "prompts", "group", "tokens")]
+    flags = [f"--{k}={getattr(args, k)}" for k in ("steps", "prompts", "group", "tokens", "warmup", "model", "data") if getattr(args, k) is not None]
     ours, theirs = [], []
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as out:
@@ -161,8 +177,8 @@ def main() -> None:
         print(f"repeat {repeat}: grpokd {ours[-1]:.4f} s/step, TRL {theirs[-1]:.4f} s/step", flush=True)
     a, b = statistics.median(ours), statistics.median(theirs)
     paired = sorted(t / o for o, t in zip(ours, theirs))  # each repeat's two runs are back to back: drift cancels
-    print(f"\nTRL {trl.__version__}, {args.prompts} prompts x {args.group} completions, <= {args.tokens} new tokens, "
-          f"{args.steps} steps, median of {args.repeats} runs of the in-loop median step time (first {WARMUP} steps left out)")
+    print(f"\nTRL {trl.__version__}, {args.model or 'tiny-llama-student'}, {args.prompts} prompts x {args.group} completions, <= {args.tokens} new "
+          f"tokens, {args.steps} steps, median of {args.repeats} runs of the in-loop median step time (first {args.warmup} steps left out)")
     print("| trainer | s/step | throughput vs TRL |")
     print("|---|---|---|")
     print(f"| TRL GRPOTrainer | {b:.4f} | 1.00x |")
