@@ -40,6 +40,14 @@ def test_completion_mask_keeps_the_first_eos_and_drops_what_follows():
     assert completion_mask(ids, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
+def test_prompts_are_left_padded_whatever_side_the_tokenizer_pads():
+    """SmolLM2's GGUF tokenizer pads on the right; a right-padded prompt would be continued after its padding."""
+    _, tokenizer = tiny("llama")
+    tokenizer.padding_side = "right"
+    prompts = tokenize_prompts(tokenizer, ["what is 3 + 4 ?", "tom has 6 apples and eats 2 . how many are left ?"], 64)
+    assert prompts.mask[:, -1].tolist() == [1, 1] and prompts.mask[0, 0] == 0
+
+
 def test_completion_mask_and_ended_stop_at_any_declared_end_token():
     """An instruct model declares several end tokens (<|im_end|> = 2, <|endoftext|> = 0 here); padding is the
     first of them, as SmolLM2 pads with <|im_end|>. The first end token of either kind is kept and scored."""

@@ -51,7 +51,7 @@ def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_l
     `special_tokens`: add the tokenizer's own (T5's closing </s>, a BOS); False for prompts rendered by a chat
     template, which already hold theirs.
     """
-    tokenizer.truncation_side = "left"
+    tokenizer.truncation_side = tokenizer.padding_side = "left"  # a tokenizer may default to right padding (SmolLM2's GGUF one does)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, add_special_tokens=special_tokens, return_tensors="pt")
     return Tokens(enc["input_ids"], enc["attention_mask"])
 
