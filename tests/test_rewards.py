@@ -342,15 +342,18 @@ def test_truncated_completions_are_masked_out_entirely_and_parts_are_logged():
     mask = torch.ones(4, 3, dtype=torch.long)
     r = ro.Rollout(
         Tokens(torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long)), Tokens(torch.ones(4, 3, dtype=torch.long), mask),
-        ["a"] * 4, ["1"] * 4, torch.tensor([1.0, 0.0, 1.0, 0.0]), 2, torch.tensor([False, True, False, False]),
+        ["so 3 + 4 = 7 . #### 7", "the answer is 7.", "$\\boxed{7}$ #### 7", "7"], ["7"] * 4, torch.tensor([1.0, 0.0, 1.0, 0.0]), 2,
+        torch.tensor([False, True, False, False]),
         {"correct": torch.tensor([1.0, 0.0, 1.0, 0.0]), "format": torch.tensor([1.0, 0.0, 1.0, 1.0])},
     )
     masked = ro.mask_truncated(r)
     assert masked.completions.mask.sum(-1).tolist() == [3, 0, 3, 3]
     metrics = ro.rollout_metrics(r)
     assert float(metrics["rewards/format/mean"]) == 0.75 and float(metrics["rewards/correct/mean"]) == 0.5
+    styles = {key: float(metrics[f"answer_style/{key}"]) for key in ("marker", "boxed", "answer_is", "none")}
+    assert styles == {"marker": 0.5, "boxed": 0.0, "answer_is": 0.25, "none": 0.25}  # the marker after a box wins
     part = ro.select(r, 1, 2)
-    assert part.texts == ["a", "a"] and part.reward_parts["format"].tolist() == [1.0, 1.0]
+    assert part.texts == r.texts[2:] and part.reward_parts["format"].tolist() == [1.0, 1.0]
 
 
 # --- the arithmetic step reward -------------------------------------------------------------------

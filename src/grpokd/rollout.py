@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grpokd.data.rewards import WeightedRewards
+from grpokd.data.rewards import FORMAT_STYLES, WeightedRewards, answer_style
 from grpokd.errors import check_range
 from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.models.scoring import Tokens, completion_logits, decode, end_token_ids, ended, generate, logits_for, logp_and_entropy, token_logp, tokenize_prompts, tokenize_targets
@@ -339,12 +339,15 @@ def _score_teachers(
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, Tensor]:
-    """Reward and length statistics of one rollout (unprefixed names)."""
+    """Reward and length statistics of one rollout, and the share of completions that state their answer in each
+    style (`answer_style/<marker|boxed|answer_is|none>`: whether the model keeps the asked format) (unprefixed names)."""
     lengths = rollout.completions.mask.sum(-1).float()  # [N]
+    styles = [answer_style(text) or "none" for text in rollout.texts]
     metrics = {
         "completion_len_mean": lengths.mean(),
         "completion_len_max": lengths.max(),
         "truncated_frac": rollout.truncated.float().mean(),
+        **{f"answer_style/{style}": torch.tensor(styles.count(style) / len(styles)) for style in (*FORMAT_STYLES, "none")},
     }
     if rollout.rewards is not None:
         groups = rollout.rewards.view(-1, rollout.group_size)  # [B, K]
