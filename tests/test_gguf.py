@@ -68,6 +68,16 @@ def test_the_gguf_model_loads_dequantised_as_a_plain_model(smol_model, smol_toke
     assert smol_tokenizer.eos_token == "<|im_end|>" and smol_tokenizer.pad_token_id is not None
 
 
+def test_one_file_is_dequantised_once_into_separate_models(smol, smol_model):
+    """The student, its reference and a teacher from one file: the second load is a copy of the kept model (no
+    second dequantisation), with its own tensors, since the student trains and its reference must not move."""
+    again = loading.load_model(str(smol), "model.reference")
+    for (name, mine), theirs in zip(smol_model.named_parameters(), again.parameters()):
+        assert torch.equal(mine, theirs) and mine.data_ptr() != theirs.data_ptr(), name
+    loading.forget_dequantised()
+    assert loading._dequantised.cache_info().currsize == 0
+
+
 def test_the_chat_template_renders_smollm2s_format(smol_tokenizer):
     assert smol_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False) == CHAT
 

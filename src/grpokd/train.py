@@ -216,6 +216,7 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         if ref_name != cfg.model.student:
             loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(ref_name, "model.reference"), cfg.model.student, ref_name)
     teachers = load_teachers(cfg, tokenizer) if use_teachers else None
+    loading.forget_dequantised()
     if cfg.model.disable_dropout:  # the pretrained models' dropout; LoRA's own is model.lora.dropout
         for model in (student, reference):
             disable_dropout(model)

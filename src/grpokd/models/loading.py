@@ -239,13 +239,29 @@ def load_model(name: str, role: str = "model", dtype: str | None = None) -> PreT
         raise ConfigError(f"{role}.dtype: unknown dtype {dtype!r}; allowed: {', '.join(str(k) for k in DTYPES)}")
     source = resolve(name, role)
     try:
+        if source.gguf_file:  # a copy: the student, its reference and a teacher may all come from one file
+            path = Path(source.where) / source.gguf_file
+            return copy.deepcopy(_dequantised(str(path.absolute()), path.stat().st_size, path.stat().st_mtime_ns, DTYPES[dtype]))
         auto = AutoModelForSeq2SeqLM if _config(source, role).is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(source.where, dtype=DTYPES[dtype], **source.kwargs())
+        return auto.from_pretrained(source.where, dtype=DTYPES[dtype], **source.kwargs()).eval()
     except ConfigError:
         raise
     except (OSError, ValueError) as err:
         raise ConfigError(f"{role}: cannot load a model from {name!r}: {err}".splitlines()[0]) from err
-    return (_unmark_gguf(model) if source.gguf_file else model).eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _dequantised(path: str, size: int, mtime_ns: int, dtype: torch.dtype | None) -> PreTrainedModel:
+    """The model of a GGUF file, dequantised (SmolLM2-135M: about 10 s on 2 cores) and kept, so that a run whose
+    student is also its reference or teacher dequantises the file once; `forget_dequantised` drops it."""
+    auto = AutoModelForSeq2SeqLM if gguf_config(Path(path)).is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, local_files_only=True, dtype=dtype)
+    return _unmark_gguf(model).eval()
+
+
+def forget_dequantised() -> None:
+    """Drop the kept GGUF model (`_dequantised`): once every model of a run is loaded, it is memory for nothing."""
+    _dequantised.cache_clear()
 
 
 def _unmark_gguf(model: PreTrainedModel) -> PreTrainedModel:
