@@ -264,7 +264,8 @@ def load_teachers(cfg: DictConfig, tokenizer) -> TeacherEnsemble:
     for i, item in enumerate(cfg.model.teachers):
         name, dtype = teacher_spec(item)
         role = f"model.teachers[{i}]"
-        loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(name, role), cfg.model.student, f"{role}={name}")
+        if name != cfg.model.student:  # the student as its own teacher shares its tokenizer by definition
+            loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(name, role), cfg.model.student, f"{role}={name}")
         models.append(loading.load_model(name, role, dtype or cfg.model.dtype))
         names.append(Path(name).name)
     return TeacherEnsemble(models, names, instantiate_group(cfg.weighting, "weighting"), cfg.model.get("teacher_chunk_prompts"))
