@@ -123,8 +123,9 @@ def trl_one(args: argparse.Namespace) -> float:
     data = Dataset.from_dict({"prompt": prompts, "answer": [e.answer for e in train]})
     correct = NumericReward(fallback_last_number=args.model is not None)  # the dataset's reward (arith: no fallback)
 
-    def reward(completions: list[str], answer: list[str], **_: object) -> list[float]:
-        return [correct(c, a) for c, a in zip(completions, answer)]
+    def reward(completions: list, answer: list[str], **_: object) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # conversational: the assistant's message
+        return [correct(t, a) for t, a in zip(texts, answer)]
 
     times: list[float] = []
 
