@@ -110,8 +110,8 @@ def generate(
     from softmax(logits / temperature) after top-k and top-p (transformers' own warpers, in generate's order,
     one `torch.multinomial` per step; argmax when greedy). Rows that have emitted an end token (any of
     `end_token_ids`) get padding; the loop stops when every row has ended or at `max_new_tokens`. Under the same seed it returns `generate`'s tokens (a test
-    checks). The model's generation_config is not read: a repetition penalty or a default top-k there would
-    sample from another distribution than the one the rollout is scored under.
+    checks). Of the model's generation_config only the end tokens are read: a repetition penalty or a default
+    top-k there would sample from another distribution than the one the rollout is scored under.
 
     Gradient checkpointing is suspended meanwhile: its layers would drop the KV cache that decoding reads.
     """
