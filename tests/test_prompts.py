@@ -87,3 +87,15 @@ def test_one_warning_counts_the_long_prompts_of_every_split():
         message = warn_long({"train": (3, 100), "val": (0, 10), "test": (1, 20)}, 64)
     assert len(caught) == 1 and str(caught[0].message) == message
     assert message.startswith("4 of 130 prompts (train 3 of 100, test 1 of 20) are longer than rollout.sampling.max_prompt_len=64 tokens")
+
+
+def test_a_run_warns_once_about_the_prompts_max_prompt_len_cuts(quick_cfg, tmp_path):
+    """At start-up, with the student's tokenizer: every split's prompts are counted (arith prompts are 10-30 tokens)."""
+    from grpokd.train import build_module, prepare
+
+    cfg = quick_cfg("model=tiny_causal", "objective=grpo", "rollout.sampling.max_prompt_len=12")
+    prep = prepare(cfg)
+    with pytest.warns(UserWarning, match=r"prompts \(train \d+ of \d+, val \d+ of 16, test \d+ of 32\) are longer than rollout.sampling.max_prompt_len=12") as caught:
+        module = build_module(cfg, prep, tmp_path / "run")
+    assert len([w for w in caught if "max_prompt_len" in str(w.message)]) == 1
+    assert module.sampling.prompt_special_tokens is True  # the embedded tokenizer has no chat template: plain prompts
