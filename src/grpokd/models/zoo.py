@@ -198,6 +198,14 @@ def pass_at_k(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: 
     return rewards.mean().item(), rewards.amax(-1).mean().item()
 
 
+def portable_tokenizer_config(folder: Path) -> None:
+    """Name the fast tokenizer class and its inputs in folder/tokenizer_config.json: transformers 5 writes TokenizersBackend, which 4.x cannot load."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=["input_ids", "attention_mask"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 @torch.enable_grad()  # a first use may come from inside a caller's no_grad block
 def _build(name: str, recipe: Recipe, target: Path) -> None:
     tokenizer = build_tokenizer(recipe.family)
@@ -222,6 +230,7 @@ def _build(name: str, recipe: Recipe, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    portable_tokenizer_config(tmp)
     (tmp / "build.json").write_text(json.dumps(report, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
