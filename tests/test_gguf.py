@@ -128,6 +128,12 @@ def test_a_truncated_student_ends_prepare(smol, tmp_path):
         prepare(compose(["model=smollm2", f"model.student={cut}"], tmp_path / "run"))
 
 
+def test_gguf_needs_transformers_5(smol, monkeypatch):
+    monkeypatch.setattr(loading.transformers, "__version__", "4.57.6")  # the module loading.py reads it from
+    with pytest.raises(ConfigError, match=r"model.student: loading a GGUF file needs transformers>=5 \(installed: 4.57.6"):
+        loading.check_name(str(smol), "model.student")
+
+
 def test_a_directory_of_several_gguf_files_asks_for_the_file(tmp_path):
     for name in ("a.gguf", "b.gguf"):
         (tmp_path / name).write_bytes(b"GGUF")

@@ -118,4 +118,5 @@ def test_j1_with_the_student_as_its_own_teacher_is_grpo_at_step_0(cfg, tmp_path)
     assert sum(g.abs().sum() for g in grads_j1.values()) > 0  # but their gradient does not
     assert grads_j1.keys() == grads_grpo.keys()
     for name in grads_j1:
-        torch.testing.assert_close(grads_j1[name], grads_grpo[name], rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads_j1[name], grads_grpo[name], rtol=1e-4, atol=1e-5, msg=name)  # float32 rounding: the KD and
+        # KL gradients are 0 only in exact arithmetic (measured: 74 of 28M embedding entries differ, by at most 9e-6, gradients ~1)

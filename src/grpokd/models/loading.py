@@ -72,6 +72,7 @@ def check_name(name: str, role: str = "model") -> None:
         return
     gguf = gguf_path(name, role)
     if gguf is not None:
+        check_gguf_support(role)
         gguf_config(gguf, role)
         return
     if Path(name).expanduser().is_dir():
@@ -140,6 +141,17 @@ def gguf_path(name: str, role: str = "model") -> Path | None:
             f"name the file, e.g. {role}={path / found[0].name}"
         )
     return found[0] if found else None
+
+
+def check_gguf_support(role: str = "model") -> None:
+    """GGUF files need transformers 5: 4.x (which pyproject allows from 4.56) reads a GGUF tokenizer's BOS as its
+    EOS, drops its pad token and marks nothing as quantized (SmolLM2 would end its answers at <|im_start|>)."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ConfigError(
+            f"{role}: loading a GGUF file needs transformers>=5 (installed: {transformers.__version__}, whose GGUF tokenizers "
+            f"get their end token wrong); pip install -U 'transformers>=5', or convert the file to a Hugging Face directory "
+            f"where it is installed (python -m grpokd.models.convert FILE DIR)"
+        )
 
 
 def gguf_config(path: Path, role: str = "model") -> PretrainedConfig:
