@@ -127,7 +127,12 @@ def test_grpo_on_the_causal_family_with_wandb_offline(quick_cfg, tmp_path, monke
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     train(quick_cfg("model=tiny_causal", "logger=wandb", "objective.terms.kl.estimator=full"))
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert runs
+    logged = sorted(runs[0].glob("files/media/table/test/predictions/**/*.table.json"))
+    assert len(logged) == 2, logged  # the test evaluations' predictions, before and after training
+    table = json.loads(logged[0].read_text())
+    assert table["columns"] == ["index", "prompt", "completion", "parsed", "style", "gold", "reward", "ended"] and len(table["data"]) == 32
 
 
 def test_cli_multirun_sweeps_top_level_hyperparameters(tmp_path):
