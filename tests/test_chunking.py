@@ -103,8 +103,8 @@ def test_chunked_logits_equal_completion_logits_on_the_tiny_models(name):
     torch.testing.assert_close(logp, expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, expected[1], rtol=1e-5, atol=1e-5)
     assert grads[0].keys() == grads[1].keys()
-    for key in grads[0]:
-        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-4, atol=1e-5)
+    for key in grads[0]:  # float32 sums in another order: measured up to 1.6e-5 on 1 of 32768 entries (gradients ~1e-2)
+        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-4, atol=3e-5)
     assert "forward" not in vars(model.get_output_embeddings())  # the head is itself again
     assert completion_logits(model, prompts, completions).shape[-1] == model.get_output_embeddings().out_features
 

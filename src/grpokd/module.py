@@ -267,8 +267,7 @@ class GRPOKDModule(L.LightningModule):
 
         The first `limit` completions of every rank, with its `rank` (under DDP each rank samples its own prompts).
         """
-        # each prompt as the model read it: its tokens, special ones included (the chat template's), padding left out
-        prompts = [self.tokenizer.decode(ids[mask == 1]) for ids, mask in zip(rollout.prompts.ids, rollout.prompts.mask)]
+        prompts = rollout.prompt_texts  # as rendered (the chat template's special tokens included)
         rows = []
         for i, text in enumerate(rollout.texts[:limit]):
             rows.append({

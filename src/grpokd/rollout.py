@@ -67,6 +67,7 @@ class Rollout:
     group_size: int  # K
     truncated: Tensor  # [N] bool: hit max_new_tokens without an end token
     reward_parts: dict[str, Tensor] = field(default_factory=dict)  # name -> [N], each reward function's value
+    prompt_texts: list[str] = field(default_factory=list)  # B prompts as rendered (chat template included), before tokenizing
 
 
 def sample(
@@ -93,7 +94,7 @@ def sample(
     rewards = torch.tensor(weighted.total(values), dtype=torch.float32, device=device)  # [N]
     parts = {name: torch.tensor(v, dtype=torch.float32, device=device) for name, v in values.items()}  # name -> [N]
     truncated = ~ended(completions, end_token_ids(model, tokenizer))  # [N]
-    return Rollout(prompts, completions, texts, answers, rewards, sampling.group_size, truncated, parts)
+    return Rollout(prompts, completions, texts, answers, rewards, sampling.group_size, truncated, parts, list(examples["prompt"]))
 
 
 def mask_truncated(rollout: Rollout) -> Rollout:
@@ -110,7 +111,7 @@ def select(rollout: Rollout, start: int, stop: int) -> Rollout:
         Tokens(rollout.prompts.ids[start:stop], rollout.prompts.mask[start:stop]),
         Tokens(rollout.completions.ids[rows], rollout.completions.mask[rows]),
         rollout.texts[rows], rollout.answers[rows], None if rollout.rewards is None else rollout.rewards[rows], k, rollout.truncated[rows],
-        {name: v[rows] for name, v in rollout.reward_parts.items()},
+        {name: v[rows] for name, v in rollout.reward_parts.items()}, rollout.prompt_texts[start:stop],
     )
 
 
@@ -120,6 +121,7 @@ def to_state(rollout: Rollout) -> dict:
         "prompts": (rollout.prompts.ids, rollout.prompts.mask), "completions": (rollout.completions.ids, rollout.completions.mask),
         "texts": list(rollout.texts), "answers": list(rollout.answers), "rewards": rollout.rewards,
         "group_size": rollout.group_size, "truncated": rollout.truncated, "reward_parts": dict(rollout.reward_parts),
+        "prompt_texts": list(rollout.prompt_texts),
     }
 
 
@@ -129,7 +131,7 @@ def from_state(state: dict, device: torch.device | str = "cpu") -> Rollout:
     return Rollout(
         Tokens(*map(move, state["prompts"])), Tokens(*map(move, state["completions"])), state["texts"], state["answers"],
         move(state["rewards"]), state["group_size"], move(state["truncated"]),
-        {name: move(v) for name, v in state["reward_parts"].items()},
+        {name: move(v) for name, v in state["reward_parts"].items()}, state.get("prompt_texts", []),
     )
 
 
@@ -146,7 +148,7 @@ def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sam
     prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len, sampling.prompt_special_tokens).to(device)  # [B, P]
     completions = tokenize_targets(tokenizer, examples["solution"], sampling.max_new_tokens).to(device)  # [B, T]
     none = torch.zeros(completions.ids.shape[0], dtype=torch.bool, device=device)
-    return Rollout(prompts, completions, examples["solution"], examples["answer"], None, 1, truncated=none)
+    return Rollout(prompts, completions, examples["solution"], examples["answer"], None, 1, truncated=none, prompt_texts=list(examples["prompt"]))
 
 
 class Frozen(torch.nn.Module):
