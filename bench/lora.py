@@ -24,7 +24,7 @@ def measure(checkpointing: bool, lora: bool, args: argparse.Namespace) -> dict[s
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from grpokd.models.scoring import Tokens, completion_logits, token_logp
+    from grpokd.models.lm import Tokens, completion_logits, token_logp
     from grpokd.models.student import LoRA, add_lora, enable_checkpointing
 
     torch.manual_seed(0)

@@ -124,7 +124,7 @@ def hashed_prompts(path: Path, count: int, vocab: int, width: int):
     the question's last `width` pieces, left-padded to `width` (so P is the same whichever questions are taken)."""
     import torch
 
-    from grpokd.models.scoring import Tokens
+    from grpokd.models.lm import Tokens
 
     rows = [json.loads(line) for line in (path / "test.jsonl").read_text().splitlines()[:count]]
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -159,7 +159,7 @@ def measure(objective_name: str, args: argparse.Namespace) -> dict:
 
     from grpokd import rollout as ro
     from grpokd.models.ensemble import TeacherEnsemble, Uniform
-    from grpokd.models.scoring import Tokens
+    from grpokd.models.lm import Tokens
     from grpokd.models.student import enable_checkpointing
 
     device = torch.device(args.device)

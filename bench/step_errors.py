@@ -112,7 +112,7 @@ def first_divergences(model, tokenizer, problems, sampling):
     """(kind, gold token probability) at the first position where the student's argmax leaves each gold solution."""
     import torch
 
-    from grpokd.models.scoring import completion_logits, tokenize_prompts, tokenize_targets
+    from grpokd.models.lm import completion_logits, tokenize_prompts, tokenize_targets
 
     prompts = tokenize_prompts(tokenizer, [p.prompt for p in problems], sampling.max_prompt_len)
     targets = tokenize_targets(tokenizer, [p.solution for p in problems], sampling.max_new_tokens)

@@ -24,7 +24,7 @@ table gives the median over `repeats` runs of those medians, then each repeat's
 ratio (its two runs are back to back, so slow drifts of the machine cancel).
 
 `--profile` instead runs grpokd's side once under cProfile and prints where a
-training step's time goes: sampling (`scoring.generate`), rewards and decoding,
+training step's time goes: sampling (`lm.generate`), rewards and decoding,
 scoring the student (forward with grad) and the frozen models, the objective,
 backward, Lightning's `self.log`, the optimiser update, and the rest of
 Lightning's loop (cProfile's own overhead inflates every figure alike).
@@ -65,7 +65,7 @@ def grpokd_run(args: argparse.Namespace, out: Path) -> float:
 
 
 PHASES = (  # (label, file suffix, function): cumulative time of each, per step
-    ("sampling: generate", "grpokd/models/scoring.py", "generate"),
+    ("sampling: generate", "grpokd/models/lm.py", "generate"),
     ("rewards, decoding (sample - generate)", "grpokd/rollout.py", "sample"),
     ("scoring: student forward (score - frozen)", "grpokd/rollout.py", "score"),
     ("scoring: reference (score_frozen)", "grpokd/rollout.py", "score_frozen"),

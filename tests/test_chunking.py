@@ -9,12 +9,12 @@ import torch
 from grpokd import rollout as ro
 from grpokd.errors import ConfigError
 from grpokd.models import loading
-from grpokd.models.scoring import completion_logits, generate, logits_for, logp_and_entropy, token_logp, tokenize_prompts
+from grpokd.models.lm import completion_logits, generate, logits_for, logp_and_entropy, token_logp, tokenize_prompts
 from grpokd.objectives.base import KDStates
 from grpokd.objectives.grpo import GRPO
 from grpokd.objectives.kd import forward_kd
 from grpokd.objectives.logits import ChunkedLogits, per_position
-from grpokd.objectives.terms import entropy
+from grpokd.objectives.functional import entropy
 
 STUDENTS = ["tiny-llama-student", "tiny-t5-student"]
 PROMPTS = ["Tom has 5 apples . He buys 3 more . How many apples does Tom have now ?", "Ann has 9 pens . She eats 2 . How many pens does Ann have now ?"]

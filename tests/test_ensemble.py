@@ -7,8 +7,8 @@ import torch
 
 from grpokd.models import loading
 from grpokd.models.ensemble import Confidence, Static, TeacherEnsemble, Uniform
-from grpokd.models.scoring import completion_logits, generate, token_logp, tokenize_prompts
-from grpokd.objectives.terms import hinton_kd, masked_mean
+from grpokd.models.lm import completion_logits, generate, token_logp, tokenize_prompts
+from grpokd.objectives.functional import hinton_kd, masked_mean
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import torch
 
 from grpokd.objectives.base import Batch, Needs
 from grpokd.objectives.grpo import GRPO
-from grpokd.objectives.terms import kl_full
+from grpokd.objectives.functional import kl_full
 
 DELTA = 1e-4
 LN2 = math.log(2.0)

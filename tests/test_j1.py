@@ -9,7 +9,7 @@ from grpokd.objectives.base import Batch, KDStates, Needs
 from grpokd.objectives.grpo import GRPO
 from grpokd.objectives.j1 import J1
 from grpokd.objectives.kd import TeacherMixer, forward_kd
-from grpokd.objectives.terms import aggregate, hinton_kd, masked_mean
+from grpokd.objectives.functional import aggregate, hinton_kd, masked_mean
 
 # one group of K=4 with lengths 3, 2, 1, 3 (T=3), V=5
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])

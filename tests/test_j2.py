@@ -9,7 +9,7 @@ from grpokd.objectives.base import Batch, KDStates, Needs
 from grpokd.objectives.grpo import GRPO
 from grpokd.objectives.j2 import J2
 from grpokd.objectives.kd import TeacherMixer
-from grpokd.objectives.terms import aggregate, hinton_kd, masked_mean
+from grpokd.objectives.functional import aggregate, hinton_kd, masked_mean
 
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0])

@@ -16,7 +16,7 @@ from grpokd.objectives.kd import (
     sequence_weights,
     teacher_agreement,
 )
-from grpokd.objectives.terms import hinton_kd
+from grpokd.objectives.functional import hinton_kd
 
 N, T, V = 3, 4, 7
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from grpokd.data.rewards import NumericReward
 from grpokd.models import loading
-from grpokd.models.scoring import decode, generate, tokenize_prompts
+from grpokd.models.lm import decode, generate, tokenize_prompts
 from grpokd.sweep import objectives
 from grpokd.train import prepare, train
 

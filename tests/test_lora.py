@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from grpokd import rollout as ro
 from grpokd.errors import ConfigError
 from grpokd.models import loading
-from grpokd.models.scoring import completion_logits, generate, token_logp, tokenize_prompts
+from grpokd.models.lm import completion_logits, generate, token_logp, tokenize_prompts
 from grpokd.models.student import LoRA, add_lora, enable_checkpointing, save_student
 from grpokd.objectives.base import Needs
 from grpokd.train import build_module, build_trainer, prepare, train

@@ -72,7 +72,7 @@ def test_infinite_values_at_padded_positions_change_nothing(name):
 
 def test_without_the_masking_the_poisoned_batch_would_be_nan():
     """The guard is needed: the same k3 estimate on raw tensors is NaN (exp(inf) * 0)."""
-    from grpokd.objectives.terms import kl_sampled, masked_mean
+    from grpokd.objectives.functional import kl_sampled, masked_mean
 
     t = tensors(poison=True)
     assert torch.isnan(masked_mean(kl_sampled(t["logp"], t["ref_logp"], "k3"), MASK))

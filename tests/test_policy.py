@@ -18,11 +18,11 @@ from grpokd.objectives.j2 import J2
 from grpokd.objectives.j3 import J3
 from grpokd.objectives.kd import TeacherMixer
 from grpokd.objectives.kdrl import KDRL
-from grpokd.objectives.parts.entropy_bonus import EntropyBonus
-from grpokd.objectives.parts.teacher_agreement import TeacherAgreement
-from grpokd.objectives.parts.teacher_kl import TeacherKL
+from grpokd.objectives.terms.entropy_bonus import EntropyBonus
+from grpokd.objectives.terms.teacher_agreement import TeacherAgreement
+from grpokd.objectives.terms.teacher_kl import TeacherKL
 from grpokd.objectives.policy import PolicyObjective, merge_needs
-from grpokd.objectives.terms import aggregate, entropy
+from grpokd.objectives.functional import aggregate, entropy
 from grpokd.objectives.tgpo import TGPO
 from grpokd.sweep import CONF, objectives
 from grpokd.train import instantiate_group
@@ -74,7 +74,7 @@ def test_every_config_objective_gives_a_finite_loss_and_gradient():
     [
         ("grpo", lambda c: GRPO(beta=c.beta, kl_estimator="k3", max_tokens=c.rollout.sampling.max_new_tokens)),
         ("j1", lambda c: J1(lam=c.lam, tau=c.tau, beta=c.beta, max_tokens=c.rollout.sampling.max_new_tokens)),
-        ("j2", lambda c: J2(beta_prime=c.beta, tau=c.tau, max_tokens=c.rollout.sampling.max_new_tokens)),
+        ("j2", lambda c: J2(beta_prime=c.beta_prime, tau=c.tau, max_tokens=c.rollout.sampling.max_new_tokens)),
         ("j3", lambda c: J3(gamma=c.gamma, lam=c.lam, tau=c.tau, beta=c.beta, max_tokens=c.rollout.sampling.max_new_tokens)),
         ("kdrl", lambda c: KDRL(beta_kd=c.beta_kd, beta=c.beta, max_tokens=c.rollout.sampling.max_new_tokens)),
         ("tgpo", lambda c: TGPO(lam=c.lam, beta=c.beta, max_tokens=c.rollout.sampling.max_new_tokens)),
@@ -103,7 +103,7 @@ def test_terms_that_disagree_on_the_teacher_scores_fail_at_construction():
         J3(gamma=0.1, terms={"rkl": TeacherKL(0.1)})
     ok = J3(gamma=0.1, terms={"ta": TeacherAgreement(0.1, tempered=True), "rkl": TeacherKL(0.1)})
     assert ok.needs.teacher_logp_tempered
-    from grpokd.objectives.parts.forward_kd import ForwardKD
+    from grpokd.objectives.terms.forward_kd import ForwardKD
 
     with pytest.raises(ValueError, match="kd_tau"):
         merge_needs(Needs(), {"a": ForwardKD(0.1, tau=1.0).needs, "b": ForwardKD(0.1, tau=2.0).needs})

@@ -16,7 +16,7 @@ from grpokd.data.datamodule import TaskData
 from grpokd.data.prompts import PromptFormat, count_long, warn_long
 from grpokd.errors import ConfigError
 from grpokd.models import loading
-from grpokd.models.scoring import tokenize_prompts
+from grpokd.models.lm import tokenize_prompts
 
 CHATML = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"

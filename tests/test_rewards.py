@@ -337,7 +337,7 @@ def test_truncated_completions_are_masked_out_entirely_and_parts_are_logged():
     import torch
 
     from grpokd import rollout as ro
-    from grpokd.models.scoring import Tokens
+    from grpokd.models.lm import Tokens
 
     mask = torch.ones(4, 3, dtype=torch.long)
     r = ro.Rollout(

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from grpokd.data.arith import make_arith
 from grpokd.models import loading
-from grpokd.models.scoring import Tokens, completion_logits, completion_mask, decode, end_token_ids, ended, generate, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.models.lm import Tokens, completion_logits, completion_mask, decode, end_token_ids, ended, generate, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.tokenizer import build_tokenizer
 from grpokd.models.zoo import Recipe, init_model
 

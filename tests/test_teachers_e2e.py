@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 from grpokd.errors import ConfigError
 from grpokd.models import loading
 from grpokd.models.ensemble import TeacherEnsemble, Uniform
-from grpokd.models.scoring import completion_logits, generate, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.models.lm import completion_logits, generate, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.objectives.base import KDStates
 from grpokd.objectives.kd import reverse_kd
-from grpokd.objectives.terms import masked_mean
+from grpokd.objectives.functional import masked_mean
 from grpokd.train import prepare, train
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def reverse_kd_on_gold(student, examples) -> float:
 
 def test_j2_moves_the_student_towards_the_teacher_anchor(quick_cfg, tmp_path):
     """Reverse KD is mode-seeking, so J'' is checked on what it minimises rather than on the teachers' answers."""
-    cfg = quick_cfg("objective=j2", *KD, "beta=5", "objective.terms.kd_reverse.states=gold", "weighting=confidence")
+    cfg = quick_cfg("objective=j2", *KD, "beta_prime=5", "objective.terms.kd_reverse.states=gold", "weighting=confidence")
     examples = prepare(cfg).data.train_set
     before = reverse_kd_on_gold(loading.load_model("tiny-llama-student"), examples)
     train(cfg)

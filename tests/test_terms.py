@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpokd.objectives.base import Batch
-from grpokd.objectives.terms import (
+from grpokd.objectives.functional import (
     aggregate,
     clipped_surrogate,
     entropy,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grpokd.models.scoring import decode, end_token_ids, ended, generate, tokenize_prompts
+from grpokd.models.lm import decode, end_token_ids, ended, generate, tokenize_prompts
 from grpokd.rollout import Sampling, sample
 
 

@@ -72,7 +72,7 @@ def wandb_logger(save_dir: str, project: str = "grpokd", name: str | None = None
     return logger
 
 
-PAPER_KEYS = ("beta", "gamma", "lam", "tau", "beta_kd", "epsilon")  # top-level keys objective configs interpolate
+PAPER_KEYS = ("beta", "beta_prime", "gamma", "lam", "tau", "beta_kd", "epsilon")  # top-level keys objective configs interpolate
 UNLOGGED = ("hydra", "run_dir", "logger", "callbacks", "paths", "debug", "hparams_search")  # where, not what
 
 

@@ -20,12 +20,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from grpokd.data.rewards import FORMAT_STYLES, WeightedRewards, answer_style
 from grpokd.errors import check_range
 from grpokd.models.ensemble import TeacherEnsemble
-from grpokd.models.scoring import Tokens, completion_logits, decode, end_token_ids, ended, generate, logits_for, logp_and_entropy, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.models.lm import Tokens, completion_logits, decode, end_token_ids, ended, generate, logits_for, logp_and_entropy, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.student import adapters_off
 from grpokd.objectives.base import Batch, KDStates, Needs
 from grpokd.objectives.kd import Mixture
 from grpokd.objectives.logits import Logits, per_position
-from grpokd.objectives.terms import masked_mean
+from grpokd.objectives.functional import masked_mean
 
 
 @dataclass(frozen=True)

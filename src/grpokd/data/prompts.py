@@ -62,7 +62,7 @@ class PromptFormat:
 
 
 def count_long(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int, special_tokens: bool) -> int:
-    """How many of `texts` tokenize to more than `max_len` tokens (as `scoring.tokenize_prompts` tokenizes them)."""
+    """How many of `texts` tokenize to more than `max_len` tokens (as `lm.tokenize_prompts` tokenizes them)."""
     lengths = tokenizer(list(texts), add_special_tokens=special_tokens, return_length=True)["length"]
     return sum(n > max_len for n in lengths)
 

@@ -28,10 +28,10 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from grpokd.errors import ConfigError, check_range
-from grpokd.models.scoring import Tokens, completion_logits, token_logp
+from grpokd.models.lm import Tokens, completion_logits, token_logp
 from grpokd.objectives.kd import Mixture, TeacherMixer
 from grpokd.objectives.logits import Logits, per_position
-from grpokd.objectives.terms import entropy, masked_mean
+from grpokd.objectives.functional import entropy, masked_mean
 
 
 class Uniform:

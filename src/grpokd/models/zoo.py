@@ -41,7 +41,7 @@ from grpokd.data.datamodule import collate
 from grpokd.data.example import Example
 from grpokd.data.rewards import ChoiceReward, NumericReward
 from grpokd.evaluation import greedy
-from grpokd.models.scoring import completion_logits, decode, generate, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.models.lm import completion_logits, decode, generate, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.tokenizer import build_tokenizer
 from grpokd.objectives.base import Batch
 from grpokd.objectives.sft import SFT

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from grpokd.objectives.parts.kl_reference import KLToReference
+from grpokd.objectives.terms.kl_reference import KLToReference
 from grpokd.objectives.policy import PolicyObjective
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from grpokd.objectives.grpo import GRPO
-from grpokd.objectives.parts.forward_kd import ForwardKD
+from grpokd.objectives.terms.forward_kd import ForwardKD
 
 
 class J1(GRPO):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from grpokd.objectives.parts.reverse_kd import ReverseKD
+from grpokd.objectives.terms.reverse_kd import ReverseKD
 from grpokd.objectives.policy import PolicyObjective
 
 

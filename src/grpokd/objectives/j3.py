@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from grpokd.objectives.j1 import J1
-from grpokd.objectives.parts.teacher_agreement import TeacherAgreement
+from grpokd.objectives.terms.teacher_agreement import TeacherAgreement
 
 
 class J3(J1):

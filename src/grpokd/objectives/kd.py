@@ -26,7 +26,7 @@ from torch import Tensor
 
 from grpokd.objectives.base import Batch, KDStates
 from grpokd.objectives.logits import Logits, per_position
-from grpokd.objectives.terms import check_choice, group_advantages, masked_mean
+from grpokd.objectives.functional import check_choice, group_advantages, masked_mean
 
 KD_STATES = ("rollouts", "gold")  # where KD is evaluated: the sampled completions or the gold solutions
 

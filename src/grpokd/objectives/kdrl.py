@@ -38,7 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 from grpokd.objectives.grpo import GRPO
-from grpokd.objectives.parts.teacher_kl import TeacherKL, kd_mask, mixture_logp  # noqa: F401 (re-exported)
+from grpokd.objectives.terms.teacher_kl import TeacherKL, kd_mask, mixture_logp  # noqa: F401 (re-exported)
 
 
 class KDRL(GRPO):

@@ -7,7 +7,7 @@
 
 A_group is GRPO's group-relative advantage (paper Eq. 1), rho the importance
 ratio pi_theta / pi_old (Eq. 2), `aggregate` GRPO's reduction (see
-`terms.aggregate`). Every addition is a `Term`: a small pure module with its
+`functional.aggregate`). Every addition is a `Term`: a small pure module with its
 own `Needs`, a coefficient c (constant or linearly decayed with the step),
 and a placement:
 - "loss": a per-token loss l [N, T] on the rollout (or [N', T'] on the gold
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from grpokd.objectives.base import Batch, LossOut, Needs
-from grpokd.objectives.terms import (
+from grpokd.objectives.functional import (
     ADV_SCALES,
     AGGREGATIONS,
     RATIO_LEVELS,

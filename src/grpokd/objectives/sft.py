@@ -8,7 +8,7 @@ same, as in the usual cross-entropy with ignored padding).
 from __future__ import annotations
 
 from grpokd.objectives.base import Batch, LossOut, Needs
-from grpokd.objectives.terms import masked_mean
+from grpokd.objectives.functional import masked_mean
 
 
 class SFT:

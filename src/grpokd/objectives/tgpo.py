@@ -31,8 +31,8 @@ from __future__ import annotations
 from typing import Any
 
 from grpokd.objectives.grpo import GRPO
-from grpokd.objectives.parts.entropy_bonus import EntropyBonus
-from grpokd.objectives.parts.teacher_guide import TeacherGuide, hard_guidance, teacher_targets, topk_guidance  # noqa: F401 (re-exported)
+from grpokd.objectives.terms.entropy_bonus import EntropyBonus
+from grpokd.objectives.terms.teacher_guide import TeacherGuide, hard_guidance, teacher_targets, topk_guidance  # noqa: F401 (re-exported)
 
 
 class TGPO(GRPO):

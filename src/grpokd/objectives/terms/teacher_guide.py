@@ -20,7 +20,7 @@ from grpokd.objectives.base import Batch, Needs
 from grpokd.objectives.kd import require_kd
 from grpokd.objectives.logits import per_position
 from grpokd.objectives.policy import Term, TermOut
-from grpokd.objectives.terms import check_choice, masked_mean
+from grpokd.objectives.functional import check_choice, masked_mean
 
 TARGETS = ("argmax", "sampled", "topk")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from grpokd.objectives.base import Batch, Needs
 from grpokd.objectives.kd import check_kd_args, require_kd, reverse_kd
 from grpokd.objectives.policy import Term, TermOut
-from grpokd.objectives.terms import masked_mean
+from grpokd.objectives.functional import masked_mean
 
 
 class ReverseKD(Term):

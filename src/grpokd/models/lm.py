@@ -26,7 +26,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokeniz
 
 from grpokd.models.student import checkpointed_layers, checkpointing_off
 from grpokd.objectives.logits import ChunkedLogits, Logits
-from grpokd.objectives.terms import entropy
+from grpokd.objectives.functional import entropy
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from grpokd.objectives.base import Batch, Needs
 from grpokd.objectives.policy import Term, TermOut
-from grpokd.objectives.terms import KL_ESTIMATORS, check_choice, kl_to_reference, masked_mean
+from grpokd.objectives.functional import KL_ESTIMATORS, check_choice, kl_to_reference, masked_mean
 
 
 class KLToReference(Term):

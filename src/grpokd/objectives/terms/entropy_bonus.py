@@ -5,7 +5,7 @@ from __future__ import annotations
 from grpokd.objectives.base import Batch, Needs
 from grpokd.objectives.logits import per_position
 from grpokd.objectives.policy import Term, TermOut
-from grpokd.objectives.terms import entropy, masked_mean
+from grpokd.objectives.functional import entropy, masked_mean
 
 
 class EntropyBonus(Term):

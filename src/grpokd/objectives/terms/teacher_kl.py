@@ -17,7 +17,7 @@ from torch import Tensor
 
 from grpokd.objectives.base import Batch, Needs
 from grpokd.objectives.policy import Term, TermOut
-from grpokd.objectives.terms import check_choice, kl_sampled, masked_mean
+from grpokd.objectives.functional import check_choice, kl_sampled, masked_mean
 
 ESTIMATORS = ("k1", "k2", "k3")
 KD_MASKS = ("none", "incorrect_only", "hard_prompts")
