@@ -158,9 +158,10 @@ def measure(objective_name: str, args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from grpokd import rollout as ro
-    from grpokd.models.ensemble import TeacherEnsemble, Uniform
     from grpokd.models.lm import Tokens
     from grpokd.models.student import enable_checkpointing
+    from grpokd.scoring import FrozenModels, ScoreRequest, score
+    from grpokd.teachers import TeacherEnsemble, Uniform
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -174,10 +175,10 @@ def measure(objective_name: str, args: argparse.Namespace) -> dict:
     student = build(student_cfg).train()
     if args.checkpointing:
         enable_checkpointing(student)
-    reference = build(student_cfg).requires_grad_(False).eval() if (needs.ref_logp or needs.ref_logits) else None
-    teachers = [build(teacher_cfg).requires_grad_(False).eval() for _ in range(args.teachers)] if ro.needs_teachers(needs) else []
+    reference = build(student_cfg).requires_grad_(False).eval() if needs.reference else None
+    teachers = [build(teacher_cfg).requires_grad_(False).eval() for _ in range(args.teachers)] if needs.teachers else []
     ensemble = TeacherEnsemble(teachers, [f"t{i}" for i in range(len(teachers))], Uniform()) if teachers else None
-    frozen = ro.Frozen(reference, ensemble)
+    frozen = FrozenModels(reference, ensemble)
     vocab = student_cfg.vocab_size
     gsm8k = Path(args.gsm8k) if args.gsm8k else REPO.parent / "shared" / "data" / "gsm8k"
     prompts = hashed_prompts(gsm8k, args.prompts, vocab, args.prompt_len).to(device)  # [B, P]
@@ -200,7 +201,9 @@ def measure(objective_name: str, args: argparse.Namespace) -> dict:
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
             start_bytes = rss_bytes("VmRSS")
         start = time.perf_counter()
-        batch, _, _ = ro.score(student, rollout, needs, vocab, 0, frozen, 1.0, gold if ro.needs_gold(needs, ensemble) else None, logit_chunk=chunk)
+        with_gold = needs.gold(ensemble is not None and ensemble.weighting.needs_gold)
+        request = ScoreRequest(rollout, needs, gold=gold if with_gold else None)
+        batch, _, _ = score(student, request, frozen, vocab, chunk)
         objective(batch).loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -67,8 +67,8 @@ def grpokd_run(args: argparse.Namespace, out: Path) -> float:
 PHASES = (  # (label, file suffix, function): cumulative time of each, per step
     ("sampling: generate", "grpokd/models/lm.py", "generate"),
     ("rewards, decoding (sample - generate)", "grpokd/rollout.py", "sample"),
-    ("scoring: student forward (score - frozen)", "grpokd/rollout.py", "score"),
-    ("scoring: reference (score_frozen)", "grpokd/rollout.py", "score_frozen"),
+    ("scoring: student forward (score - frozen)", "grpokd/scoring.py", "score"),
+    ("scoring: reference (score_frozen)", "grpokd/scoring.py", "score_frozen"),
     ("objective", "grpokd/objectives/policy.py", "__call__"),
     ("backward", "torch/_tensor.py", "backward"),
     ("Lightning self.log", "lightning/pytorch/core/module.py", "log"),

@@ -1,4 +1,5 @@
-"""Tensor-only tests of objectives/kd.py: the memory-lean teacher mixtures against naive stacks, TA, norm_G."""
+"""Tensor-only tests of objectives/kd.py and the teachers' mixer (grpokd.teachers.TeacherMixer): the memory-lean
+mixtures against naive stacks, TA, norm_G."""
 
 import math
 
@@ -7,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from grpokd.objectives.base import Batch, KDStates
+from grpokd.objectives.functional import hinton_kd
 from grpokd.objectives.kd import (
-    TeacherMixer,
     forward_kd,
     group_normalize,
     require_kd,
@@ -16,7 +17,7 @@ from grpokd.objectives.kd import (
     sequence_weights,
     teacher_agreement,
 )
-from grpokd.objectives.functional import hinton_kd
+from grpokd.teachers import TeacherMixer
 
 N, T, V = 3, 4, 7
 

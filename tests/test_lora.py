@@ -20,6 +20,7 @@ from grpokd.models import loading
 from grpokd.models.lm import completion_logits, generate, token_logp, tokenize_prompts
 from grpokd.models.student import LoRA, add_lora, enable_checkpointing, save_student
 from grpokd.objectives.base import Needs
+from grpokd.scoring import FrozenModels, ScoreRequest, score, score_frozen
 from grpokd.train import build_module, build_trainer, prepare, train
 
 STUDENTS = ["tiny-llama-student", "tiny-t5-student"]
@@ -61,9 +62,10 @@ def test_reference_by_disabled_adapters_equals_a_frozen_copy(name):
     perturb_adapters(student)
     needs = Needs(ref_logp=True, ref_logits=True)
     adapted = completion_logits(student, rollout.prompts, rollout.completions, vocab).detach()  # [N, T, V]
-    by_base = ro.score_frozen(adapted, rollout, needs, vocab, ro.Frozen(student, reference_adapters_off=True), 0.7)
+    request = ScoreRequest(rollout, needs, temperature=0.7)
+    by_base = score_frozen(adapted, request, FrozenModels(student, reference_adapters_off=True), vocab)
     frozen_copy = loading.load_model(name).requires_grad_(False)
-    by_copy = ro.score_frozen(adapted, rollout, needs, vocab, ro.Frozen(frozen_copy), 0.7)
+    by_copy = score_frozen(adapted, request, FrozenModels(frozen_copy), vocab)
     torch.testing.assert_close(by_base.ref_logp, by_copy.ref_logp, rtol=0, atol=0)
     torch.testing.assert_close(by_base.ref_logits, by_copy.ref_logits, rtol=0, atol=0)
     assert not torch.allclose(adapted / 0.7, by_base.ref_logits)  # the adapters do change the policy
@@ -87,9 +89,9 @@ def test_scoring_the_reference_between_forward_and_backward_leaves_the_students_
     if checkpointing:  # scored as the checkpointed student is (whole sequences, no shared prompt cache): equal to the bit
         enable_checkpointing(copy)
     grads = []
-    for frozen in (ro.Frozen(student, reference_adapters_off=True), ro.Frozen(copy)):
+    for frozen in (FrozenModels(student, reference_adapters_off=True), FrozenModels(copy)):
         student.zero_grad()
-        batch, _, _ = ro.score(student, rollout, Needs(ref_logp=True), vocab, 0, frozen, 0.7)
+        batch, _, _ = score(student, ScoreRequest(rollout, Needs(ref_logp=True), temperature=0.7), frozen, vocab)
         ((batch.logp - batch.ref_logp) ** 2 * batch.mask).sum().backward()  # a k2-style KL to the reference
         grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and all("lora_" in n for n in grads[0])

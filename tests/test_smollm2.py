@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpokd import rollout as ro
 from grpokd import runtime
+from grpokd.scoring import ScoreRequest, score
 from grpokd.train import build_module, instantiate_group, prepare, train
 
 pytestmark = pytest.mark.slow
@@ -107,7 +108,7 @@ def test_j1_with_the_student_as_its_own_teacher_is_grpo_at_step_0(cfg, tmp_path)
     results = []
     for objective in (module.objective, grpo):
         module.student.zero_grad()
-        batch, metrics, _ = ro.score(module.student, rollout, objective.needs, module.vocab_size, 0, module.frozen, module.sampling.temperature)
+        batch, metrics, _ = score(module.student, ScoreRequest(rollout, objective.needs, temperature=module.sampling.temperature), module.frozen, module.vocab_size)
         out = objective(batch)
         out.loss.backward()
         results.append((out.loss.detach(), out.metrics, {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}))

@@ -10,7 +10,7 @@ delivers between rollouts are skipped, so a resumed run stays on the same
 stream; the pending rollout and its pi_old are saved in the checkpoint.
 
 Only the student is trained and checkpointed. The frozen models the objective
-needs (the reference, the teachers) are the submodule `frozen` (`rollout.Frozen`):
+needs (the reference, the teachers) are the submodule `frozen` (`scoring.FrozenModels`):
 Lightning places them with the student and FSDP may shard them, but they never
 enter the optimizer or the checkpoint, and are reloaded from their source on
 resume. A LoRA student's reference can be its own base model (adapters
@@ -25,7 +25,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,10 @@ from grpokd import evaluation, parallel, runtime
 from grpokd import rollout as ro
 from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import check_range
-from grpokd.models.ensemble import TeacherEnsemble
+from grpokd.scoring import FrozenModels, ScoreRequest, policy_logp, score
+from grpokd.teachers import TeacherEnsemble
 
-# The frozen models stay in eval mode on purpose (rollout.Frozen); Lightning would count them at every fit.
+# The frozen models stay in eval mode on purpose (scoring.FrozenModels); Lightning would count them at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training", category=PossibleUserWarning)
 
 
@@ -70,38 +71,6 @@ def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
 
 
-@dataclass
-class RolloutBuffer:
-    """A rollout reused by several optimiser steps, with pi_old and the frozen scores of each minibatch."""
-
-    rollout: ro.Rollout
-    gold: ro.Rollout | None  # the prompts' gold solutions, when the objective or the weighting needs them
-    old_logp: Tensor | None  # [N, T] pi_old; None: one update per rollout (on-policy)
-    frozen: dict[int, ro.FrozenScores] = field(default_factory=dict)  # minibatch -> reference/teacher scores
-
-    def minibatch(self, index: int, count: int) -> tuple[ro.Rollout, ro.Rollout | None, Tensor | None]:
-        """Minibatch `index` of `count`: whole prompts (and groups), in order."""
-        if count == 1:
-            return self.rollout, self.gold, self.old_logp
-        prompts = self.rollout.prompts.ids.shape[0]
-        if prompts % count:
-            raise ValueError(f"{prompts} prompts per rollout do not split into {count} minibatches")
-        start, stop = index * prompts // count, (index + 1) * prompts // count
-        k = self.rollout.group_size
-        old = None if self.old_logp is None else self.old_logp[start * k : stop * k]
-        return ro.select(self.rollout, start, stop), None if self.gold is None else ro.select(self.gold, start, stop), old
-
-    def state(self) -> dict:
-        gold = None if self.gold is None else ro.to_state(self.gold)
-        return {"rollout": ro.to_state(self.rollout), "gold": gold, "old_logp": self.old_logp}
-
-    @classmethod
-    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "RolloutBuffer":
-        gold = None if state["gold"] is None else ro.from_state(state["gold"], device)
-        old_logp = None if state["old_logp"] is None else state["old_logp"].to(device)
-        return cls(ro.from_state(state["rollout"], device), gold, old_logp)
-
-
 class GRPOKDModule(L.LightningModule):
     """Trains `student` with `objective`; scores greedy accuracy on val/test.
 
@@ -125,7 +94,7 @@ class GRPOKDModule(L.LightningModule):
         mask_truncated_completions: completions that hit max_new_tokens get no loss at all (their mask is zeroed).
         eval_pass_k: also log val/pass@k, k completions per val prompt sampled at the rollout settings (0: off).
         logit_chunk: score the student and the reference this many completion positions at a time, never holding
-            their [N, T, V] logits (`rollout.score`); None: whole.
+            their [N, T, V] logits (`scoring.score`); None: whole.
     """
 
     flops_per_batch = None  # for ThroughputMonitor: a step's FLOPs depend on the sampled lengths, so none are claimed
@@ -162,7 +131,7 @@ class GRPOKDModule(L.LightningModule):
         self.sampling = sampling
         self.optim = optim
         # a submodule, never trained or checkpointed (a base-model reference is the student itself, not registered there)
-        self.frozen = ro.Frozen(student if reference_adapters_off else reference, teachers, reference_adapters_off)
+        self.frozen = FrozenModels(student if reference_adapters_off else reference, teachers, reference_adapters_off)
         self.samples_every = samples_every
         self.samples_dir = Path(samples_dir) if samples_dir is not None else None
         self.vocab_size = len(tokenizer)
@@ -174,7 +143,7 @@ class GRPOKDModule(L.LightningModule):
         self._step_metrics: dict[str, Tensor] = {}  # the current step's training metrics, logged after its update
         self._step_metrics_at = 0  # the step they belong to (the optimiser steps taken before it)
         self.updates_per_rollout, self.minibatches = updates_per_rollout, minibatches
-        self.buffer: RolloutBuffer | None = None  # the rollout being reused (several updates per rollout)
+        self.buffer: ro.RolloutBuffer | None = None  # the rollout being reused (several updates per rollout)
         self.train_reward = train_reward or WeightedRewards({"correct": reward})
         self.mask_truncated_completions = mask_truncated_completions
         self.eval_pass_k = eval_pass_k
@@ -202,17 +171,19 @@ class GRPOKDModule(L.LightningModule):
     def steps_per_rollout(self) -> int:
         return self.updates_per_rollout * self.minibatches
 
-    def new_rollout(self, examples: dict[str, list[str]]) -> "RolloutBuffer":
+    def new_rollout(self, examples: dict[str, list[str]]) -> ro.RolloutBuffer:
         """Sample (or take the gold solutions of) `examples`; pi_old's log-probs when the rollout is reused."""
         needs = self.objective.needs
-        gold = ro.gold(self.tokenizer, examples, self.sampling, self.device) if ro.needs_gold(needs, self.frozen.teachers) else None
+        teachers = self.frozen.teachers
+        with_gold = needs.gold(teachers is not None and teachers.weighting.needs_gold)
+        gold = ro.gold(self.tokenizer, examples, self.sampling, self.device) if with_gold else None
         rollout = ro.sample(self.student, self.tokenizer, examples, self.sampling, self.train_reward) if needs.rollouts else gold
         if self.mask_truncated_completions and needs.rollouts:
             rollout = ro.mask_truncated(rollout)
         old_logp = None
         if self.steps_per_rollout > 1:
-            old_logp = ro.frozen_logp(self.student, rollout, self.vocab_size, self.temperature(needs), self.logit_chunk)
-        return RolloutBuffer(rollout, gold, old_logp)
+            old_logp = policy_logp(self.student, rollout, self.vocab_size, self.temperature(needs), self.logit_chunk)
+        return ro.RolloutBuffer(rollout, gold, old_logp)
 
     def temperature(self, needs) -> float:
         """Rollouts are scored at the sampling temperature, gold solutions at 1."""
@@ -225,11 +196,8 @@ class GRPOKDModule(L.LightningModule):
             self.buffer = self.new_rollout(examples)
         part = phase % self.minibatches
         rollout, gold, old_logp = self.buffer.minibatch(part, self.minibatches)
-        batch, score_metrics, frozen = ro.score(
-            self.student, rollout, needs, self.vocab_size, self.global_step, self.frozen, self.temperature(needs), gold,
-            old_logp, self.buffer.frozen.get(part), self.logit_chunk,
-        )
-        self.buffer.frozen[part] = frozen
+        request = ScoreRequest(rollout, needs, self.global_step, self.temperature(needs), gold, old_logp, self.buffer.scores.get(part))
+        batch, score_metrics, self.buffer.scores[part] = score(self.student, request, self.frozen, self.vocab_size, self.logit_chunk)
         out = self.objective(batch)
         self._step_tokens = float(rollout.completions.mask.sum() + rollout.prompts.mask.sum() * rollout.group_size)
         metrics = {"loss": out.loss.detach(), **score_metrics, **out.metrics, **ro.rollout_metrics(rollout)}
@@ -349,7 +317,7 @@ class GRPOKDModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         buffer = parallel.rank_entry(checkpoint.get("rollout_buffer"), self.global_rank)
         if buffer is not None:
-            self.buffer = RolloutBuffer.from_state(buffer, self.device)
+            self.buffer = ro.RolloutBuffer.from_state(buffer, self.device)
         rng = parallel.rank_entry(checkpoint.get("rng"), self.global_rank)
         if rng is None:
             return

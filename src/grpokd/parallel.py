@@ -4,7 +4,7 @@
   in a checkpoint, `rank_entry` reads them back); `reduce_over_ranks`: the step's training metrics.
 - `check_launch`: a multirun job under a Hydra launcher other than the basic one refuses Lightning's
   process launcher, which re-runs the command line.
-- `FSDP`: Lightning's FSDPStrategy with a choice for the frozen models (`rollout.Frozen`: the reference and
+- `FSDP`: Lightning's FSDPStrategy with a choice for the frozen models (`scoring.FrozenModels`: the reference and
   the teachers): `replicate` (FSDP's `ignored_modules`: whole on every rank) or `shard` (each one an FSDP
   unit of its own). `frozen_placement` computes the FSDP arguments. FSDP needs GPUs (Lightning and torch
   refuse CPU); the placement is tested on CPU, FSDP runs are not.
@@ -28,7 +28,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy
 
 from grpokd.errors import ConfigError
-from grpokd.rollout import Frozen
+from grpokd.scoring import FrozenModels
 
 T = TypeVar("T")
 PLACEMENTS = ("replicate", "shard")
@@ -88,8 +88,8 @@ def check_launch(trainer: Trainer) -> None:
 
 
 def frozen_models(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The frozen models held anywhere in `module` (each `rollout.Frozen`'s reference and teachers)."""
-    return [model for holder in module.modules() if isinstance(holder, Frozen) for model in holder.models()]
+    """The frozen models held anywhere in `module` (each `scoring.FrozenModels`' reference and teachers)."""
+    return [model for holder in module.modules() if isinstance(holder, FrozenModels) for model in holder.models()]
 
 
 def frozen_placement(module: torch.nn.Module, placement: str, layers: set[type[torch.nn.Module]] | None = None) -> dict[str, Any]:

@@ -1,14 +1,13 @@
-"""One step's data: sample K completions per prompt, reward them, score them into an objective `Batch`.
+"""Rollouts: sample K completions per prompt and reward them, keep them for the updates that reuse them.
 
-`sample` (policy rollouts, GRPO family) and `gold` (the dataset's solutions,
-SFT) both return a `Rollout`; `score` runs the student with grad and, only
-where the objective's `Needs` ask for them, the frozen reference under
-no_grad, and packs the tensors the objective consumes.
+`sample` (policy rollouts, the GRPO family) and `gold` (the dataset's solutions: SFT, KD on gold states,
+competence weighting) both return a `Rollout`. A rollout reused by several optimiser steps lives in a
+`RolloutBuffer` with pi_old's log-probs and the frozen models' scores of each minibatch; `select`,
+`to_state` and `from_state` cut it into minibatches and save it in checkpoints.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -19,13 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd.data.rewards import FORMAT_STYLES, WeightedRewards, answer_style
 from grpokd.errors import check_range
-from grpokd.models.ensemble import TeacherEnsemble
-from grpokd.models.lm import Tokens, completion_logits, decode, end_token_ids, ended, generate, logits_for, logp_and_entropy, token_logp, tokenize_prompts, tokenize_targets
-from grpokd.models.student import adapters_off
-from grpokd.objectives.base import Batch, KDStates, Needs
-from grpokd.objectives.kd import Mixture
-from grpokd.objectives.logits import Logits, per_position
-from grpokd.objectives.functional import masked_mean
+from grpokd.models.lm import Tokens, decode, end_token_ids, ended, generate, tokenize_prompts, tokenize_targets
 
 
 @dataclass(frozen=True)
@@ -135,14 +128,6 @@ def from_state(state: dict, device: torch.device | str = "cpu") -> Rollout:
     )
 
 
-@torch.no_grad()
-def frozen_logp(model: PreTrainedModel, rollout: Rollout, vocab_size: int, temperature: float, logit_chunk: int | None = None) -> Tensor:
-    """A model's log-probs of the completion tokens at `temperature`, without grad, [N, T]: the reference's, or
-    pi_old's (the student that sampled them, before any update on them); `logit_chunk` positions at a time."""
-    logits = logits_for(model, rollout.prompts, rollout.completions, vocab_size, logit_chunk) / temperature  # [N, T, V]
-    return per_position(logits, token_logp, rollout.completions.ids)
-
-
 def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sampling: Sampling, device: torch.device) -> Rollout:
     """The gold solutions as completions (K = 1), for objectives that need no rollouts."""
     prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len, sampling.prompt_special_tokens).to(device)  # [B, P]
@@ -151,193 +136,41 @@ def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sam
     return Rollout(prompts, completions, examples["solution"], examples["answer"], None, 1, truncated=none, prompt_texts=list(examples["prompt"]))
 
 
-class Frozen(torch.nn.Module):
-    """The no-grad models an objective may need besides the student: the reference and the teachers.
+@dataclass
+class RolloutBuffer:
+    """A rollout reused by several optimiser steps, with pi_old and the frozen models' scores of each minibatch.
 
-    A submodule of the LightningModule, so that Lightning moves it with the student and FSDP can shard or
-    replicate it (`trainer=fsdp`), but never trained and never checkpointed: its parameters do not
-    require grad, it stays in eval mode whatever `train()` asks, and it adds nothing to `state_dict` (the
-    models are reloaded from their source on resume, so a checkpoint holds the student alone and does not grow
-    with the teachers); loading a state dict without its keys, as every checkpoint is, is not an error.
-
-    With `reference_adapters_off`, `reference` is the LoRA-wrapped student itself, scored with its adapters
-    disabled: its base model, the student as loaded, without a second copy in memory. It is then held but
-    not registered here, since it is the student: trained, checkpointed and placed as such.
+    `scores` maps a minibatch to what the reference and the teachers said about it (`scoring.FrozenScores`),
+    computed on its first use and reused by the later passes.
     """
 
-    def __init__(self, reference: PreTrainedModel | None = None, teachers: TeacherEnsemble | None = None, reference_adapters_off: bool = False) -> None:
-        super().__init__()
-        if reference_adapters_off:
-            self.__dict__["reference"] = reference  # a plain attribute, not a submodule: requires_grad_(False) must not reach it
-        else:
-            self.reference = reference
-        self.teachers = teachers
-        self.reference_adapters_off = reference_adapters_off
-        self.requires_grad_(False)
-        self.eval()
-        self._prefix = ""  # where the last load_state_dict found this module (its keys' prefix)
-        self.register_load_state_dict_pre_hook(self._note_prefix)
-        self.register_load_state_dict_post_hook(self._forgive_missing)
+    rollout: Rollout
+    gold: Rollout | None  # the prompts' gold solutions, when the objective or the weighting needs them
+    old_logp: Tensor | None  # [N, T] pi_old; None: one update per rollout (on-policy)
+    scores: dict[int, Any] = field(default_factory=dict)  # minibatch -> scoring.FrozenScores
 
-    def reference_scope(self) -> contextlib.AbstractContextManager:
-        """The context in which `reference` scores as the reference policy."""
-        return adapters_off(self.reference) if self.reference_adapters_off else contextlib.nullcontext()
+    def minibatch(self, index: int, count: int) -> tuple[Rollout, Rollout | None, Tensor | None]:
+        """Minibatch `index` of `count`: whole prompts (and groups), in order."""
+        if count == 1:
+            return self.rollout, self.gold, self.old_logp
+        prompts = self.rollout.prompts.ids.shape[0]
+        if prompts % count:
+            raise ValueError(f"{prompts} prompts per rollout do not split into {count} minibatches")
+        start, stop = index * prompts // count, (index + 1) * prompts // count
+        k = self.rollout.group_size
+        old = None if self.old_logp is None else self.old_logp[start * k : stop * k]
+        return select(self.rollout, start, stop), None if self.gold is None else select(self.gold, start, stop), old
 
-    def models(self) -> list[torch.nn.Module]:
-        """The frozen models, each a unit that FSDP may shard: the reference (unless it is the student), then each teacher."""
-        teachers = list(self.teachers.teachers) if self.teachers is not None else []
-        own_reference = self.reference is not None and not self.reference_adapters_off
-        return ([self.reference] if own_reference else []) + teachers
+    def state(self) -> dict:
+        """The rollouts and pi_old as plain tensors (a checkpoint entry); the frozen scores are recomputed on resume."""
+        gold = None if self.gold is None else to_state(self.gold)
+        return {"rollout": to_state(self.rollout), "gold": gold, "old_logp": self.old_logp}
 
-    def train(self, mode: bool = True) -> "Frozen":
-        return super().train(False)
-
-    def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "", keep_vars: bool = False) -> dict:
-        return {} if destination is None else destination
-
-    def _note_prefix(self, module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        self._prefix = prefix
-
-    def _forgive_missing(self, module: torch.nn.Module, incompatible: Any) -> None:
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(self._prefix)]
-
-
-@dataclass(frozen=True)
-class FrozenScores:
-    """What the reference and the teachers say about one rollout: computed once, reused by every update on it.
-
-    Shapes: N completions, T tokens, V vocabulary, M teachers; the mixture is at the KD states
-    (the rollout, or the gold solutions [B, T', ...]).
-    """
-
-    ref_logp: Tensor | None = None  # [N, T]
-    ref_logits: Tensor | None = None  # [N, T, V]
-    teacher_logp: Tensor | None = None  # [M, N, T]
-    teacher_weights: Tensor | None = None  # [M, N, T]
-    mixture: Mixture | None = None  # (pbar, neg_entropy, lbar)
-    metrics: dict[str, Tensor] = field(default_factory=dict)  # per-teacher KL and weight
-
-
-def score(
-    student: PreTrainedModel,
-    rollout: Rollout,
-    needs: Needs,
-    vocab_size: int,
-    step: int,
-    frozen: Frozen = Frozen(),
-    temperature: float = 1.0,
-    gold: Rollout | None = None,
-    old_logp: Tensor | None = None,
-    frozen_scores: FrozenScores | None = None,
-    logit_chunk: int | None = None,
-) -> tuple[Batch, dict[str, Tensor], FrozenScores]:
-    """The objective's `Batch`, detached logging metrics (entropy, per-teacher KL and weight), and the frozen scores.
-
-    The student runs once with grad on the rollout (and once more on the gold
-    solutions only when KD is evaluated there). The reference and each teacher
-    run under no_grad, only when `needs` asks for them, unless `frozen_scores`
-    (from an earlier update on the same rollout) are given. Policy terms are
-    scored at the sampling `temperature` (1.0 for gold rollouts); KD terms use
-    the student's raw logits, tempered by the objective's own tau. `old_logp`
-    [N, T]: the behaviour policy's log-probs (None: on-policy). `logit_chunk`: the student's logits are
-    `ChunkedLogits`, which every term reads `logit_chunk` positions at a time (`objectives.logits.per_position`),
-    never holding them whole with grad; the reference's log-probs are chunked too. What the frozen models hand
-    the terms (the teachers' mixtures, the reference's logits for the exact KL) is held whole, without grad.
-    """
-    ids, mask = rollout.completions.ids, rollout.completions.mask.float()  # [N, T]
-    raw = logits_for(student, rollout.prompts, rollout.completions, vocab_size, logit_chunk)  # [N, T, V], whole or chunked
-    logits = raw / temperature  # [N, T, V]
-    logp, token_entropy = per_position(logits, logp_and_entropy, ids)  # [N, T]
-    kd_on_gold = (needs.teacher_forward or needs.teacher_reverse) and needs.kd_states == "gold"
-    gold_raw = logits_for(student, gold.prompts, gold.completions, vocab_size, logit_chunk) if kd_on_gold else None  # [B, T', V] with grad
-    if frozen_scores is None:
-        frozen_scores = score_frozen(raw.detach(), rollout, needs, vocab_size, frozen, temperature, gold, gold_raw, logit_chunk)
-    with torch.no_grad():
-        metrics = {"entropy": masked_mean(token_entropy, mask)} | frozen_scores.metrics
-    kd = None
-    if frozen_scores.mixture is not None:
-        states, kd_raw = (gold, gold_raw) if kd_on_gold else (rollout, raw)
-        kd = KDStates(kd_raw, states.completions.mask.float(), needs.kd_tau, *frozen_scores.mixture)
-    batch = Batch(
-        logp=logp,  # [N, T]
-        mask=mask,
-        group_size=rollout.group_size,
-        rewards=rollout.rewards,
-        old_logp=old_logp,
-        logits=logits if needs.logits else None,
-        ref_logp=frozen_scores.ref_logp,
-        ref_logits=frozen_scores.ref_logits,
-        teacher_logp=frozen_scores.teacher_logp,
-        teacher_weights=frozen_scores.teacher_weights,
-        kd=kd,
-        step=step,
-    )
-    return batch, metrics, frozen_scores
-
-
-@torch.no_grad()
-def score_frozen(
-    student_raw: Logits, rollout: Rollout, needs: Needs, vocab_size: int, frozen: Frozen, temperature: float,
-    gold: Rollout | None = None, gold_raw: Logits | None = None, logit_chunk: int | None = None,
-) -> FrozenScores:
-    """The reference's and the teachers' scores of a rollout, as `needs` asks (the student's logits feed metrics only)."""
-    ref_logp = ref_logits = None
-    if needs.ref_logp or needs.ref_logits:
-        if frozen.reference is None:
-            raise ValueError("the objective needs a reference model but none was loaded")
-        with frozen.reference_scope():
-            if needs.ref_logits:
-                ref_logits = completion_logits(frozen.reference, rollout.prompts, rollout.completions, vocab_size) / temperature  # [N, T, V]
-                ref_logp = token_logp(ref_logits, rollout.completions.ids) if needs.ref_logp else None  # [N, T]
-            else:
-                ref_logp = frozen_logp(frozen.reference, rollout, vocab_size, temperature, logit_chunk)  # [N, T]
-    if not needs_teachers(needs):
-        return FrozenScores(ref_logp, ref_logits)
-    teacher_logp, weights, mixture, metrics = _score_teachers(student_raw, rollout, needs, vocab_size, frozen.teachers, gold, gold_raw, temperature)
-    return FrozenScores(ref_logp, ref_logits, teacher_logp, weights, mixture, metrics)
-
-
-def needs_teachers(needs: Needs) -> bool:
-    return needs.teacher_logp or needs.teacher_forward or needs.teacher_reverse
-
-
-def needs_gold(needs: Needs, teachers: TeacherEnsemble | None) -> bool:
-    """Gold solutions are scored for SFT, for KD on gold states, and for competence weighting."""
-    if not needs.rollouts:
-        return True
-    if not needs_teachers(needs):
-        return False
-    kd_on_gold = (needs.teacher_forward or needs.teacher_reverse) and needs.kd_states == "gold"
-    return kd_on_gold or (teachers is not None and teachers.weighting.needs_gold)
-
-
-def _score_teachers(
-    raw: Logits, rollout: Rollout, needs: Needs, vocab_size: int, teachers: TeacherEnsemble | None,
-    gold: Rollout | None, gold_raw: Logits | None, temperature: float,
-) -> tuple[Tensor | None, Tensor | None, Mixture | None, dict[str, Tensor]]:
-    """Teacher log-probs and weights on the rollout, and the KD mixture at the KD states."""
-    if teachers is None:
-        raise ValueError("the objective needs teachers but none were loaded")
-    mix = needs.teacher_forward or needs.teacher_reverse
-    on_gold = mix and needs.kd_states == "gold"
-    gold_scores = teachers.gold_scores(gold.prompts, gold.completions, vocab_size) if teachers.weighting.needs_gold else None  # [M, B]
-    mixture = scores = None
-    if needs.teacher_logp or (mix and not on_gold):
-        scores = teachers.score(
-            rollout.prompts, rollout.completions, raw, vocab_size, needs.kd_tau,
-            forward=needs.teacher_forward and not on_gold, reverse=needs.teacher_reverse and not on_gold,
-            logp=needs.teacher_logp, logp_temperature=temperature if needs.teacher_logp_tempered else 1.0, gold_scores=gold_scores,
-        )
-        mixture = scores.mixture if mix and not on_gold else None
-    if on_gold:
-        gold_side = teachers.score(
-            gold.prompts, gold.completions, gold_raw, vocab_size, needs.kd_tau,
-            forward=needs.teacher_forward, reverse=needs.teacher_reverse, gold_scores=gold_scores,
-        )
-        mixture = gold_side.mixture
-        scores = scores or gold_side
-    metrics = {f"teacher/{key}/{name}": values[i] for key, values in scores.metrics.items() for i, name in enumerate(teachers.names)}
-    return (scores.logp, scores.weights if needs.teacher_logp else None, mixture, metrics)
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "RolloutBuffer":
+        gold = None if state["gold"] is None else from_state(state["gold"], device)
+        old_logp = None if state["old_logp"] is None else state["old_logp"].to(device)
+        return cls(from_state(state["rollout"], device), gold, old_logp)
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, Tensor]:

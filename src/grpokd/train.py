@@ -33,10 +33,10 @@ from grpokd.errors import ConfigError, check_range
 from grpokd.evaluation import binomial_interval
 from grpokd.loggers import continue_csv, csv_logger, logged_config
 from grpokd.models import coverage, loading
-from grpokd.models.ensemble import TeacherEnsemble
 from grpokd.models.student import LoRA, add_lora, enable_checkpointing, lora_config, save_student
 from grpokd.module import GRPOKDModule, Optim
-from grpokd.rollout import Sampling, needs_teachers
+from grpokd.rollout import Sampling
+from grpokd.teachers import TeacherEnsemble
 
 MODES = ("train", "eval")
 
@@ -97,7 +97,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         raise ConfigError(f"model.gradient_checkpointing={cfg.model.gradient_checkpointing!r} must be true or false")
     if cfg.model.get("reference"):
         loading.check_name(cfg.model.reference, "model.reference")
-    if cfg.mode == "train" and needs_teachers(objective.needs):
+    if cfg.mode == "train" and objective.needs.teachers:
         if not cfg.model.teachers:
             raise ConfigError(f"model.teachers is empty; objective {cfg.objective.name} needs at least one teacher (e.g. model.teachers=[tiny-t5-teacher-s])")
         for i, teacher in enumerate(cfg.model.teachers):
@@ -202,10 +202,10 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         coverage.check(coverage.measure(tokenizer, sample, prep.reward), cfg.dataset.name, cfg.model.student)
     needs = prep.objective.needs
     ref_name = None
-    if cfg.mode == "train" and (needs.ref_logp or needs.ref_logits):
+    if cfg.mode == "train" and needs.reference:
         ref_name = cfg.model.get("reference") or cfg.model.student
         loading.check_same_family(cfg.model.student, ref_name, "model.reference")
-    use_teachers = cfg.mode == "train" and needs_teachers(needs)
+    use_teachers = cfg.mode == "train" and needs.teachers
     for i, item in enumerate(cfg.model.teachers if use_teachers else ()):
         loading.check_same_family(cfg.model.student, teacher_spec(item)[0], f"model.teachers[{i}]")
     student = loading.load_model(cfg.model.student, "model.student", cfg.model.dtype)

@@ -25,8 +25,6 @@ from torch import Tensor
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from grpokd.models.student import checkpointed_layers, checkpointing_off
-from grpokd.objectives.logits import ChunkedLogits, Logits
-from grpokd.objectives.functional import entropy
 
 
 @dataclass(frozen=True)
@@ -201,25 +199,6 @@ def head_skipped(model: PreTrainedModel) -> Iterator[torch.nn.Linear]:
         yield head
     finally:
         del head.forward
-
-
-def logits_for(model: PreTrainedModel, prompts: Tokens, completions: Tokens, vocab_size: int | None, chunk: int | None = None) -> Logits:
-    """A model's logits at the completion positions, as scoring reads them: `completion_logits` [N, T, V], or with
-    `chunk` the same logits as `ChunkedLogits`: the model runs to its final hidden states [N, T, H] (its output
-    head made the identity by `head_skipped`), and the head is applied `chunk` positions at a time wherever the
-    logits are used (`objectives.logits.per_position`)."""
-    if not chunk:
-        return completion_logits(model, prompts, completions, vocab_size)
-    with head_skipped(model) as head:
-        hidden = completion_logits(model, prompts, completions)  # [N, T, H]: the head is the identity here
-    return ChunkedLogits(hidden, head.weight, head.bias, vocab_size, chunk)
-
-
-def logp_and_entropy(logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """log softmax(logits) at `ids` (with grad) and the entropy there (detached): [.., V], [..] -> [..], [..]."""
-    with torch.no_grad():
-        ent = entropy(logits)
-    return token_logp(logits, ids), ent
 
 
 def completion_logits(model: PreTrainedModel, prompts: Tokens, completions: Tokens, vocab_size: int | None = None) -> Tensor:

@@ -31,6 +31,31 @@ class Needs:
     kd_tau: float = 1.0  # temperature of the teachers' (and student's) distributions in the mixtures
     kd_states: str = "rollouts"  # where the mixtures are evaluated: "rollouts" (the scored tokens) or "gold" solutions
 
+    @property
+    def reference(self) -> bool:
+        """The reference model is scored (its log-probs or its logits)."""
+        return self.ref_logp or self.ref_logits
+
+    @property
+    def mixture(self) -> bool:
+        """The teachers' full-vocabulary mixture is built (forward or reverse KD)."""
+        return self.teacher_forward or self.teacher_reverse
+
+    @property
+    def teachers(self) -> bool:
+        """The teachers are loaded and scored."""
+        return self.teacher_logp or self.mixture
+
+    @property
+    def kd_on_gold(self) -> bool:
+        """The mixture is taken on the gold solutions: the student is scored on them too, with grad."""
+        return self.mixture and self.kd_states == "gold"
+
+    def gold(self, weighting_needs_gold: bool = False) -> bool:
+        """The prompts' gold solutions are scored: for SFT (no rollouts), for KD on gold states, and for a
+        teacher weighting that rates the teachers on them (competence), when teachers are scored."""
+        return not self.rollouts or self.kd_on_gold or (self.teachers and weighting_needs_gold)
+
 
 @dataclass(frozen=True)
 class KDStates:

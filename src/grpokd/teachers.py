@@ -1,0 +1,409 @@
+"""The teachers: their ensemble, how they are weighted, how their distributions are mixed, and how they are scored.
+
+`TeacherEnsemble.score` runs each teacher over (prompt, completion) batches
+under no_grad and returns only what the objective declared it needs: the
+per-teacher log-probs of the scored tokens [M, N, T] and weights [M, N, T]
+(teacher agreement), and the weighted full-vocabulary mixtures (pbar /
+neg-entropy for forward KD, lbar for reverse KD) accumulated by
+`TeacherMixer`, so M teachers never hold M [N, T, V] tensors. A teacher's
+logits are freed before the next one runs; `chunk_prompts` bounds the rows
+scored at once. `score_teachers` asks the ensemble for what one step's
+`Needs` ask, on the rollout or on the gold solutions.
+
+Multi-teacher without multiplying memory. With p_i = softmax(z_Ti / tau),
+q = softmax(z_S / tau) and weights w_i (sum 1 over teachers at each position,
+detached), the weighted sums of Hinton divergences need only running mixtures
+(`grpokd.objectives.kd.forward_kd` / `reverse_kd` read them):
+
+    sum_i w_i D_H(T_i || theta) = tau^2 [ sum_i w_i sum_a p_i log p_i - sum_a pbar log q ],  pbar = sum_i w_i p_i
+    sum_i w_i D_H(theta || T_i) = tau^2 [ sum_a q log q - sum_a q lbar ],                     lbar = sum_i w_i log p_i
+
+Weightings w_i(s), each an unnormalised log-weight per teacher and position,
+normalised over the teachers (softmax) and detached (`conf/weighting/`):
+- `Uniform`: 1/M.
+- `Static(weights)`: a fixed list.
+- `Confidence(temperature)`: softmax_i(-H(p_i) / temperature) at each position.
+- `Competence(temperature)`: softmax_i of each teacher's mean token
+  log-likelihood of the prompt's gold solution / temperature (per prompt).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from grpokd.errors import ConfigError, check_range
+from grpokd.models.lm import Tokens, completion_logits, token_logp
+from grpokd.objectives.base import KDStates, Needs
+from grpokd.objectives.functional import entropy, masked_mean
+from grpokd.objectives.logits import Logits, per_position
+from grpokd.rollout import Rollout
+
+
+class Mixture(NamedTuple):
+    """The running mixtures of `TeacherMixer.result()`; a field is None when it was not requested."""
+
+    pbar: Tensor | None  # [N, T, V] sum_i w_i p_i
+    neg_entropy: Tensor | None  # [N, T] sum_i w_i sum_a p_i log p_i
+    lbar: Tensor | None  # [N, T, V] sum_i w_i log p_i
+
+
+class TeacherMixer:
+    """Accumulate teachers' tempered distributions into weighted mixtures, one teacher at a time.
+
+    Keeps (float32, only what was asked for): pbar = sum_i w_i p_i [N, T, V] and
+    neg_entropy = sum_i w_i sum_a p_i log p_i [N, T] (forward KD), and
+    lbar = sum_i w_i log p_i [N, T, V] (reverse KD), with p_i = softmax(z_Ti / tau).
+    Memory: one or two [N, T, V] buffers plus one teacher's temporaries,
+    whatever M is. Inputs are detached (teachers and weights get no gradient).
+
+    Two ways to give the weights; one mixer uses one of them:
+    - `add(z, weight=w)`: w_i already normalised across teachers (sum_i w_i = 1
+      at each position), e.g. uniform 1/M, a static list, or competence weights.
+    - `add(z, log_weight=s)`: w_i = exp(s_i) / sum_j exp(s_j) per position,
+      known only up to normalisation until every teacher has been seen (e.g.
+      confidence weighting, s_i = -H(p_i)). The buffers hold sums scaled by
+      exp(s_i - m) with m the running max of s over the teachers so far
+      (online softmax); when a larger s arrives the buffers are rescaled by
+      exp(m_old - m_new). `result()` divides by the running normaliser, so it
+      equals the normalised mixture. Log-weights may be -inf for some
+      teachers, not for all of them at one position.
+
+    Args:
+        tau: temperature > 0 of the teachers' distributions.
+        forward: keep pbar and neg_entropy.
+        reverse: keep lbar.
+    """
+
+    def __init__(self, tau: float, forward: bool = True, reverse: bool = False) -> None:
+        check_range("tau", tau, low=0, low_open=True)
+        if not (forward or reverse):
+            raise ValueError("forward=False and reverse=False: the mixer would keep nothing")
+        self.tau = tau
+        self.forward = forward
+        self.reverse = reverse
+        self.count = 0  # teachers added
+        self._unnormalised: bool | None = None  # which weighting this mixer uses, fixed by the first add
+        self._pbar: Tensor | None = None  # [N, T, V]
+        self._neg_entropy: Tensor | None = None  # [N, T]
+        self._lbar: Tensor | None = None  # [N, T, V]
+        self._max: Tensor | None = None  # [N, T] running max of the log-weights (unnormalised mode)
+        self._norm: Tensor | None = None  # [N, T] running sum of exp(log_weight - max) (unnormalised mode)
+
+    @torch.no_grad()
+    def add(
+        self, teacher_logits: Tensor, weight: Tensor | float | None = None, log_weight: Tensor | None = None
+    ) -> None:
+        """Add one teacher with weight `weight` (normalised) or `log_weight` (unnormalised); give exactly one.
+
+        Args:
+            teacher_logits: [N, T, V] the teacher's untempered logits.
+            weight: [N, T] or broadcastable (a float, [N, 1], ...), sum 1 over the teachers.
+            log_weight: [N, T] or broadcastable, log of an unnormalised weight.
+        """
+        if (weight is None) == (log_weight is None):
+            raise ValueError("give exactly one of weight (normalised) and log_weight (unnormalised)")
+        unnormalised = log_weight is not None
+        if self._unnormalised is None:
+            self._unnormalised = unnormalised
+        elif self._unnormalised != unnormalised:
+            raise ValueError("a TeacherMixer takes either weight or log_weight for every teacher, not both")
+        log_p = F.log_softmax(teacher_logits.detach().float() / self.tau, dim=-1)  # [N, T, V]
+        position_shape = log_p.shape[:-1]  # (N, T)
+        given = log_weight if unnormalised else weight
+        given = torch.as_tensor(given).detach().float().to(log_p.device).expand(position_shape)  # [N, T]
+        scale = self._rescale(given) if unnormalised else given  # [N, T]
+        # p and log_p are this teacher's own fresh tensors: scaled in place to hold one [N, T, V] temporary less
+        if self.forward:
+            p = log_p.exp()  # [N, T, V]
+            self._neg_entropy = _accumulate(self._neg_entropy, scale * (p * log_p).sum(-1))  # [N, T]
+            self._pbar = _accumulate(self._pbar, p.mul_(scale[..., None]))  # [N, T, V]
+        if self.reverse:
+            self._lbar = _accumulate(self._lbar, log_p.mul_(scale[..., None]))  # [N, T, V]
+        self.count += 1
+
+    def _rescale(self, log_weight: Tensor) -> Tensor:
+        """Online-softmax step: update the running max and normaliser, rescale the buffers.
+
+        Returns this teacher's scale exp(s_i - m_new) [N, T].
+        """
+        new_max = log_weight if self._max is None else torch.maximum(self._max, log_weight)  # [N, T]
+        safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))  # [N, T] no (-inf) - (-inf)
+        if self._max is not None:
+            decay = torch.exp(self._max - safe_max)  # [N, T] exp(m_old - m_new) <= 1
+            self._decay(decay)
+            self._norm = self._norm * decay  # [N, T]
+        self._max = new_max
+        scale = torch.exp(log_weight - safe_max)  # [N, T] exp(s_i - m_new)
+        self._norm = _accumulate(self._norm, scale)  # [N, T]
+        return scale
+
+    def _decay(self, decay: Tensor) -> None:
+        """Multiply the buffers by `decay` [N, T] in place."""
+        if self.forward:
+            self._pbar.mul_(decay[..., None])
+            self._neg_entropy.mul_(decay)
+        if self.reverse:
+            self._lbar.mul_(decay[..., None])
+
+    def result(self) -> Mixture:
+        """The mixtures (normalised); None for those not requested. Raises if no teacher was added."""
+        if self.count == 0:
+            raise ValueError("TeacherMixer.result() before any teacher was added")
+        if not self._unnormalised:
+            return Mixture(self._pbar, self._neg_entropy, self._lbar)
+        norm = self._norm  # [N, T]
+        return Mixture(
+            self._pbar / norm[..., None] if self.forward else None,  # [N, T, V]
+            self._neg_entropy / norm if self.forward else None,  # [N, T]
+            self._lbar / norm[..., None] if self.reverse else None,  # [N, T, V]
+        )
+
+    def kd_states(self, logits: Logits, mask: Tensor) -> KDStates:
+        """The student's logits [N, T, V] (with grad) and mask [N, T] bundled with this mixture."""
+        pbar, neg_entropy, lbar = self.result()
+        return KDStates(logits=logits, mask=mask, tau=self.tau, pbar=pbar, neg_entropy=neg_entropy, lbar=lbar)
+
+
+def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
+    """total + term, in place into total; the first term becomes the total (terms are freshly computed tensors)."""
+    if total is None:
+        return term
+    return total.add_(term)
+
+
+class Uniform:
+    """w_i = 1/M."""
+
+    needs_gold = False
+    uses_logits = False  # the weight is known before the teacher runs
+
+    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
+        return torch.zeros(logits.shape[:-1], device=logits.device)  # [N, T]
+
+
+class Static:
+    """w_i fixed, from a list (normalised to sum 1)."""
+
+    needs_gold = False
+    uses_logits = False
+
+    def __init__(self, weights: list[float]) -> None:
+        if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(f"weighting.weights={list(weights)}: give one non-negative weight per teacher, not all zero")
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+
+    def check(self, num_teachers: int) -> None:
+        if len(self.weights) != num_teachers:
+            raise ConfigError(f"weighting.weights has {len(self.weights)} entries for {num_teachers} teachers; give one per teacher")
+
+    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
+        return torch.full(logits.shape[:-1], self.weights[index], device=logits.device).log()  # [N, T]
+
+
+class _Tempered:
+    """A weighting whose scores are divided by a temperature > 0 before the softmax over teachers."""
+
+    needs_gold = False
+    uses_logits = False
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        check_range("weighting.temperature", temperature, low=0, low_open=True)
+        self.temperature = temperature
+
+
+class Confidence(_Tempered):
+    """w_i proportional to exp(-H(p_i) / temperature) at each position: confident teachers weigh more."""
+
+    uses_logits = True  # known only once the teacher has run: mixed with online-softmax log-weights
+
+    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
+        return -entropy(logits) / self.temperature  # [N, T]
+
+
+class Competence(_Tempered):
+    """w_i(s) proportional to exp(mean token log-likelihood of s's gold solution under teacher i / temperature)."""
+
+    needs_gold = True
+
+    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
+        assert gold_score is not None, "Competence weighting needs the gold solutions' scores"
+        return (gold_score[index] / self.temperature)[:, None].expand(logits.shape[:-1])  # [N, T]
+
+
+@dataclass(frozen=True)
+class TeacherScores:
+    """What the teachers say about one set of states (N sequences, T tokens)."""
+
+    weights: Tensor  # [M, N, T] normalised over M, detached
+    logp: Tensor | None  # [M, N, T] log-probs of the scored tokens (tau = 1)
+    mixture: Mixture | None  # tempered mixtures (pbar, neg_entropy, lbar)
+    metrics: dict[str, Tensor]  # per teacher: kl_fwd/<name>, kl_rev/<name>, weight/<name>
+
+
+class _Chunk(NamedTuple):
+    """Teacher scores of one chunk of rows (n of the N)."""
+
+    weights: Tensor  # [M, n, T]
+    logp: Tensor | None  # [M, n, T]
+    mixture: Mixture | None
+    tokens: Tensor  # [] real tokens in the chunk
+    kl_fwd: Tensor  # [M] KL(T_i || theta), token mean
+    kl_rev: Tensor  # [M] KL(theta || T_i), token mean
+
+
+class TeacherEnsemble(torch.nn.Module):
+    """M frozen teachers sharing the student's tokenizer, with a weighting scheme.
+
+    A module (the teachers in a ModuleList), so that the LightningModule holds the teachers as submodules:
+    Lightning moves them with the student and FSDP can shard each one (see `grpokd.scoring.FrozenModels`).
+    """
+
+    def __init__(self, teachers: list[PreTrainedModel], names: list[str], weighting, chunk_prompts: int | None = None) -> None:
+        super().__init__()
+        if not teachers:
+            raise ConfigError("model.teachers is empty; this objective needs at least one teacher")
+        getattr(weighting, "check", lambda m: None)(len(teachers))
+        self.teachers = torch.nn.ModuleList(t.eval().requires_grad_(False) for t in teachers)
+        self.names = names
+        self.weighting = weighting
+        self.chunk_prompts = chunk_prompts
+
+    @torch.no_grad()
+    def gold_scores(self, prompts: Tokens, gold: Tokens, vocab_size: int) -> Tensor:
+        """Each teacher's mean token log-likelihood of each prompt's gold solution: [M, B]."""
+        mask = gold.mask.float()  # [B, T']
+        return torch.stack([masked_mean(token_logp(completion_logits(t, prompts, gold, vocab_size), gold.ids), mask, dim=-1) for t in self.teachers])
+
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: Tokens,
+        completions: Tokens,
+        student_logits: Logits,
+        vocab_size: int,
+        tau: float = 1.0,
+        forward: bool = False,
+        reverse: bool = False,
+        logp: bool = False,
+        gold_scores: Tensor | None = None,
+        logp_temperature: float = 1.0,
+    ) -> TeacherScores:
+        """Score completions [N, T] of prompts [B, P] (N = B*K) with every teacher, one at a time.
+
+        `student_logits` [N, T, V] (detached here; whole or chunked) only feed the per-teacher KL metrics.
+        `logp` asks for each teacher's log-probs of the completion tokens at `logp_temperature`.
+        `gold_scores` [M, B] are required by competence weighting.
+        """
+        group = completions.ids.shape[0] // prompts.ids.shape[0]
+        chunk = self.chunk_prompts or prompts.ids.shape[0]
+        parts = [
+            self._score_rows(
+                Tokens(prompts.ids[b : b + chunk], prompts.mask[b : b + chunk]),
+                Tokens(completions.ids[b * group : (b + chunk) * group], completions.mask[b * group : (b + chunk) * group]),
+                student_logits[b * group : (b + chunk) * group].detach(),
+                vocab_size, tau, forward, reverse, logp, logp_temperature,
+                None if gold_scores is None else gold_scores[:, b : b + chunk].repeat_interleave(group, 1),
+            )
+            for b in range(0, prompts.ids.shape[0], chunk)
+        ]
+        return _concat(parts, completions.mask.float())
+
+    def _score_rows(
+        self, prompts: Tokens, completions: Tokens, student_logits: Logits, vocab_size: int, tau: float,
+        forward: bool, reverse: bool, logp: bool, logp_temperature: float, gold_score: Tensor | None,
+    ) -> _Chunk:
+        mixer = TeacherMixer(tau, forward=forward, reverse=reverse) if (forward or reverse) else None
+        mask = completions.mask.float()  # [n, T]
+        log_weights, logps, kl_fwd, kl_rev = [], [], [], []
+        fixed = None  # [M, n, T] weights known before the teachers run: mixed directly, no online softmax
+        if not self.weighting.uses_logits:
+            positions = completions.mask.new_empty(*completions.mask.shape, 0)  # [n, T, 0]: carries the shape only
+            fixed = torch.stack([self.weighting.log_weight(i, positions, gold_score) for i in range(len(self.teachers))]).softmax(0)
+        for i, teacher in enumerate(self.teachers):
+            logits = completion_logits(teacher, prompts, completions, vocab_size)  # [n, T, V]
+            if fixed is None:
+                log_weights.append(self.weighting.log_weight(i, logits.float(), gold_score))  # [n, T]
+            if mixer is not None and fixed is None:
+                mixer.add(logits, log_weight=log_weights[-1])
+            elif mixer is not None:
+                mixer.add(logits, weight=fixed[i])
+            if logp:
+                logps.append(token_logp(logits / logp_temperature, completions.ids))  # [n, T]
+            forward_kl, reverse_kl = per_position(student_logits, kl_both_ways, logits)  # [n, T] each
+            kl_fwd.append(masked_mean(forward_kl, mask))
+            kl_rev.append(masked_mean(reverse_kl, mask))
+            del logits  # one teacher's [n, T, V] at a time
+        return _Chunk(
+            weights=fixed if fixed is not None else torch.stack(log_weights).softmax(0),  # [M, n, T]
+            logp=torch.stack(logps) if logp else None,  # [M, n, T]
+            mixture=mixer.result() if mixer is not None else None,
+            tokens=mask.sum(),
+            kl_fwd=torch.stack(kl_fwd),  # [M]
+            kl_rev=torch.stack(kl_rev),  # [M]
+        )
+
+
+def kl_both_ways(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(T || theta) and KL(theta || T) at each position, from the two models' logits: [.., V] -> [..], [..]."""
+    log_q = student_logits.float().log_softmax(-1)
+    log_p = teacher_logits.float().log_softmax(-1)
+    diff = log_p - log_q
+    return torch.linalg.vecdot(log_p.exp(), diff), -torch.linalg.vecdot(log_q.exp(), diff)
+
+
+def _concat(chunks: list[_Chunk], mask: Tensor) -> TeacherScores:
+    """Join the row chunks; per-teacher metrics are token-weighted means over all rows."""
+    weights = torch.cat([c.weights for c in chunks], 1)  # [M, N, T]
+    logp = torch.cat([c.logp for c in chunks], 1) if chunks[0].logp is not None else None  # [M, N, T]
+    mixture = None
+    if chunks[0].mixture is not None:
+        fields = zip(*(c.mixture for c in chunks))  # (pbar parts, neg_entropy parts, lbar parts)
+        mixture = Mixture(*(None if parts[0] is None else torch.cat(parts, 0) for parts in fields))
+    tokens = torch.stack([c.tokens for c in chunks])  # [chunks]
+    share = (tokens / tokens.sum().clamp(min=1))[:, None]  # [chunks, 1]
+    metrics = {
+        "kl_fwd": (torch.stack([c.kl_fwd for c in chunks]) * share).sum(0),  # [M]
+        "kl_rev": (torch.stack([c.kl_rev for c in chunks]) * share).sum(0),  # [M]
+        "weight": masked_mean(weights, mask.expand_as(weights), dim=(1, 2)),  # [M]
+    }
+    return TeacherScores(weights, logp, mixture, metrics)
+
+
+def score_teachers(
+    teachers: TeacherEnsemble, needs: Needs, raw: Logits, rollout: Rollout, gold: Rollout | None, gold_raw: Logits | None,
+    temperature: float, vocab_size: int | None,
+) -> tuple[Tensor | None, Tensor | None, Mixture | None, dict[str, Tensor]]:
+    """What `needs` asks of the teachers: their log-probs and weights on the rollout [M, N, T] (None unless
+    `needs.teacher_logp`), the KD mixture at the KD states (the rollout, or the gold solutions with the student's
+    `gold_raw` logits), and the per-teacher metrics teacher/<kl_fwd|kl_rev|weight>/<name>.
+
+    `raw`: the student's untempered logits on the rollout (detached; they feed the KL metrics only); the
+    teachers' log-probs are taken at `temperature` when `needs.teacher_logp_tempered`, else at 1.
+    """
+    on_gold = needs.kd_on_gold
+    gold_scores = teachers.gold_scores(gold.prompts, gold.completions, vocab_size) if teachers.weighting.needs_gold else None  # [M, B]
+    mixture = scores = None
+    if needs.teacher_logp or (needs.mixture and not on_gold):
+        scores = teachers.score(
+            rollout.prompts, rollout.completions, raw, vocab_size, needs.kd_tau,
+            forward=needs.teacher_forward and not on_gold, reverse=needs.teacher_reverse and not on_gold,
+            logp=needs.teacher_logp, logp_temperature=temperature if needs.teacher_logp_tempered else 1.0, gold_scores=gold_scores,
+        )
+        mixture = scores.mixture if needs.mixture and not on_gold else None
+    if on_gold:
+        gold_side = teachers.score(
+            gold.prompts, gold.completions, gold_raw, vocab_size, needs.kd_tau,
+            forward=needs.teacher_forward, reverse=needs.teacher_reverse, gold_scores=gold_scores,
+        )
+        mixture = gold_side.mixture
+        scores = scores or gold_side
+    metrics = {f"teacher/{key}/{name}": values[i] for key, values in scores.metrics.items() for i, name in enumerate(teachers.names)}
+    return (scores.logp, scores.weights if needs.teacher_logp else None, mixture, metrics)
