@@ -112,12 +112,12 @@ def test_loggers_instantiate_offline(tmp_path, monkeypatch):
 )
 def test_bad_configs_fail_at_start_up_with_the_key_named(overrides, message, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from grpokd import hub
+    from grpokd import network
 
-    hub.hub_reachable.cache_clear()
+    network.hub_reachable.cache_clear()
     with pytest.raises(ConfigError, match=message.replace("/", ".")):
         prepare(compose(overrides, tmp_path))
-    hub.hub_reachable.cache_clear()
+    network.hub_reachable.cache_clear()
 
 
 def test_cli_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path):

@@ -13,7 +13,6 @@ import hashlib
 import json
 import netrc
 import os
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -22,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from grpokd import runtime
+from grpokd.network import wandb_reachable
 
 runtime.register_resolvers()  # conf/logger/wandb.yaml's group is ${grpokd_multirun:}
 
@@ -33,15 +33,6 @@ def wandb_credentials() -> bool:
     try:
         return netrc.netrc().authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
-def wandb_reachable(timeout: float = 3.0) -> bool:
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
         return False
 
 

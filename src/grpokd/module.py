@@ -144,7 +144,7 @@ class GRPOKDModule(L.LightningModule):
         self._step_metrics_at = 0  # the step they belong to (the optimiser steps taken before it)
         self.updates_per_rollout, self.minibatches = updates_per_rollout, minibatches
         self.buffer: ro.RolloutBuffer | None = None  # the rollout being reused (several updates per rollout)
-        self.train_reward = train_reward or WeightedRewards({"correct": reward})
+        self.train_reward = WeightedRewards.of(train_reward or reward)
         self.mask_truncated_completions = mask_truncated_completions
         self.eval_pass_k = eval_pass_k
         self.logit_chunk = logit_chunk

@@ -82,7 +82,7 @@ def sample(
     )  # [N, T]
     texts = decode(tokenizer, completions)
     answers = [a for a in examples["answer"] for _ in range(sampling.group_size)]
-    weighted = reward if isinstance(reward, WeightedRewards) else WeightedRewards({"correct": reward})
+    weighted = WeightedRewards.of(reward)
     values = weighted.parts(texts, answers)
     rewards = torch.tensor(weighted.total(values), dtype=torch.float32, device=device)  # [N]
     parts = {name: torch.tensor(v, dtype=torch.float32, device=device) for name, v in values.items()}  # name -> [N]

@@ -117,10 +117,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-def teacher_names(model_cfg: DictConfig) -> list[str]:
-    return [t if isinstance(t, str) else t["name"] for t in model_cfg.teachers or []]
-
-
 def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
     """The sweep file's rows, expanded (teachers, grid points), checked; raises ConfigError on an unknown row."""
     known = objectives()
@@ -233,7 +229,9 @@ def check(spec: DictConfig, rows: list[Row], compose: Callable[[list[str]], Dict
 
 def plan(spec: DictConfig, out: Path, compose: Callable[[list[str]], DictConfig]) -> tuple[list[Row], list[Job]]:
     """The sweep's rows and jobs, every job's config checked first (ConfigError: nothing may run)."""
-    rows = plan_rows(spec, teacher_names(compose([f"model={spec.model}"]).model))
+    from grpokd.models.loading import teacher_entry
+
+    rows = plan_rows(spec, [teacher_entry(t)[0] for t in compose([f"model={spec.model}"]).model.teachers or []])
     metric_overrides(spec)
     return rows, plan_jobs(spec, rows, check(spec, rows, compose), out)
 
@@ -327,7 +325,8 @@ def log_summary(out: Path, group: str, text: str, figures: list[Path], project: 
     """A W&B run in the sweep's group holding the table (as a W&B table and markdown) and the figures."""
     import wandb
 
-    from grpokd.loggers import wandb_credentials, wandb_reachable
+    from grpokd.loggers import wandb_credentials
+    from grpokd.network import wandb_reachable
 
     mode = None if os.environ.get("WANDB_MODE") else ("online" if wandb_credentials() and wandb_reachable() else "offline")
     run = wandb.init(project=project, group=group, name=f"{group}-summary", job_type="summary", dir=str(out), mode=mode, reinit="finish_previous")

@@ -101,7 +101,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         if not cfg.model.teachers:
             raise ConfigError(f"model.teachers is empty; objective {cfg.objective.name} needs at least one teacher (e.g. model.teachers=[tiny-t5-teacher-s])")
         for i, teacher in enumerate(cfg.model.teachers):
-            loading.check_name(teacher_spec(teacher)[0], f"model.teachers[{i}]")
+            loading.check_name(loading.teacher_entry(teacher)[0], f"model.teachers[{i}]")
         weighting = instantiate_group(cfg.weighting, "weighting")
         getattr(weighting, "check", lambda m: None)(len(cfg.model.teachers))
     splits = instantiate_group(cfg.dataset.source, "dataset.source")
@@ -207,7 +207,7 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         loading.check_same_family(cfg.model.student, ref_name, "model.reference")
     use_teachers = cfg.mode == "train" and needs.teachers
     for i, item in enumerate(cfg.model.teachers if use_teachers else ()):
-        loading.check_same_family(cfg.model.student, teacher_spec(item)[0], f"model.teachers[{i}]")
+        loading.check_same_family(cfg.model.student, loading.teacher_entry(item)[0], f"model.teachers[{i}]")
     student = loading.load_model(cfg.model.student, "model.student", cfg.model.dtype)
     reference_adapters_off = prep.lora is not None and ref_name == cfg.model.student
     reference = None
@@ -251,18 +251,11 @@ def render_prompts(prep: Prepared, tokenizer, student: str) -> Sampling:
     return sampling
 
 
-def teacher_spec(item: Any) -> tuple[str, str | None]:
-    """A teacher entry is a name, or {name: ..., dtype: ...} for per-teacher options."""
-    if isinstance(item, str):
-        return item, None
-    return item["name"], item.get("dtype")
-
-
 def load_teachers(cfg: DictConfig, tokenizer) -> TeacherEnsemble:
     """Every teacher of model.teachers, checked to share the student's tokenizer."""
     models, names = [], []
     for i, item in enumerate(cfg.model.teachers):
-        name, dtype = teacher_spec(item)
+        name, dtype = loading.teacher_entry(item)
         role = f"model.teachers[{i}]"
         if name != cfg.model.student:  # the student as its own teacher shares its tokenizer by definition
             loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(name, role), cfg.model.student, f"{role}={name}")

@@ -316,6 +316,11 @@ class WeightedRewards:
             raise ValueError(f"reward.weights names {', '.join(unknown)}; the reward functions are {', '.join(functions)}")
         self.functions, self.weights = dict(functions), {name: float(weights.get(name, 0.0)) for name in functions}
 
+    @classmethod
+    def of(cls, reward: Callable[[str, str], float] | "WeightedRewards") -> "WeightedRewards":
+        """`reward` itself when it is a WeightedRewards, else `reward` alone as "correct" with weight 1."""
+        return reward if isinstance(reward, WeightedRewards) else cls({"correct": reward})
+
     def parts(self, completions: list[str], answers: list[str]) -> dict[str, list[float]]:
         """Each function's reward of every completion."""
         return {name: [f(c, a) for c, a in zip(completions, answers)] for name, f in self.functions.items()}

@@ -25,7 +25,7 @@ from grpokd.data import arith as synthetic
 from grpokd.data.example import Example
 from grpokd.data.rewards import MARKER, extract_choice, extract_number
 from grpokd.errors import ConfigError
-from grpokd.hub import hub_reachable
+from grpokd.network import hub_reachable
 
 _TEST_SEED_OFFSET = 1_000_003  # synthetic test problems come from a different stream than train
 _CALCULATOR = re.compile(r"<<[^>]*>>")
