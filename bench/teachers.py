@@ -8,7 +8,7 @@ objective + backward, the part that grows with M. Each configuration runs in
 a fresh subprocess so that its peak memory is its own: on CUDA
 torch.cuda.max_memory_allocated, on CPU the process's peak RSS. "growth"
 is the peak memory minus M=1's, minus the extra teachers' weights, i.e. the
-activation memory that M adds (DESIGN: it should stay flat in M).
+activation memory that M adds (by design it should stay flat in M: the mixtures are accumulated one teacher at a time).
 Teachers cycle through the embedded T5 teachers.
 """
 
@@ -22,6 +22,21 @@ import subprocess
 import sys
 import time
 
+# Both at beta 0.04 (grpo.yaml's own is 0), j1 at its configured lam 0.5, tau 2 (exact KL, as j1.yaml).
+OVERRIDES = {"grpo": ["beta=0.04"], "j1": ["lam=0.5", "tau=2.0", "beta=0.04"]}
+
+
+def objective_of(name: str, *overrides: str):
+    """The objective of `python run.py objective=<name> <overrides>` (conf/objective/<name>.yaml), built as a run builds it."""
+    from hydra import compose, initialize_config_dir
+
+    from grpokd.sweep import CONF
+    from grpokd.train import instantiate_group
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"objective={name}", *overrides])
+    return instantiate_group(cfg.objective, "objective")
+
 
 def measure(objective: str, teachers: int, args: argparse.Namespace) -> dict:
     import torch
@@ -31,9 +46,8 @@ def measure(objective: str, teachers: int, args: argparse.Namespace) -> dict:
     from grpokd.data.rewards import NumericReward
     from grpokd.data.sources import arith
     from grpokd.models import loading
-    from grpokd.models.ensemble import TeacherEnsemble, Uniform
-    from grpokd.objectives.grpo import GRPO
-    from grpokd.objectives.j1 import J1
+    from grpokd.scoring import FrozenModels, ScoreRequest, score
+    from grpokd.teachers import TeacherEnsemble, Uniform
 
     device = torch.device(args.device)
     dtype = None if args.dtype == "float32" else args.dtype
@@ -45,8 +59,8 @@ def measure(objective: str, teachers: int, args: argparse.Namespace) -> dict:
     models = [loading.load_model(n, dtype=dtype).to(device) for n in names]
     ensemble = TeacherEnsemble(models, names, Uniform()) if models else None
     teacher_bytes = sum(p.numel() * p.element_size() for t in models for p in t.parameters())
-    objective_fn = J1(lam=0.5, tau=2.0, beta=0.04) if objective == "j1" else GRPO(beta=0.04)
-    frozen = ro.Frozen(reference, ensemble)
+    objective_fn = objective_of(objective, *OVERRIDES[objective])
+    frozen = FrozenModels(reference, ensemble)
     sampling = ro.Sampling(group_size=args.group, max_new_tokens=48, temperature=1.0)
     examples = collate(arith(test_size=args.prompts).test)
     rollout = ro.sample(student, tokenizer, examples, sampling, NumericReward())
@@ -57,7 +71,7 @@ def measure(objective: str, teachers: int, args: argparse.Namespace) -> dict:
     for _ in range(args.repeats + 1):  # the first is a warm-up
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            batch, _, _ = ro.score(student, rollout, objective_fn.needs, len(tokenizer), 0, frozen)
+            batch, _, _ = score(student, ScoreRequest(rollout, objective_fn.needs), frozen, len(tokenizer))
             loss = objective_fn(batch).loss
         loss.backward()
         student.zero_grad(set_to_none=True)

@@ -1,7 +1,9 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and helpers (compose the real config, build an objective from it)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 
@@ -40,6 +42,40 @@ def compose(overrides: list[str], run_dir: Path):
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose("config", overrides=[*overrides, f"run_dir={run_dir}"])
+
+
+@functools.cache
+def objective_config(name: str, *overrides: str):
+    """conf/config.yaml with `objective=<name>` and Hydra `overrides` (command-line strings; a later one for the
+    same key wins), composed once per argument list: treat the result as read-only."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from grpokd.sweep import CONF, merge_overrides
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=merge_overrides([f"objective={name}"], overrides))
+
+
+def objective(name: str, *overrides: str, terms: dict | None = None):
+    """The objective that `python run.py objective=<name> <overrides>` trains with, built as a run builds it.
+
+    e.g. `objective("j1", "lam=0.1", "tau=1.0", "objective.terms.kd.states=gold", "objective.max_tokens=null")`,
+    `objective("tgpo", "+term@objective.terms.entropy=entropy_bonus", "objective.terms.entropy.weight=0.1")`.
+    A bad value raises what a run raises (grpokd.errors.ConfigError, a ValueError, naming it).
+    `terms` (name -> Term built by the test) are added after the config's own (a name the config has replaces
+    its term), on a PolicyObjective with the same settings, so that the needs check runs on the union.
+    """
+    from grpokd.objectives.policy import PolicyObjective
+    from grpokd.train import check_hyperparameters, instantiate_group
+
+    cfg = objective_config(name, *overrides)
+    check_hyperparameters(cfg)  # the paper's top-level keys, by the names typed, as `prepare` checks them first
+    built = instantiate_group(cfg.objective, "objective")
+    if terms is None:
+        return built
+    settings = [key for key in inspect.signature(PolicyObjective).parameters if key != "terms"]
+    return PolicyObjective(terms={**built.terms, **terms}, **{key: getattr(built, key) for key in settings})
 
 
 @pytest.fixture

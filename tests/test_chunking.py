@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import objective as make_objective
 
 from grpokd import rollout as ro
 from grpokd.errors import ConfigError
 from grpokd.models import loading
-from grpokd.models.lm import completion_logits, generate, logits_for, logp_and_entropy, token_logp, tokenize_prompts
+from grpokd.models.lm import completion_logits, generate, token_logp, tokenize_prompts
 from grpokd.objectives.base import KDStates
-from grpokd.objectives.grpo import GRPO
+from grpokd.objectives.functional import entropy
 from grpokd.objectives.kd import forward_kd
 from grpokd.objectives.logits import ChunkedLogits, per_position
-from grpokd.objectives.functional import entropy
+from grpokd.scoring import FrozenModels, ScoreRequest, logits_for, logp_and_entropy, score
 
 STUDENTS = ["tiny-llama-student", "tiny-t5-student"]
 PROMPTS = ["Tom has 5 apples . He buys 3 more . How many apples does Tom have now ?", "Ann has 9 pens . She eats 2 . How many pens does Ann have now ?"]
@@ -155,11 +156,11 @@ def test_score_with_chunks_gives_grpos_batch_and_gradients():
     torch.manual_seed(0)
     examples = {"prompt": PROMPTS, "answer": ["8", "7"]}
     rollout = ro.sample(student, tokenizer, examples, ro.Sampling(group_size=4, max_new_tokens=16), lambda c, a: float(sum(map(ord, c)) % 2))  # any reward that varies
-    objective = GRPO(beta=0.1)
+    objective = make_objective("grpo", "beta=0.1", "objective.max_tokens=null")
     results = []
     for chunk in (None, 6):
         student.zero_grad()
-        batch, metrics, _ = ro.score(student, rollout, objective.needs, len(tokenizer), 0, ro.Frozen(reference), 0.7, logit_chunk=chunk)
+        batch, metrics, _ = score(student, ScoreRequest(rollout, objective.needs, temperature=0.7), FrozenModels(reference), len(tokenizer), chunk)
         loss = objective(batch).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in student.named_parameters()}
@@ -189,7 +190,7 @@ OBJECTIVES = {  # every term that reads the student's full distribution, and the
 
 @pytest.mark.parametrize("name", OBJECTIVES)
 def test_every_objective_gets_the_unchunked_loss_metrics_and_gradients(name, quick_cfg, tmp_path):
-    """`rollout.score` and the objective on one rollout, whole and with 6-position chunks: the same loss, metrics
+    """`scoring.score` and the objective on one rollout, whole and with 6-position chunks: the same loss, metrics
     (per-teacher KL included) and student gradients."""
     from grpokd.train import build_module, prepare
 
@@ -203,8 +204,8 @@ def test_every_objective_gets_the_unchunked_loss_metrics_and_gradients(name, qui
         torch.manual_seed(0)
         rollout = module.new_rollout(batch)
         needs = module.objective.needs
-        scored, metrics, _ = ro.score(module.student, rollout.rollout, needs, module.vocab_size, 0, module.frozen,
-                                      module.temperature(needs), rollout.gold, logit_chunk=module.logit_chunk)
+        scored, metrics, _ = score(module.student, ScoreRequest(rollout.rollout, needs, 0, module.temperature(needs), rollout.gold), module.frozen,
+                                   module.vocab_size, module.logit_chunk)
         out = module.objective(scored)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from grpokd.models import loading
-from grpokd.models.ensemble import Confidence, Static, TeacherEnsemble, Uniform
 from grpokd.models.lm import completion_logits, generate, token_logp, tokenize_prompts
 from grpokd.objectives.functional import hinton_kd, masked_mean
+from grpokd.teachers import Confidence, Static, TeacherEnsemble, Uniform
 
 pytestmark = pytest.mark.slow
 
@@ -78,12 +78,13 @@ def test_mixture_equals_the_naive_weighted_sum(scored, weighting):
 @pytest.mark.parametrize("temperature", [0.5, 1.0])
 def test_kdrl_kd_is_zero_when_the_teacher_is_the_student(temperature):
     """Teachers are scored at the sampling temperature for KDRL, so a copy of the student gives exactly GRPO."""
+    from conftest import objective
+
     from grpokd import rollout as ro
     from grpokd.data.datamodule import collate
     from grpokd.data.rewards import NumericReward
     from grpokd.data.sources import arith
-    from grpokd.objectives.grpo import GRPO
-    from grpokd.objectives.kdrl import KDRL
+    from grpokd.scoring import FrozenModels, ScoreRequest, score
 
     torch.manual_seed(0)
     tokenizer = loading.load_tokenizer("tiny-t5-student")
@@ -91,8 +92,8 @@ def test_kdrl_kd_is_zero_when_the_teacher_is_the_student(temperature):
     ensemble = TeacherEnsemble([loading.load_model("tiny-t5-student")], ["copy"], Uniform())
     sampling = ro.Sampling(group_size=4, max_new_tokens=24, temperature=temperature)
     rollout = ro.sample(student, tokenizer, collate(arith(test_size=4).test), sampling, NumericReward())
-    kdrl = KDRL(beta_kd=1.0, beta=0.0)
-    batch, _, _ = ro.score(student, rollout, kdrl.needs, len(tokenizer), 0, ro.Frozen(None, ensemble), temperature)
+    kdrl = objective("kdrl", "beta_kd=1.0", "beta=0.0", "objective.max_tokens=null")
+    batch, _, _ = score(student, ScoreRequest(rollout, kdrl.needs, temperature=temperature), FrozenModels(None, ensemble), len(tokenizer))
     out = kdrl(batch)
     assert abs(float(out.metrics["kd_reverse_kl"])) < 1e-5
-    assert torch.allclose(out.loss, GRPO(beta=0.0)(batch).loss, atol=1e-6)
+    assert torch.allclose(out.loss, objective("grpo", "beta=0.0", "objective.max_tokens=null")(batch).loss, atol=1e-6)

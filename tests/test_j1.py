@@ -1,20 +1,31 @@
-"""Tensor-only tests of J' (paper Eq. 9): GRPO + beta KL_full + lam * sum_i w_i D_H(T_i || theta)."""
+"""Tensor-only tests of J' (paper Eq. 9, conf/objective/j1.yaml): GRPO + beta KL_full + lam * sum_i w_i D_H(T_i || theta)."""
 
 from dataclasses import replace
 
 import pytest
 import torch
+from conftest import objective
 
 from grpokd.objectives.base import Batch, KDStates, Needs
-from grpokd.objectives.grpo import GRPO
-from grpokd.objectives.j1 import J1
-from grpokd.objectives.kd import TeacherMixer, forward_kd
 from grpokd.objectives.functional import aggregate, hinton_kd, masked_mean
+from grpokd.objectives.kd import forward_kd
+from grpokd.teachers import TeacherMixer
 
 # one group of K=4 with lengths 3, 2, 1, 3 (T=3), V=5
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0])
 N, T, V = 4, 3, 5
+
+
+def make_j1(*overrides: str):
+    """objective=j1 at the values these tests were written for (lam 0.1, tau 1; max_tokens null: the
+    seq_mean_token_sum_norm constant is T of the batch), then `overrides`."""
+    return objective("j1", "lam=0.1", "tau=1.0", "objective.max_tokens=null", *overrides)
+
+
+def make_grpo(*overrides: str):
+    """objective=grpo at beta 0.04, max_tokens null, then `overrides`."""
+    return objective("grpo", "beta=0.04", "objective.max_tokens=null", *overrides)
 
 
 def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -54,9 +65,9 @@ def batch(t: dict, tau: float = 1.0, with_kd: bool = True) -> Batch:
 def test_lam_zero_is_grpo_loss_and_gradient(estimator):
     t = tensors()
     b = batch(t, with_kd=False) if estimator == "full" else replace(batch(t), ref_logp=t["logp"].detach() + 0.3)
-    j1_out = J1(lam=0.0, beta=0.1, kl_estimator=estimator)(b)
+    j1_out = make_j1("lam=0.0", "beta=0.1", f"objective.terms.kl.estimator={estimator}")(b)
     (j1_grad,) = torch.autograd.grad(j1_out.loss, t["logits"], retain_graph=True)  # logp shares the graph
-    grpo_out = GRPO(beta=0.1, kl_estimator=estimator)(b)
+    grpo_out = make_grpo("beta=0.1", f"objective.terms.kl.estimator={estimator}")(b)
     (grpo_grad,) = torch.autograd.grad(grpo_out.loss, t["logits"])
     torch.testing.assert_close(j1_out.loss, grpo_out.loss)
     torch.testing.assert_close(j1_grad, grpo_grad)
@@ -69,9 +80,9 @@ def test_rollout_kd_is_added_to_the_per_token_loss_before_aggregation(aggregatio
     # loss = aggregate(grpo_per_token + lam * kd_per_token): the KD term is weighed like every other token term
     t, lam, tau = tensors(), 0.3, 2.0
     b = batch(t, tau)
-    objective = J1(lam=lam, tau=tau, beta=0.1, aggregation=aggregation)
+    objective = make_j1(f"lam={lam}", f"tau={tau}", "beta=0.1", f"objective.aggregation={aggregation}")
     out = objective(b)
-    grpo_per_token, _ = GRPO(beta=0.1, kl_estimator="full", aggregation=aggregation).per_token_loss(b, out.adv)
+    grpo_per_token, _ = make_grpo("beta=0.1", "objective.terms.kl.estimator=full", f"objective.aggregation={aggregation}").per_token_loss(b, out.adv)
     kd = sum(0.5 * hinton_kd(z, t["logits"], tau) for z in t["teachers"])  # [N, T] naive uniform mixture
     expected = aggregate(grpo_per_token + lam * kd, MASK, aggregation)
     torch.testing.assert_close(out.loss, expected)
@@ -86,7 +97,7 @@ def test_kd_gradient_pulls_the_student_towards_the_teachers():
     teachers = [torch.randn(N, T, V, generator=g) for _ in range(3)]
     logp = torch.log_softmax(student, -1)[..., 0]
     b = Batch(logp=logp, mask=MASK, group_size=4, rewards=torch.ones(4), kd=kd_states(student, teachers, MASK, 1.0))
-    out = J1(lam=1.0, beta=0.0)(b)
+    out = make_j1("lam=1.0", "beta=0.0")(b)
     out.loss.backward()
     stepped = (student - 0.5 * student.grad).detach()
     after = forward_kd(kd_states(stepped, teachers, MASK, 1.0))
@@ -102,8 +113,8 @@ def test_gold_kd_states_are_aggregated_over_their_own_mask():
     gold_mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     kd = kd_states(gold_student, [gold_teacher], gold_mask, 1.0)
     b = replace(batch(t, with_kd=False), kd=kd)
-    out = J1(lam=lam, beta=0.1, kd_states="gold")(b)
-    grpo_loss = GRPO(beta=0.1, kl_estimator="full")(b).loss
+    out = make_j1(f"lam={lam}", "beta=0.1", "objective.terms.kd.states=gold")(b)
+    grpo_loss = make_grpo("beta=0.1", "objective.terms.kl.estimator=full")(b).loss
     # seq_mean_token_mean over the gold mask: mean of the two sequences' token means
     per_token = hinton_kd(gold_teacher, gold_student, 1.0)  # [2, 4]
     gold_kd = (per_token[0, :2].mean() + per_token[1].mean()) / 2
@@ -114,41 +125,41 @@ def test_gold_kd_states_are_aggregated_over_their_own_mask():
 
 
 def test_needs():
-    assert J1(lam=0.1, tau=2.0).needs == Needs(
+    assert make_j1("lam=0.1", "tau=2.0").needs == Needs(
         rollouts=True, ref_logits=True, logits=True, teacher_forward=True, kd_tau=2.0, kd_states="rollouts"
     )
     # lam = 0: no teachers; beta = 0: no reference
-    assert J1(lam=0.0, beta=0.04).needs == Needs(rollouts=True, ref_logits=True, logits=True)
-    assert J1(lam=0.1, beta=0.0, kd_states="gold").needs == Needs(
+    assert make_j1("lam=0.0", "beta=0.04").needs == Needs(rollouts=True, ref_logits=True, logits=True)
+    assert make_j1("lam=0.1", "beta=0.0", "objective.terms.kd.states=gold").needs == Needs(
         rollouts=True, teacher_forward=True, kd_states="gold"
     )
-    assert J1(lam=0.1, kl_estimator="k3").needs == Needs(rollouts=True, ref_logp=True, teacher_forward=True)
+    assert make_j1("lam=0.1", "objective.terms.kl.estimator=k3").needs == Needs(rollouts=True, ref_logp=True, teacher_forward=True)
 
 
 def test_missing_or_mismatched_kd_raises():
     t = tensors()
     with pytest.raises(ValueError, match="batch.kd"):
-        J1(lam=0.1)(batch(t, with_kd=False))
+        make_j1("lam=0.1")(batch(t, with_kd=False))
     with pytest.raises(ValueError, match="tau"):
-        J1(lam=0.1, tau=1.0)(batch(t, tau=2.0))
+        make_j1("lam=0.1", "tau=1.0")(batch(t, tau=2.0))
 
 
 @pytest.mark.parametrize(
-    "kwargs, key",
+    "overrides, key",
     [
-        ({"lam": -0.1}, "lam"),
-        ({"tau": 0.0}, "tau"),
-        ({"tau": -1.0}, "tau"),
-        ({"kd_states": "teachers"}, "kd_states"),
-        ({"kl_estimator": "k4"}, "kl_estimator"),  # GRPO's own validation still applies
-        ({"beta": -1.0}, "beta"),
+        (["lam=-0.1"], "lam"),
+        (["tau=0.0"], "tau"),
+        (["tau=-1.0"], "tau"),
+        (["objective.terms.kd.states=teachers"], "objective.terms.kd.states='teachers' is not one of rollouts, gold"),
+        (["objective.terms.kl.estimator=k4"], "objective.terms.kl.estimator='k4'"),  # GRPO's own validation still applies
+        (["beta=-1.0"], "beta"),
     ],
 )
-def test_invalid_arguments_name_the_key(kwargs, key):
-    with pytest.raises(ValueError, match=key):
-        J1(**kwargs)
+def test_invalid_arguments_name_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key):  # grpokd.errors.ConfigError, as a run raises it at start-up
+        make_j1(*overrides)
 
 
 def test_unknown_kd_states_lists_allowed_values():
     with pytest.raises(ValueError, match="rollouts, gold"):
-        J1(kd_states="teachers")
+        make_j1("objective.terms.kd.states=teachers")

@@ -1,15 +1,15 @@
-"""Tensor-only tests of J''' (paper Eq. 12-14): J' with A' = A + gamma * norm_G(TA)."""
+"""Tensor-only tests of J''' (paper Eq. 12-14, conf/objective/j3.yaml): J' with A' = A + gamma * norm_G(TA)."""
 
 import math
 from dataclasses import replace
 
 import pytest
 import torch
+from conftest import objective
 
 from grpokd.objectives.base import Batch, Needs
-from grpokd.objectives.j1 import J1
-from grpokd.objectives.j3 import J3
-from grpokd.objectives.kd import TeacherMixer, group_normalize
+from grpokd.objectives.kd import group_normalize
+from grpokd.teachers import TeacherMixer
 
 DELTA = 1e-4
 INF = math.inf
@@ -25,6 +25,17 @@ TEACHERS_LOGP = torch.stack([TEACHER_LOGP, TEACHER_LOGP])  # [M, N, T]
 N, T, V = 4, 3, 5
 
 
+def make_j3(*overrides: str):
+    """objective=j3 at the values these tests were written for (lam 0.1, tau 1; max_tokens null: the
+    seq_mean_token_sum_norm constant is T of the batch), then `overrides`."""
+    return objective("j3", "lam=0.1", "tau=1.0", "objective.max_tokens=null", *overrides)
+
+
+def make_j1(*overrides: str):
+    """objective=j1 at lam 0.1, tau 1, max_tokens null, then `overrides`."""
+    return objective("j1", "lam=0.1", "tau=1.0", "objective.max_tokens=null", *overrides)
+
+
 def make_logp(seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (-torch.rand(N, T, generator=g) * 3).requires_grad_(True)
@@ -38,7 +49,7 @@ def test_advantage_by_hand():
     # TA = (-1, -3, -1, -3): mean -2, population std 1 -> norm_G(TA) = (1, -1, 1, -1) / (1 + delta)
     # A = (a, -a, -a, a) -> A' = A + gamma * norm_G(TA)
     gamma, b = 0.5, 1 / (1 + DELTA)
-    objective = J3(gamma=gamma, lam=0.0, beta=0.0)
+    objective = make_j3(f"gamma={gamma}", "lam=0.0", "beta=0.0")
     expected = torch.tensor([A + gamma * b, -A - gamma * b, -A + gamma * b, A - gamma * b])
     torch.testing.assert_close(objective.advantages(ta_batch(make_logp())), expected)
     logp = make_logp()
@@ -60,7 +71,7 @@ def test_advantage_by_hand():
 def test_length_normalize_uses_token_means():
     # TA = (-1/3, -1.5, -1, -1) (token means): the teacher part is gamma * norm_G of that
     ta = torch.tensor([-1 / 3, -1.5, -1.0, -1.0])
-    objective = J3(gamma=1.0, lam=0.0, beta=0.0, length_normalize=True)
+    objective = make_j3("gamma=1.0", "lam=0.0", "beta=0.0", "objective.terms.ta.length_normalize=true")
     expected = torch.tensor([A, -A, -A, A]) + group_normalize(ta, 4, DELTA)
     torch.testing.assert_close(objective.advantages(ta_batch(make_logp())), expected)
 
@@ -68,7 +79,7 @@ def test_length_normalize_uses_token_means():
 def test_constant_rewards_with_disagreeing_teachers_still_move_the_policy():
     # all rewards tie -> A = 0, GRPO's gradient vanishes; TA varies -> A' = gamma * norm_G(TA) != 0
     logp = make_logp()
-    out = J3(gamma=0.2, lam=0.0, beta=0.0)(ta_batch(logp, rewards=torch.ones(4)))
+    out = make_j3("gamma=0.2", "lam=0.0", "beta=0.0")(ta_batch(logp, rewards=torch.ones(4)))
     torch.testing.assert_close(out.adv, 0.2 * torch.tensor([1.0, -1.0, 1.0, -1.0]) / (1 + DELTA))
     assert out.metrics["adv_reward_std"].item() == 0.0
     assert out.metrics["adv_teacher_std"].item() > 0.0
@@ -83,7 +94,7 @@ def test_sequence_weights_come_from_the_position_weights():
     other[:, 0] -= 2.0
     teacher_logp = torch.stack([TEACHER_LOGP, other])  # [M, N, T]
     only_first = torch.stack([torch.ones(N, T), torch.zeros(N, T)])  # [M, N, T]
-    objective = J3(gamma=1.0, lam=0.0, beta=0.0)
+    objective = make_j3("gamma=1.0", "lam=0.0", "beta=0.0")
     b = ta_batch(make_logp(), teacher_weights=only_first)
     out = objective(replace(b, teacher_logp=teacher_logp))
     assert out.metrics["ta_mean"].item() == pytest.approx(-2.0)
@@ -109,9 +120,9 @@ def test_gamma_zero_is_j1_loss_and_gradient():
         ref_logits=torch.randn(N, T, V, generator=g),
         kd=mixer.kd_states(student, MASK),
     )
-    j3 = J3(gamma=0.0, lam=0.3, tau=2.0)(b)  # no teacher_logp in the batch: not needed when gamma = 0
+    j3 = make_j3("gamma=0.0", "lam=0.3", "tau=2.0")(b)  # no teacher_logp in the batch: not needed when gamma = 0
     (j3_grad,) = torch.autograd.grad(j3.loss, student, retain_graph=True)
-    j1 = J1(lam=0.3, tau=2.0)(b)
+    j1 = make_j1("lam=0.3", "tau=2.0")(b)
     (j1_grad,) = torch.autograd.grad(j1.loss, student)
     torch.testing.assert_close(j3.loss, j1.loss)
     torch.testing.assert_close(j3_grad, j1_grad)
@@ -120,28 +131,28 @@ def test_gamma_zero_is_j1_loss_and_gradient():
 
 
 def test_needs():
-    assert J3(gamma=0.1, lam=0.1, tau=2.0).needs == Needs(
+    assert make_j3("gamma=0.1", "lam=0.1", "tau=2.0").needs == Needs(
         rollouts=True, ref_logits=True, logits=True, teacher_logp=True, teacher_forward=True, kd_tau=2.0
     )
-    assert J3(gamma=0.0, lam=0.1).needs == J1(lam=0.1).needs
-    assert J3(gamma=0.1, lam=0.0, beta=0.0).needs == Needs(rollouts=True, teacher_logp=True)
+    assert make_j3("gamma=0.0", "lam=0.1").needs == make_j1("lam=0.1").needs
+    assert make_j3("gamma=0.1", "lam=0.0", "beta=0.0").needs == Needs(rollouts=True, teacher_logp=True)
 
 
 def test_missing_teacher_logp_raises():
     with pytest.raises(ValueError, match="teacher_logp"):
-        J3(gamma=0.1, lam=0.0, beta=0.0)(Batch(logp=make_logp(), mask=MASK, group_size=4, rewards=REWARDS))
+        make_j3("gamma=0.1", "lam=0.0", "beta=0.0")(Batch(logp=make_logp(), mask=MASK, group_size=4, rewards=REWARDS))
 
 
 @pytest.mark.parametrize(
-    "kwargs, key",
+    "overrides, key",
     [
-        ({"gamma": -0.1}, "gamma"),
-        ({"length_normalize": "yes"}, "length_normalize"),
-        ({"lam": -1.0}, "lam"),  # J1's validation still applies
-        ({"tau": 0.0}, "tau"),
-        ({"kd_states": "nowhere"}, "kd_states"),
+        (["gamma=-0.1"], "gamma"),
+        (["objective.terms.ta.length_normalize=yes"], "length_normalize"),
+        (["lam=-1.0"], "lam"),  # J1's validation still applies
+        (["tau=0.0"], "tau"),
+        (["objective.terms.kd.states=nowhere"], "objective.terms.kd.states='nowhere'"),
     ],
 )
-def test_invalid_arguments_name_the_key(kwargs, key):
-    with pytest.raises(ValueError, match=key):
-        J3(**kwargs)
+def test_invalid_arguments_name_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key):  # grpokd.errors.ConfigError, as a run raises it at start-up
+        make_j3(*overrides)

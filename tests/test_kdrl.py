@@ -1,4 +1,4 @@
-"""Tensor-only tests of KDRL: GRPO + beta_kd * reverse KL(theta || teachers) on the rollouts."""
+"""Tensor-only tests of KDRL (conf/objective/kdrl.yaml): GRPO + beta_kd * reverse KL(theta || teachers) on the rollouts."""
 
 from __future__ import annotations
 
@@ -6,15 +6,25 @@ import math
 
 import pytest
 import torch
+from conftest import objective
 
 from grpokd.objectives.base import Batch
-from grpokd.objectives.grpo import GRPO
-from grpokd.objectives.kdrl import KDRL, kd_mask, mixture_logp
+from grpokd.objectives.terms.teacher_kl import kd_mask, mixture_logp
 
 # two groups of K=2, T=3; lengths 3, 2, 1, 3
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0])
 N, T, M = 4, 3, 2
+
+
+def make_kdrl(*overrides: str):
+    """objective=kdrl with max_tokens null (the seq_mean_token_sum_norm constant is T of the batch), then `overrides`."""
+    return objective("kdrl", "objective.max_tokens=null", *overrides)
+
+
+def make_grpo(*overrides: str):
+    """objective=grpo at beta 0.04, max_tokens null, then `overrides`."""
+    return objective("grpo", "beta=0.04", "objective.max_tokens=null", *overrides)
 
 
 def make_batch(seed: int = 0, rewards: torch.Tensor = REWARDS, step: int = 0, weights: torch.Tensor | None = None) -> Batch:
@@ -27,10 +37,10 @@ def make_batch(seed: int = 0, rewards: torch.Tensor = REWARDS, step: int = 0, we
 
 def test_beta_kd_zero_is_grpo():
     b = make_batch()
-    kdrl = KDRL(beta_kd=0.0, beta=0.0)(b)
-    grpo = GRPO(beta=0.0)(b)
+    kdrl = make_kdrl("beta_kd=0.0", "beta=0.0")(b)
+    grpo = make_grpo("beta=0.0")(b)
     assert torch.equal(kdrl.loss, grpo.loss)
-    assert not KDRL(beta_kd=0.0).needs.teacher_logp
+    assert not make_kdrl("beta_kd=0.0").needs.teacher_logp
 
 
 def test_mixture_logp_is_the_log_of_the_weighted_mixture():
@@ -45,7 +55,7 @@ def test_mixture_logp_is_the_log_of_the_weighted_mixture():
 def test_k2_gradient_is_the_reverse_kl_policy_gradient():
     """With zero advantages (every group's rewards equal) and beta=0, grad = beta_kd * (logp - log pi_T) * token weight."""
     b = make_batch(rewards=torch.ones(N))
-    out = KDRL(beta_kd=0.3, estimator="k2", beta=0.0)(b)
+    out = make_kdrl("beta_kd=0.3", "objective.terms.kd.estimator=k2", "beta=0.0")(b)
     (grad,) = torch.autograd.grad(out.loss, b.logp)
     teacher = mixture_logp(b.teacher_logp, None)
     lengths = MASK.sum(-1, keepdim=True)  # seq_mean_token_mean: a token weighs 1 / (N |o_i|)
@@ -55,7 +65,7 @@ def test_k2_gradient_is_the_reverse_kl_policy_gradient():
 
 def test_k3_loss_value():
     b = make_batch(rewards=torch.ones(N))
-    out = KDRL(beta_kd=0.5, estimator="k3", beta=0.0)(b)
+    out = make_kdrl("beta_kd=0.5", "objective.terms.kd.estimator=k3", "beta=0.0")(b)
     d = b.logp.detach() - mixture_logp(b.teacher_logp, None)
     k3 = torch.exp(-d) + d - 1
     expected = 0.5 * ((k3 * MASK).sum(-1) / MASK.sum(-1)).mean()
@@ -65,13 +75,13 @@ def test_k3_loss_value():
 def test_k1_is_a_per_token_advantage_term():
     """k1 adds -beta_kd * d_t to each token's advantage: the loss gradient is -(A - beta_kd d_t) grad logp."""
     b = make_batch()
-    out = KDRL(beta_kd=0.2, estimator="k1", beta=0.0)(b)
+    out = make_kdrl("beta_kd=0.2", "objective.terms.kd.estimator=k1", "beta=0.0")(b)
     (grad,) = torch.autograd.grad(out.loss, b.logp)
-    adv = GRPO(beta=0.0).advantages(b)[:, None]  # [N, 1]
+    adv = make_grpo("beta=0.0").advantages(b)[:, None]  # [N, 1]
     d = b.logp.detach() - mixture_logp(b.teacher_logp, None)
     expected = -(adv - 0.2 * d) * MASK / (N * MASK.sum(-1, keepdim=True))
     assert torch.allclose(grad, expected, atol=1e-6)
-    assert torch.equal(out.adv, GRPO(beta=0.0).advantages(b))  # the sequence part is what sample tables show
+    assert torch.equal(out.adv, make_grpo("beta=0.0").advantages(b))  # the sequence part is what sample tables show
 
 
 def test_masks_select_the_right_completions():
@@ -84,9 +94,9 @@ def test_masks_select_the_right_completions():
 
 def test_masked_completions_get_no_kd_gradient():
     b = make_batch(rewards=torch.tensor([1.0, 0.0, 1.0, 1.0]))  # only row 1 is incorrect; groups 0 and 1
-    out = KDRL(beta_kd=1.0, estimator="k2", kd_mask="incorrect_only", beta=0.0)(b)
+    out = make_kdrl("beta_kd=1.0", "objective.terms.kd.estimator=k2", "objective.terms.kd.kd_mask=incorrect_only", "beta=0.0")(b)
     (grad,) = torch.autograd.grad(out.loss, b.logp)
-    plain = GRPO(beta=0.0)(b)
+    plain = make_grpo("beta=0.0")(b)
     (grpo_grad,) = torch.autograd.grad(plain.loss, b.logp)
     kd_grad = grad - grpo_grad
     assert torch.all(kd_grad[[0, 2, 3]] == 0)
@@ -95,12 +105,13 @@ def test_masked_completions_get_no_kd_gradient():
 
 
 def test_linear_schedule_values():
-    kdrl = KDRL(beta_kd=0.1, beta_kd_schedule="linear", beta_kd_decay=1e-3, beta_kd_min=0.02, beta=0.0)
-    assert kdrl.coefficient(0) == pytest.approx(0.1)
-    assert kdrl.coefficient(40) == pytest.approx(0.06)
-    assert kdrl.coefficient(80) == pytest.approx(0.02)
-    assert kdrl.coefficient(1000) == pytest.approx(0.02)
-    assert KDRL(beta_kd=0.1).coefficient(10**6) == pytest.approx(0.1)
+    kdrl = make_kdrl("beta_kd=0.1", "objective.terms.kd.schedule=linear", "objective.terms.kd.decay=1e-3", "objective.terms.kd.floor=0.02", "beta=0.0")
+    kd = kdrl.terms["kd"]  # beta_kd at a step is the KD term's coefficient
+    assert kd.coefficient(0) == pytest.approx(0.1)
+    assert kd.coefficient(40) == pytest.approx(0.06)
+    assert kd.coefficient(80) == pytest.approx(0.02)
+    assert kd.coefficient(1000) == pytest.approx(0.02)
+    assert make_kdrl("beta_kd=0.1").terms["kd"].coefficient(10**6) == pytest.approx(0.1)
     out = kdrl(make_batch(step=40))
     assert out.metrics["beta_kd"] == pytest.approx(0.06)
 
@@ -108,22 +119,22 @@ def test_linear_schedule_values():
 def test_teacher_weights_change_the_target():
     w = torch.tensor([1.0, 0.0])[:, None, None].expand(M, N, T).clone()
     b = make_batch(rewards=torch.ones(N), weights=w)
-    out = KDRL(beta_kd=1.0, estimator="k2", beta=0.0)(b)
+    out = make_kdrl("beta_kd=1.0", "objective.terms.kd.estimator=k2", "beta=0.0")(b)
     d = b.logp.detach() - b.teacher_logp[0]  # all the weight on teacher 0
     assert math.isclose(float(out.loss.detach()), float((0.5 * d**2 * MASK).sum(-1).div(MASK.sum(-1)).mean()), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "overrides,message",
     [
-        ({"estimator": "full"}, "estimator='full' is not one of k1, k2, k3"),
-        ({"kd_mask": "wrong"}, "kd_mask='wrong' is not one of none, incorrect_only, hard_prompts"),
-        ({"beta_kd_schedule": "cosine"}, "beta_kd_schedule='cosine' is not one of constant, linear"),
-        ({"beta_kd_decay": 0.01}, "beta_kd_schedule=constant with decay=0.01"),
-        ({"beta_kd": -1.0}, "must be >= 0"),
-        ({"beta_kd_schedule": "linear", "beta_kd_min": 0.5}, "below its floor"),
+        (["objective.terms.kd.estimator=full"], "estimator='full' is not one of k1, k2, k3"),
+        (["objective.terms.kd.kd_mask=wrong"], "kd_mask='wrong' is not one of none, incorrect_only, hard_prompts"),
+        (["objective.terms.kd.schedule=cosine"], "objective.terms.kd.schedule='cosine' is not one of constant, linear"),
+        (["objective.terms.kd.decay=0.01"], "objective.terms.kd.schedule=constant with decay=0.01: set schedule=linear"),
+        (["beta_kd=-1.0"], "must be >= 0"),
+        (["objective.terms.kd.schedule=linear", "objective.terms.kd.floor=0.5"], "below its floor"),
     ],
 )
-def test_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        KDRL(**kwargs)
+def test_bad_arguments(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):  # grpokd.errors.ConfigError
+        make_kdrl(*overrides)

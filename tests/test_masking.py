@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import objective
 
 from grpokd.objectives.base import Batch
-from grpokd.objectives.grpo import GRPO
-from grpokd.objectives.j3 import J3
-from grpokd.objectives.kdrl import KDRL
 
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
 N, T, M = 4, 3, 2
@@ -38,15 +36,16 @@ def tensors(poison: bool) -> dict[str, torch.Tensor]:
     return t
 
 
+NULL = "objective.max_tokens=null"  # as these tests were written: the seq_mean_token_sum_norm constant is T of the batch
 OBJECTIVES = {
-    "grpo-k1": GRPO(beta=0.1, kl_estimator="k1"),
-    "grpo-k2": GRPO(beta=0.1, kl_estimator="k2"),
-    "grpo-k3": GRPO(beta=0.1, kl_estimator="k3"),
-    "grpo-sequence-ratio": GRPO(beta=0.1, ratio_level="sequence"),
-    "j3-ta": J3(gamma=0.5, lam=0.0, beta=0.1, kl_estimator="k3"),
-    "kdrl-k2": KDRL(beta_kd=0.5, estimator="k2"),
-    "kdrl-k3": KDRL(beta_kd=0.5, estimator="k3"),
-    "kdrl-k1": KDRL(beta_kd=0.5, estimator="k1"),
+    "grpo-k1": objective("grpo", "beta=0.1", "objective.terms.kl.estimator=k1", NULL),
+    "grpo-k2": objective("grpo", "beta=0.1", "objective.terms.kl.estimator=k2", NULL),
+    "grpo-k3": objective("grpo", "beta=0.1", "objective.terms.kl.estimator=k3", NULL),
+    "grpo-sequence-ratio": objective("grpo", "beta=0.1", "objective.ratio_level=sequence", NULL),
+    "j3-ta": objective("j3", "gamma=0.5", "lam=0.0", "tau=1.0", "beta=0.1", "objective.terms.kl.estimator=k3", NULL),
+    "kdrl-k2": objective("kdrl", "beta_kd=0.5", "objective.terms.kd.estimator=k2", NULL),
+    "kdrl-k3": objective("kdrl", "beta_kd=0.5", "objective.terms.kd.estimator=k3", NULL),
+    "kdrl-k1": objective("kdrl", "beta_kd=0.5", "objective.terms.kd.estimator=k1", NULL),
 }
 
 

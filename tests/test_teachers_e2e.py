@@ -8,11 +8,11 @@ from transformers import AutoModelForCausalLM
 
 from grpokd.errors import ConfigError
 from grpokd.models import loading
-from grpokd.models.ensemble import TeacherEnsemble, Uniform
 from grpokd.models.lm import completion_logits, generate, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.objectives.base import KDStates
-from grpokd.objectives.kd import reverse_kd
 from grpokd.objectives.functional import masked_mean
+from grpokd.objectives.kd import reverse_kd
+from grpokd.teachers import TeacherEnsemble, Uniform
 from grpokd.train import prepare, train
 
 pytestmark = pytest.mark.slow

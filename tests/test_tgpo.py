@@ -1,18 +1,28 @@
-"""Tensor-only tests of TGPO: GRPO + lam_t * CE to the teachers' next-token choice along the student's rollout."""
+"""Tensor-only tests of TGPO (conf/objective/tgpo.yaml): GRPO + lam_t * CE to the teachers' next-token choice along the student's rollout."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import objective
 
 from grpokd.objectives.base import Batch
-from grpokd.objectives.grpo import GRPO
-from grpokd.objectives.kd import TeacherMixer
-from grpokd.objectives.tgpo import TGPO, hard_guidance, teacher_targets, topk_guidance
+from grpokd.objectives.terms.teacher_guide import hard_guidance, teacher_targets, topk_guidance
+from grpokd.teachers import TeacherMixer
 
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0])
 N, T, V = 4, 3, 6
+
+
+def make_tgpo(*overrides: str):
+    """objective=tgpo with max_tokens null (the seq_mean_token_sum_norm constant is T of the batch), then `overrides`."""
+    return objective("tgpo", "objective.max_tokens=null", *overrides)
+
+
+def make_grpo(*overrides: str):
+    """objective=grpo at beta 0.04, max_tokens null, then `overrides`."""
+    return objective("grpo", "beta=0.04", "objective.max_tokens=null", *overrides)
 
 
 def make_batch(seed: int = 0, step: int = 0, teachers: list[torch.Tensor] | None = None, weights: list[float] | None = None) -> Batch:
@@ -31,13 +41,13 @@ def make_batch(seed: int = 0, step: int = 0, teachers: list[torch.Tensor] | None
 
 def test_lam_zero_is_grpo():
     b = make_batch()
-    out = TGPO(lam=0.0, beta=0.0, aggregation="token_mean")(b)
-    ref = GRPO(beta=0.0, aggregation="token_mean")(b)
+    out = make_tgpo("lam=0.0", "beta=0.0", "objective.aggregation=token_mean")(b)
+    ref = make_grpo("beta=0.0", "objective.aggregation=token_mean")(b)
     assert torch.equal(out.loss, ref.loss)
     (g1,) = torch.autograd.grad(out.loss, b.logits, retain_graph=True)
     (g2,) = torch.autograd.grad(ref.loss, b.logits)
     assert torch.equal(g1, g2)
-    assert not TGPO(lam=0.0).needs.teacher_forward
+    assert not make_tgpo("lam=0.0").needs.teacher_forward
 
 
 def test_target_is_the_mixture_argmax_not_either_teachers():
@@ -53,10 +63,10 @@ def test_target_is_the_mixture_argmax_not_either_teachers():
 
 def test_loss_adds_lam_times_token_mean_cross_entropy():
     b = make_batch()
-    out = TGPO(lam=0.7, beta=0.0)(b)
+    out = make_tgpo("lam=0.7", "beta=0.0")(b)
     targets = b.kd.pbar.argmax(-1)
     ce = -torch.log_softmax(b.logits.detach(), -1).gather(-1, targets[..., None]).squeeze(-1)
-    grpo = GRPO(beta=0.0, aggregation="token_mean")(b).loss
+    grpo = make_grpo("beta=0.0", "objective.aggregation=token_mean")(b).loss
     expected = grpo + 0.7 * (ce * MASK).sum() / MASK.sum()
     assert torch.allclose(out.loss, expected, atol=1e-6)
 
@@ -65,7 +75,7 @@ def test_guidance_is_not_gated_by_reward_or_ratio():
     """The CE gradient is the same whatever the rewards: every completion token is guided."""
     b = make_batch()
     constant = Batch(**{**b.__dict__, "rewards": torch.ones(N)})  # zero advantages: only the guidance remains
-    out = TGPO(lam=1.0, beta=0.0)(constant)
+    out = make_tgpo("lam=1.0", "beta=0.0")(constant)
     (grad,) = torch.autograd.grad(out.loss, b.logits)
     targets = b.kd.pbar.argmax(-1)
     q = torch.softmax(b.logits.detach(), -1)
@@ -95,33 +105,34 @@ def test_topk_guidance_is_the_renormalised_forward_kl():
 
 
 def test_linear_lambda_schedule_values():
-    tgpo = TGPO(lam=1.0, lam_schedule="linear", lam_decay=0.01, beta=0.0)
-    assert tgpo.coefficient(0) == pytest.approx(1.0)
-    assert tgpo.coefficient(50) == pytest.approx(0.5)
-    assert tgpo.coefficient(100) == pytest.approx(0.0)
-    assert tgpo.coefficient(150) == pytest.approx(0.0)
+    tgpo = make_tgpo("lam=1.0", "objective.terms.guide.schedule=linear", "objective.terms.guide.decay=0.01", "beta=0.0")
+    guide = tgpo.terms["guide"]  # lam_t is the guide term's coefficient
+    assert guide.coefficient(0) == pytest.approx(1.0)
+    assert guide.coefficient(50) == pytest.approx(0.5)
+    assert guide.coefficient(100) == pytest.approx(0.0)
+    assert guide.coefficient(150) == pytest.approx(0.0)
     assert tgpo(make_batch(step=50)).metrics["lam"] == pytest.approx(0.5)
 
 
 def test_entropy_bonus_lowers_the_loss_by_the_entropy():
     b = make_batch()
-    plain = TGPO(lam=0.5, beta=0.0)(b).loss
-    bonus = TGPO(lam=0.5, beta=0.0, entropy_coef=0.1)(b)
+    plain = make_tgpo("lam=0.5", "beta=0.0")(b).loss
+    bonus = make_tgpo("lam=0.5", "beta=0.0", "+term@objective.terms.entropy=entropy_bonus", "objective.terms.entropy.weight=0.1")(b)
     log_q = torch.log_softmax(b.logits.detach(), -1)
     ent = -(log_q.exp() * log_q).sum(-1)
     assert torch.allclose(bonus.loss, plain - 0.1 * (ent * MASK).sum() / MASK.sum(), atol=1e-6)
-    assert TGPO(entropy_coef=0.1).needs.logits
+    assert make_tgpo("+term@objective.terms.entropy=entropy_bonus", "objective.terms.entropy.weight=0.1").needs.logits
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "overrides,message",
     [
-        ({"target": "beam"}, "target='beam' is not one of argmax, sampled, topk"),
-        ({"lam_schedule": "step"}, "lam_schedule='step' is not one of constant, linear"),
-        ({"top_k": 0}, "top_k=0 must be >= 1"),
-        ({"entropy_coef": -0.1}, "entropy_coef=-0.1 must be >= 0"),
+        (["objective.terms.guide.target=beam"], "target='beam' is not one of argmax, sampled, topk"),
+        (["objective.terms.guide.schedule=step"], "objective.terms.guide.schedule='step' is not one of constant, linear"),
+        (["objective.terms.guide.top_k=0"], "top_k=0 must be >= 1"),
+        (["+term@objective.terms.entropy=entropy_bonus", "objective.terms.entropy.weight=-0.1"], "objective.terms.entropy.weight=-0.1 must be >= 0"),
     ],
 )
-def test_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        TGPO(**kwargs)
+def test_bad_arguments(overrides, message):
+    with pytest.raises(ValueError, match=message):  # grpokd.errors.ConfigError, as a run raises it at start-up
+        make_tgpo(*overrides)

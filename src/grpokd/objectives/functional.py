@@ -1,11 +1,11 @@
-"""The terms objectives are built from: pure tensor functions, no state.
+"""The plain functions objectives and their terms are built from: pure tensor functions, no state.
 
 Shapes: N completions, K group size (consecutive rows of N form a group),
 T completion tokens, V vocabulary. `mask` is [N, T], 1.0 on real completion
 tokens and 0.0 on padding. The functions multiply by the mask, so padded
 positions must hold finite values: `Batch` zeroes its per-token log-probs there
-(an exp or square of an infinite padded value would be NaN, gradient included). Equation numbers refer to the GRPO-KD
-paper (docs: DESIGN.md section 2).
+(an exp or square of an infinite padded value would be NaN, gradient included). Equation numbers refer to the
+paper "Multi-Teacher Knowledge Distillation Augmented GRPO".
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from grpokd.errors import ConfigError, check_range
 from grpokd.objectives.base import Batch
 from grpokd.objectives.logits import per_position
 
@@ -26,9 +27,9 @@ SCHEDULES = ("constant", "linear")
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    """Raise a ValueError naming `key` and the allowed values if `value` is not one of them."""
+    """Raise a ConfigError naming `key` and the allowed values if `value` is not one of them."""
     if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", delta: float = 1e-4) -> Tensor:
@@ -194,17 +195,16 @@ def linear_decay(start: float, step: int, decay: float = 0.0, floor: float = 0.0
     return max(start - decay * step, floor)
 
 
-def check_schedule(key: str, start: float, schedule: str, decay: float, floor: float) -> None:
-    """Validate a `linear_decay` schedule named `key` ("constant" needs decay 0)."""
-    check_choice(f"{key}_schedule", schedule, SCHEDULES)
-    if start < 0 or floor < 0:
-        raise ValueError(f"{key}={start} and its floor {floor} must be >= 0")
-    if decay < 0:
-        raise ValueError(f"{key} decay={decay} must be >= 0")
+def check_schedule(start: float, schedule: str, decay: float, floor: float) -> None:
+    """Validate a `linear_decay` coefficient: weight `start`, schedule "constant" (decay 0) or "linear", `floor`."""
+    check_range("weight", start, low=0)
+    check_choice("schedule", schedule, SCHEDULES)
+    check_range("decay", decay, low=0)
+    check_range("floor", floor, low=0)
     if floor > start:
-        raise ValueError(f"{key}={start} is below its floor {floor}")
+        raise ConfigError(f"weight={start} is below its floor={floor}")
     if schedule == "constant" and decay != 0:
-        raise ValueError(f"{key}_schedule=constant with decay={decay}: use {key}_schedule=linear to decay")
+        raise ConfigError(f"schedule=constant with decay={decay}: set schedule=linear to decay")
 
 
 def kl_full(logits: Tensor, ref_logits: Tensor) -> Tensor:

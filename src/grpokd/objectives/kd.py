@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from grpokd.errors import check_range
 from grpokd.objectives.base import Batch, KDStates
 from grpokd.objectives.functional import check_choice, group_advantages, masked_mean
 from grpokd.objectives.logits import per_position
@@ -143,9 +144,8 @@ def group_normalize(x: Tensor, group_size: int, delta: float = 1e-4) -> Tensor:
 
 def check_kd_args(tau: float, kd_states: str) -> None:
     """Validate the temperature and where KD is evaluated (shared by J', J'', J''')."""
-    if tau <= 0:
-        raise ValueError(f"tau={tau} must be > 0")
-    check_choice("kd_states", kd_states, KD_STATES)
+    check_range("tau", tau, low=0, low_open=True)
+    check_choice("states", kd_states, KD_STATES)
 
 
 def require_kd(batch: Batch, tau: float, who: str) -> KDStates:

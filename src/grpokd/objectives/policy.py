@@ -17,9 +17,55 @@ and a placement:
   (J'''s teacher agreement) or per token [N, T] (KDRL's k1 placement,
   on-policy distillation).
 
-The named objectives (grpo, j1, j2, j3, kdrl, tgpo, opd) are compositions of
-these (see their modules and conf/objective/); conf/term/ holds one YAML per
-term, so a run can add one from the command line:
+The surrogate (DeepSeekMath GRPO, paper Eq. 2 and 4). A_group(R)_i =
+(R_i - mean_G R) / (std_G R + adv_delta), population std (`adv_scale`:
+"group", "batch", or "none", Dr. GRPO, which keeps the reward scale); rho is
+per token, or per sequence (`ratio_level="sequence"`, GSPO, which uses much
+smaller epsilons, ~3e-4 / 4e-4); epsilon_high > epsilon_low is DAPO's
+clip-higher.
+
+Reduction. `aggregation` is the one explicit place where GRPO variants
+differ in how much each token weighs (see `functional.aggregate`):
+"seq_mean_token_mean" (GRPO, default; short completions' tokens weigh more),
+"token_mean" (DAPO), "seq_mean_token_sum_norm" (Dr. GRPO; pair it with
+adv_scale="none"; its constant is `max_tokens`, which the configs set to the
+longest completion allowed, None meaning T of the batch). Every aggregation is
+linear in the per-token loss, so a rollout term added to the per-token loss
+before aggregation equals that term reduced with the same aggregation and
+added; a term on the gold solutions is reduced with it over its own mask.
+
+One update per rollout. When batch.old_logp is None the rollout policy is
+the current one: old_logp = logp.detach(), so rho = exp(logp - logp.detach())
+is 1 in value (nothing is clipped, the surrogate equals A) but its gradient
+is rho * grad logp = grad logp: the loss is then the policy-gradient
+estimator -A * grad logp, weighted by the aggregation.
+
+The named objectives are defined once, by their YAML (conf/objective/<name>.yaml:
+grpo.yaml's surrogate keys plus terms from conf/term/, built by
+`grpokd.train.instantiate_group`); the terms' modules (grpokd.objectives.terms)
+hold the rest of the maths. Paper equations are those of "Multi-Teacher
+Knowledge Distillation Augmented GRPO"; every "+ KD" the paper writes inside a
+maximised objective is a penalty here (minimised), see terms.forward_kd.
+- grpo (Eq. 4): the surrogate + "kl" = beta * KL(theta || ref)
+  (terms.kl_reference: k3 by default, Eq. 3; k1, k2 or the exact KL, Eq. 6).
+  beta = 0 drops the KL and needs no reference model.
+- j1, J' (Eq. 9): grpo with the exact KL (Eq. 6) + "kd" = lam * sum_i w_i
+  D_H(T_i || theta), Hinton KD to the teachers (terms.forward_kd), on the
+  rollouts or the gold solutions.
+- j2, J'' (Eq. 11): grpo without "kl" (no reference model is loaded) +
+  "kd_reverse" = beta' * sum_i w_i D_H(theta || T_i), the teachers as the
+  anchor (terms.reverse_kd), weighted by the top-level beta_prime.
+- j3, J''' (Eq. 12-14): j1 + the advantage term "ta": A' = A + gamma *
+  norm_G(TA), TA = log sum_i w_i pi_Ti(o | s) (terms.teacher_agreement).
+- kdrl (Xu et al. 2025): grpo + "kd" = beta_kd(step) * KL(theta || pi_T) on
+  the rollouts, from the sampled tokens, reward-masked (terms.teacher_kl: k2 or
+  k3 in the loss, k1 in the advantage).
+- tgpo (2026): grpo with aggregation "token_mean" + "guide" = lam_t * CE to
+  the teachers' next-token choice along the rollout (terms.teacher_guide); the
+  paper's entropy bonus is `+term@objective.terms.entropy=entropy_bonus`.
+- opd (on-policy distillation): grpo without "kl", reward_weight 0, "kd" =
+  teacher_kl at k1: each token's advantage is -(logp - log pi_T).
+conf/term/ holds one YAML per term, so a run can add one from the command line:
 `python run.py objective=j3 +term@objective.terms.rkl=teacher_kl`.
 A term whose coefficient is 0 (or that is set to null) is skipped and asks
 for nothing, so the module computes only what the chosen terms need.
@@ -33,6 +79,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import Tensor
 
+from grpokd.errors import ConfigError, check_range
 from grpokd.objectives.base import Batch, LossOut, Needs
 from grpokd.objectives.functional import (
     ADV_SCALES,
@@ -71,13 +118,12 @@ class Term:
         weight: the coefficient at step 0, >= 0; 0 switches the term off (it then needs nothing).
         schedule: "constant" | "linear" (max(weight - decay * step, floor)).
         decay, floor: the linear schedule's per-step decrease and minimum.
-        key: the argument name used in error messages (e.g. "beta_kd").
     """
 
     placement = "loss"
 
-    def __init__(self, weight: float, schedule: str = "constant", decay: float = 0.0, floor: float = 0.0, key: str = "weight") -> None:
-        check_schedule(key, weight, schedule, decay, floor)
+    def __init__(self, weight: float, schedule: str = "constant", decay: float = 0.0, floor: float = 0.0) -> None:
+        check_schedule(weight, schedule, decay, floor)
         self.weight, self.decay, self.floor = weight, decay, floor
 
     @property
@@ -113,7 +159,7 @@ def merge_needs(base: Needs, named: Mapping[str, Needs]) -> Needs:
             shared["teacher_logp_tempered"] = needs.teacher_logp_tempered
         for key, value in shared.items():
             if key in owner and owner[key][1] != value:
-                raise ValueError(
+                raise ConfigError(
                     f"terms {owner[key][0]!r} and {name!r} disagree on {key} ({owner[key][1]} vs {value}): "
                     "the teachers are scored once per step; give both terms the same setting"
                 )
@@ -154,16 +200,12 @@ class PolicyObjective:
         check_choice("ratio_level", ratio_level, RATIO_LEVELS)
         check_choice("aggregation", aggregation, AGGREGATIONS)
         check_choice("adv_scale", adv_scale, ADV_SCALES)
-        if reward_weight < 0:
-            raise ValueError(f"reward_weight={reward_weight} must be >= 0")
-        if not 0 < epsilon_low < 1:
-            raise ValueError(f"epsilon_low={epsilon_low} must be in (0, 1)")
-        if epsilon_high <= 0:
-            raise ValueError(f"epsilon_high={epsilon_high} must be > 0")
-        if adv_delta <= 0:
-            raise ValueError(f"adv_delta={adv_delta} must be > 0")
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"max_tokens={max_tokens} must be >= 1 or None")
+        check_range("reward_weight", reward_weight, low=0)
+        check_range("epsilon_low", epsilon_low, low=0, high=1, low_open=True, high_open=True)
+        check_range("epsilon_high", epsilon_high, low=0, low_open=True)
+        check_range("adv_delta", adv_delta, low=0, low_open=True)
+        if max_tokens is not None:
+            check_range("max_tokens", max_tokens, low=1, integer=True)
         for name, term in (terms or {}).items():
             if term is not None and (not isinstance(term, Term) or term.placement not in PLACEMENTS):
                 raise ValueError(f"objective term {name!r} is not a Term with a placement in {', '.join(PLACEMENTS)}: {term!r}")

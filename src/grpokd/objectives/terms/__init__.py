@@ -9,6 +9,8 @@
 - entropy_bonus.EntropyBonus: -entropy of the sampling policy.
 - teacher_agreement.TeacherAgreement: gamma * norm_G(log sum_i w_i pi_Ti(o|s)) in the advantage (J''', Eq. 12-13).
 
+The named objectives (grpo, j1, j2, j3, kdrl, tgpo, opd) are compositions of these terms, defined only by
+their YAML in conf/objective/ (see grpokd.objectives.policy).
 Adding a term: a module here with a `Term` subclass (placement, needs, __call__), a YAML in conf/term/
 and a tensor test.
 """

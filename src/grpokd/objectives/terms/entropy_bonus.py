@@ -1,18 +1,22 @@
-"""An entropy bonus: -entropy of the sampling policy at each rollout token, as a loss term."""
+"""An entropy bonus: -entropy of the sampling policy at each rollout token, as a loss term.
+
+TGPO's entropy bonus (see `teacher_guide`), on any objective: `+term@objective.terms.entropy=entropy_bonus
+objective.terms.entropy.weight=0.001`. Its weight is named `entropy_coef` in error messages.
+"""
 
 from __future__ import annotations
 
 from grpokd.objectives.base import Batch, Needs
+from grpokd.objectives.functional import entropy, masked_mean
 from grpokd.objectives.logits import per_position
 from grpokd.objectives.policy import Term, TermOut
-from grpokd.objectives.functional import entropy, masked_mean
 
 
 class EntropyBonus(Term):
     """weight * (-H(pi_theta)) at each rollout token (minimising it raises the entropy); metric `entropy_bonus`."""
 
-    def __init__(self, weight: float = 0.01, key: str = "entropy_coef", **schedule) -> None:
-        super().__init__(weight, key=key, **schedule)
+    def __init__(self, weight: float = 0.01, **schedule) -> None:
+        super().__init__(weight, **schedule)
 
     @property
     def needs(self) -> Needs:

@@ -1,10 +1,16 @@
-"""KL(theta || ref) per token, GRPO's anchor (paper Eq. 3 with k3, Eq. 6 exact), as a loss term."""
+"""KL(theta || ref) per token, GRPO's anchor (paper Eq. 3 with k3, Eq. 6 exact), as a loss term.
+
+GRPO (conf/objective/grpo.yaml, paper Eq. 4) is the surrogate plus this term, "kl". The estimators, with
+r = pi_ref / pi_theta at the sampled token: k1 = -log r, k2 = (log r)^2 / 2, k3 = r - log r - 1 (unbiased,
+>= 0; Eq. 3, the default); "full" is the exact per-position KL over the vocabulary (Eq. 6; j1's). Weight
+beta = 0 drops the term and needs no reference model.
+"""
 
 from __future__ import annotations
 
 from grpokd.objectives.base import Batch, Needs
-from grpokd.objectives.policy import Term, TermOut
 from grpokd.objectives.functional import KL_ESTIMATORS, check_choice, kl_to_reference, masked_mean
+from grpokd.objectives.policy import Term, TermOut
 
 
 class KLToReference(Term):
@@ -15,9 +21,9 @@ class KLToReference(Term):
         estimator: "k1" | "k2" | "k3" (sampled tokens) | "full" (exact over V).
     """
 
-    def __init__(self, weight: float = 0.04, estimator: str = "k3", key: str = "beta", **schedule) -> None:
-        super().__init__(weight, key=key, **schedule)
-        check_choice("kl_estimator", estimator, KL_ESTIMATORS)
+    def __init__(self, weight: float = 0.04, estimator: str = "k3", **schedule) -> None:
+        super().__init__(weight, **schedule)
+        check_choice("estimator", estimator, KL_ESTIMATORS)
         self.estimator = estimator
 
     @property

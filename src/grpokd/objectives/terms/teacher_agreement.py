@@ -1,17 +1,25 @@
 """J'''s teacher-agreement shaper (paper Eq. 12-13): norm_G(TA) added to each completion's advantage.
 
-    TA(o, s) = log sum_i w_i(s) pi_Ti(o | s),    A' = A + gamma * norm_G(TA)
+    TA(o, s) = log sum_i w_i(s) pi_Ti(o | s)                     (Eq. 12)
+    A'       = A + gamma * norm_G(TA)                            (Eq. 13)
+    loss     = J' loss with A replaced by A'                     (Eq. 14)
 
-w_i(s) the teachers' sequence weights (the masked mean of the per-position weights, renormalised),
-norm_G the group normalisation (population std + delta). Within a group, completions the teachers
-find likely are pushed up even when every reward ties. TA is a sequence log-probability, so long
-completions dominate it; `length_normalize` uses each teacher's token-mean log-prob instead.
+J''' (conf/objective/j3.yaml) is J' (j1.yaml: GRPO, the exact KL, forward KD; see `forward_kd`) plus
+this term, "ta". A is the reward's group advantage (Eq. 1), w_i(s) the teachers' sequence weights (the
+masked mean of the per-position weights, renormalised), norm_G the same group normalisation as A's
+(population std + delta). The teachers thus also act as a reward model: within a group, completions
+they find likely are pushed up even when every reward ties.
+
+Departures from the paper: KD is a penalty, as in J' (see `forward_kd`); TA is a sequence
+log-probability, so long completions dominate it: `length_normalize` uses each teacher's token-mean
+log-prob instead (the paper's sum is the default).
 """
 
 from __future__ import annotations
 
 import torch
 
+from grpokd.errors import ConfigError, check_range
 from grpokd.objectives.base import Batch, Needs
 from grpokd.objectives.kd import group_normalize, sequence_weights, teacher_agreement
 from grpokd.objectives.policy import Term, TermOut
@@ -32,13 +40,13 @@ class TeacherAgreement(Term):
 
     def __init__(
         self, weight: float = 0.1, length_normalize: bool = False, delta: float = 1e-4, tempered: bool = False,
-        key: str = "gamma", **schedule,
+        **schedule,
     ) -> None:
-        super().__init__(weight, key=key, **schedule)
-        if not isinstance(length_normalize, bool):
-            raise ValueError(f"length_normalize={length_normalize!r} must be true or false")
-        if delta <= 0:
-            raise ValueError(f"delta={delta} must be > 0")
+        super().__init__(weight, **schedule)
+        for name, flag in (("length_normalize", length_normalize), ("tempered", tempered)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name}={flag!r} must be true or false")
+        check_range("delta", delta, low=0, low_open=True)
         self.length_normalize, self.delta, self.tempered = length_normalize, delta, tempered
 
     @property

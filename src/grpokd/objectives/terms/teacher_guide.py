@@ -1,11 +1,21 @@
 """TGPO's guide: cross-entropy on the teachers' next-token choice along the student's own rollout.
 
+TGPO ("Teacher-Guided Policy Optimization for LLM Distillation", 2026; conf/objective/tgpo.yaml) is GRPO
+with token-mean aggregation plus this term, "guide", and optionally the paper's entropy bonus (the
+`entropy_bonus` term):
+
+    loss = GRPO loss (clipped surrogate, token mean) + lam_t * token-mean of -log pi_theta(y_t | prompt, o_<t)
+           - entropy_coef * token-mean entropy of pi_theta
+
+with lam_t = lam (schedule "constant") or max(lam - decay * step, 0) ("linear").
 The teachers score the rollout by teacher forcing; at each completion position the target is the
-mixture's choice given the student's prefix, y_t = argmax_a pbar(a | prompt, o_<t) ("argmax"), a
-sample from pbar ("sampled", global torch RNG), or soft targets from pbar's top k ("topk": the forward
-KL from the renormalised top-k mixture to the student). Plain cross-entropy on every completion token:
-not multiplied by the importance ratio, not clipped, not gated by the reward. Teachers and the
-student's guide use temperature 1 (`batch.kd.logits`, the raw logits).
+mixture's choice given the student's prefix, y_t = argmax_a pbar(a | prompt, o_<t) ("argmax"; pbar =
+sum_i w_i pi_Ti, one teacher: that teacher), a sample from pbar ("sampled", global torch RNG, so seeded
+runs repeat), or soft targets from pbar's top k ("topk": the forward KL from the renormalised top-k
+mixture to the student). Plain cross-entropy on every completion token: not multiplied by the
+importance ratio, not clipped, not gated by the reward. Teachers and the student's guide use
+temperature 1 (`batch.kd.logits`, the raw logits); the surrogate and the entropy bonus use the sampling
+policy (`batch.logp`, `batch.logits`), as GRPO does.
 """
 
 from __future__ import annotations
@@ -16,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from grpokd.errors import check_range
 from grpokd.objectives.base import Batch, Needs
+from grpokd.objectives.functional import check_choice, masked_mean
 from grpokd.objectives.kd import require_kd
 from grpokd.objectives.logits import per_position
 from grpokd.objectives.policy import Term, TermOut
-from grpokd.objectives.functional import check_choice, masked_mean
 
 TARGETS = ("argmax", "sampled", "topk")
 
@@ -73,11 +84,10 @@ class TeacherGuide(Term):
         schedule, decay: the coefficient's schedule (see `Term`).
     """
 
-    def __init__(self, weight: float = 0.5, target: str = "argmax", top_k: int = 20, key: str = "lam", **schedule) -> None:
-        super().__init__(weight, key=key, **schedule)
+    def __init__(self, weight: float = 0.5, target: str = "argmax", top_k: int = 20, **schedule) -> None:
+        super().__init__(weight, **schedule)
         check_choice("target", target, TARGETS)
-        if top_k < 1:
-            raise ValueError(f"top_k={top_k} must be >= 1")
+        check_range("top_k", top_k, low=1, integer=True)
         self.target, self.top_k = target, top_k
 
     @property

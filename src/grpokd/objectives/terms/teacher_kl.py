@@ -1,13 +1,28 @@
 """Reverse KL to the teacher mixture on the student's own rollout, from the sampled tokens (KDRL; on-policy distillation).
 
-With d_t = logp_t - log pi_T(o_t) at each completion token (pi_T the weighted teacher mixture,
-log pi_T = logsumexp_i(log w_i + log pi_Ti), the teachers scored at the sampling temperature):
-- "k2": 0.5 d_t^2 as a loss; its gradient d_t grad logp_t is, on-policy, the per-token reverse-KL gradient;
+KDRL (Xu et al. 2025, "KDRL: Post-Training Reasoning LLMs via Unified Knowledge Distillation and RL";
+conf/objective/kdrl.yaml) is GRPO plus this term, "kd":
+
+    J = J_GRPO - beta_kd(step) * D_KL(pi_theta || pi_T),   minimised as   loss = GRPO loss + beta_kd * KD
+
+estimated on the student's own rollouts from the sampled tokens only (no full-vocabulary teacher logits
+are kept). With d_t = logp_t - log pi_T(o_t) at each completion token (pi_T the weighted teacher
+mixture, log pi_T = logsumexp_i(log w_i + log pi_Ti); one teacher: that teacher):
+- "k2" (default): 0.5 d_t^2 as a loss; its gradient d_t grad logp_t is, on-policy, the unbiased
+  per-token gradient of the reverse KL (the same reason GRPO's k2 KL is used as a loss);
 - "k3": exp(-d_t) + d_t - 1 as a loss (unbiased value, >= 0);
-- "k1": -d_t (detached) added to the token's advantage (the reward-side placement of KDRL and of
-  on-policy distillation, Thinking Machines 2025), no loss term.
-A reward-guided mask picks the completions: "none", "incorrect_only" (reward <= 0) or "hard_prompts"
-(every completion of a group whose mean reward is below `hard_threshold`).
+- "k1": -beta_kd * d_t (detached) added to the token's advantage, A_t = A - beta_kd d_t (the "in the
+  reward" placement of KDRL and of on-policy distillation, Thinking Machines 2025, conf/objective/opd.yaml),
+  no loss term.
+A reward-guided mask picks the completions: "none", "incorrect_only" (reward <= 0, the completions the
+reward cannot teach) or "hard_prompts" (every completion of a group whose mean reward is below
+`hard_threshold`). Schedule: constant beta_kd, or linear, max(beta_kd - decay * step, floor).
+
+Temperatures: the KL is between the tempered policies, as GRPO's KL to the reference: logp is the
+student's sampling policy (softmax(z / temperature)) and the teachers are scored at the same
+temperature, so a student equal to its teacher has zero KD at any temperature (with temperature 1, the
+KDRL paper's setting, it is the models' own KL). The loss is reduced with the objective's aggregation
+over the completion mask.
 """
 
 from __future__ import annotations
@@ -15,9 +30,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from grpokd.errors import check_range
 from grpokd.objectives.base import Batch, Needs
-from grpokd.objectives.policy import Term, TermOut
 from grpokd.objectives.functional import check_choice, kl_sampled, masked_mean
+from grpokd.objectives.policy import Term, TermOut
 
 ESTIMATORS = ("k1", "k2", "k3")
 KD_MASKS = ("none", "incorrect_only", "hard_prompts")
@@ -70,11 +86,12 @@ class TeacherKL(Term):
 
     def __init__(
         self, weight: float = 0.1, estimator: str = "k2", kd_mask: str = "none", hard_threshold: float = 0.5,
-        key: str = "beta_kd", coef_name: str = "beta_kd", **schedule,
+        coef_name: str = "beta_kd", **schedule,
     ) -> None:
-        super().__init__(weight, key=key, **schedule)
+        super().__init__(weight, **schedule)
         check_choice("estimator", estimator, ESTIMATORS)
         check_choice("kd_mask", kd_mask, KD_MASKS)
+        check_range("hard_threshold", hard_threshold)
         self.estimator, self.kd_mask, self.hard_threshold, self.coef_name = estimator, kd_mask, hard_threshold, coef_name
         self.placement = "advantage" if estimator == "k1" else "loss"
 
