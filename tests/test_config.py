@@ -7,6 +7,7 @@ import sys
 
 import hydra
 import pytest
+import torch
 from conftest import REPO, compose
 
 from grpokd.errors import ConfigError
@@ -95,7 +96,7 @@ def test_loggers_instantiate_offline(tmp_path, monkeypatch):
     "overrides,message",
     [
         (["objective=grpo", "group_size=1"], "group_size=1"),
-        (["objective.terms.kl.estimator=k9"], "kl_estimator"),
+        (["objective.terms.kl.estimator=k9"], "objective.terms.kl.estimator='k9' is not one of k1, k2, k3, full"),
         (["model.student=/no/such/model"], "model.student"),
         (["model.student=some-org/some-model-that-is-not-here"], "hf download"),
         (["dataset=gsm8k", "dataset.path=/no/such/dir"], "/no/such/dir"),
@@ -108,6 +109,21 @@ def test_loggers_instantiate_offline(tmp_path, monkeypatch):
         (["rollout.minibatches=3"], "rollout.minibatches=3 must divide data.prompts_per_step=16"),
         (["updates_per_rollout=2", "+trainer.accumulate_grad_batches=2"], "accumulate_grad_batches"),
         (["objective=j3", "+term@objective.terms.rkl=teacher_kl"], "disagree on teacher_logp_tempered"),
+        # the paper's hyperparameters by the names typed, the terms' own values by their full keys, NaN included
+        (["tau=nan"], "^tau=nan must be a number$"),
+        (["objective=j3", "gamma=nan"], "^gamma=nan must be a number$"),
+        (["objective=j2", "beta_prime=-1"], "^beta_prime=-1 must be >= 0$"),
+        (["lam=-0.5"], "^lam=-0.5 must be >= 0$"),
+        (["epsilon=1.5"], "^epsilon=1.5 must be < 1$"),
+        (["objective.terms.kd.tau=0"], "^objective.terms.kd.tau=0 must be > 0$"),
+        (["objective.terms.kd.weight=nan"], "^objective.terms.kd.weight=nan must be a number$"),
+        (["objective=j3", "objective.terms.ta.delta=nan"], "^objective.terms.ta.delta=nan must be a number$"),
+        (["objective=tgpo", "objective.terms.guide.top_k=0"], "^objective.terms.guide.top_k=0 must be >= 1$"),
+        (["objective=kdrl", "objective.terms.kd.hard_threshold=nan"], "^objective.terms.kd.hard_threshold=nan must be a number$"),
+        (["objective.adv_delta=0"], "^objective.adv_delta=0 must be > 0$"),
+        (["objective.epsilon_high=nan"], "^objective.epsilon_high=nan must be a number$"),
+        (["weighting=confidence", "weighting.temperature=nan"], "^weighting.temperature=nan must be a number$"),
+        (["objective=grpo", "reward.weights.correct=0"], "reward.weights are all 0: objective grpo would train on a reward that is always 0"),
     ],
 )
 def test_bad_configs_fail_at_start_up_with_the_key_named(overrides, message, tmp_path, monkeypatch):
@@ -129,6 +145,34 @@ def test_cli_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model.student" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_reward_free_objective_may_leave_every_reward_unweighted(tmp_path):
+    prepare(compose(["objective=opd", "reward.weights.correct=0"], tmp_path))  # on-policy distillation needs no reward
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["hydra.run.dir=/proc/no/such/place"], "hydra.run.dir=/proc/no/such/place: cannot create it"),
+        (["paths.outputs=run.py/inside-a-file"], "cannot create it (Not a directory)"),
+        (["model.student=run.py"], "is not a GGUF file"),
+        pytest.param(["trainer=fsdp"], "no CUDA GPU is visible on this machine; on CPU use trainer=default",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+    ],
+    ids=["unwritable-run-dir", "run-dir-under-a-file", "student-is-a-file", "fsdp-on-cpu"],
+)
+def test_cli_start_up_failures_are_one_line_exit_2_and_leave_no_run_directory(overrides, message, tmp_path):
+    outputs = tmp_path / "outputs"
+    where = [] if any(o.startswith("paths.outputs=") for o in overrides) else [f"paths.outputs={outputs}"]
+    out = subprocess.run(
+        [sys.executable, "run.py", *overrides, *where, "logger=none", "trainer.max_steps=1"], cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not any(outputs.rglob("*_s0")), "a run directory was left behind"
 
 
 def test_cli_unknown_group_option_names_the_choices():

@@ -68,6 +68,17 @@ def rank_entry(entries: list | dict | None, rank: int) -> Any:
     return entries[rank] if rank < len(entries) else None
 
 
+def check_accelerator(trainer_cfg: Any) -> None:
+    """Refuse, before any model is built, a trainer config that asks for GPUs on a machine without CUDA
+    (trainer=gpu, trainer=fsdp, trainer=ddp: Lightning would fail after the models are loaded)."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator in {"gpu", "cuda"} and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: no CUDA GPU is visible on this machine; on CPU use trainer=default "
+            "(one process) or trainer=ddp_cpu (several processes over gloo)"
+        )
+
+
 def check_launch(trainer: Trainer) -> None:
     """Refuse a multirun job whose ranks Lightning would start by re-running a command line that is not run.py.
 

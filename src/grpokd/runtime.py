@@ -23,6 +23,7 @@ import io
 import os
 import signal
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from omegaconf import OmegaConf
@@ -330,3 +332,31 @@ class RunClock(Callback):
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.before = float(state["wall_time_s"])
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why directory `path` cannot be created, or None when it now exists: it is created here, as Hydra would
+    create it next (an existing directory is left as it is)."""
+    try:
+        Path(path).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
+class WritableRunDir(HydraCallback):
+    """A Hydra callback that creates the run (or sweep) directory before Hydra does, so that one that cannot be
+    created ends the job with one `error:` line and exit status 2 (Hydra's own attempt ends in a traceback)."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        self._check("hydra.run.dir", OmegaConf.select(config, "hydra.run.dir"))
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._check("hydra.sweep.dir", OmegaConf.select(config, "hydra.sweep.dir"))
+
+    @staticmethod
+    def _check(key: str, path: str) -> None:
+        reason = unwritable(path)
+        if reason:
+            print(f"error: {key}={path}: cannot create it ({reason}); choose a writable place, e.g. paths.outputs=DIR", file=sys.stderr)
+            sys.exit(2)

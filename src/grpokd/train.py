@@ -57,17 +57,38 @@ class Prepared:
     lora: LoRA | None  # the student's LoRA adapters (None: full fine-tuning)
 
 
-def instantiate_group(node: DictConfig, key: str) -> Any:
-    """Instantiate a config group node that carries a display `name` besides its `_target_`."""
-    spec = OmegaConf.to_container(node, resolve=True)
+def instantiate_group(node: DictConfig | dict, key: str) -> Any:
+    """Instantiate a config group node that carries a display `name` besides its `_target_`.
+
+    A node with `terms` (a policy objective) has each term instantiated on its own, so that a bad value is named
+    by its full key (objective.terms.kd.tau=...). Every error ends as one ConfigError line naming `key`.
+    """
+    spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     spec.pop("name", None)
+    terms = spec.pop("terms", None)
     try:
-        return hydra.utils.instantiate(spec)
+        if isinstance(terms, dict):
+            built = {name: instantiate_group(term, f"{key}.terms.{name}") for name, term in terms.items() if term is not None}
+            return hydra.utils.get_method(spec.pop("_target_"))(terms=built, **spec)
+        return hydra.utils.instantiate(spec if terms is None else spec | {"terms": terms})
+    except ConfigError as err:
+        raise ConfigError(under(key, str(err))) from None
     except hydra.errors.InstantiationException as err:
         cause = err.__cause__ if err.__cause__ is not None else err
         if isinstance(cause, ConfigError):
-            raise cause from None
+            raise ConfigError(under(key, str(cause))) from None
         raise ConfigError(f"{key}: {cause}".splitlines()[0]) from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}".splitlines()[0]) from None
+
+
+def under(key: str, message: str) -> str:
+    """A ConfigError message from inside the node at `key`, named by its full key: "tau=0 must be > 0" under
+    objective.terms.kd is "objective.terms.kd.tau=0 must be > 0"; a message that names a dotted key is kept."""
+    first = message.split(" ", 1)[0]
+    if message.startswith(key) or ("=" in first and "." in first.split("=", 1)[0]):
+        return message
+    return f"{key}.{message}" if "=" in first else f"{key}: {message}"
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -78,6 +99,7 @@ def prepare(cfg: DictConfig) -> Prepared:
             f" (also missing: {', '.join(missing[1:])})" if missing[1:] else ""))
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r}: allowed values are {', '.join(MODES)}")
+    check_hyperparameters(cfg)
     sampling = Sampling(**cfg.rollout.sampling)
     optim = build_optim(cfg)
     objective = instantiate_group(cfg.objective, "objective")
@@ -107,11 +129,31 @@ def prepare(cfg: DictConfig) -> Prepared:
     splits = instantiate_group(cfg.dataset.source, "dataset.source")
     reward = instantiate_group(cfg.dataset.reward, "dataset.reward")
     train_reward = weighted_rewards(cfg, reward)
+    if cfg.mode == "train" and objective.needs.rollouts and getattr(objective, "reward_weight", 0) > 0 and not any(train_reward.weights.values()):
+        raise ConfigError(
+            f"reward.weights are all 0: objective {cfg.objective.name} would train on a reward that is always 0; "
+            "give a reward a weight (e.g. reward.weights.correct=1), or set objective.reward_weight=0 for reward-free training"
+        )
     data = TaskData(splits, seed=cfg.seed, prompt_template=cfg.dataset.prompt_template, **cfg.data)
     prompt_format = prompts.PromptFormat(cfg.dataset.get("chat"), cfg.dataset.get("system"), cfg.dataset.get("instruction"))
     ckpt_path = checkpoint_to_resume(cfg)
     resume_step = runtime.check_checkpoint(ckpt_path) if ckpt_path else None
     return Prepared(objective, data, reward, train_reward, sampling, prompt_format, optim, ckpt_path, resume_step, lora)
+
+
+# The paper's top-level hyperparameters (conf/config.yaml), which the objective and term configs interpolate:
+# checked here, by the names the user typed, before anything is built. key -> check_range bounds.
+HYPERPARAMETERS = {
+    "beta": dict(low=0), "beta_prime": dict(low=0), "gamma": dict(low=0), "lam": dict(low=0), "beta_kd": dict(low=0),
+    "tau": dict(low=0, low_open=True), "epsilon": dict(low=0, high=1, low_open=True, high_open=True),
+}
+
+
+def check_hyperparameters(cfg: DictConfig) -> None:
+    """Each top-level hyperparameter the config holds is a finite number within its range."""
+    for key, bounds in HYPERPARAMETERS.items():
+        if key in cfg:
+            check_range(key, cfg[key], **bounds)
 
 
 def student_lora(cfg: DictConfig) -> LoRA | None:
@@ -328,6 +370,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if done.get("status") == "complete":
             return done
     prep = prepare(cfg)
+    parallel.check_accelerator(cfg.trainer)  # here, not in prepare: a sweep may be planned on one machine and run on another
     share = runtime.CpuShare(cfg.get("threads"))
     try:
         return run_job(cfg, prep, run_dir, share)
