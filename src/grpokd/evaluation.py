@@ -1,5 +1,10 @@
 """Evaluation: greedy accuracy with the predictions behind it, pass@k, and the binomial interval of an accuracy.
 
+The one implementation of each metric, for the LightningModule's val and test
+steps (batches as dicts of lists, tensors per prompt) and for the embedded
+zoo's build reports (`grpokd.zoo`: lists of Examples, `accuracy` and
+`pass_rates`, floats).
+
 Greedy evaluation (val and test) decodes one completion per prompt with argmax
 at the rollout's lengths and scores it with the dataset's correctness reward.
 Every test evaluation writes what it saw, one JSON line per problem
@@ -20,6 +25,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpokd.data.datamodule import collate
+from grpokd.data.example import Example
 from grpokd.models.lm import decode, end_token_ids, ended, generate, tokenize_prompts
 from grpokd.rollout import Sampling, sample
 
@@ -47,12 +54,22 @@ def greedy(
     return Greedy(texts, rewards, ended(completions, end_token_ids(model, tokenizer)))
 
 
+def accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example],
+    reward: Callable[[str, str], float], sampling: Sampling, batch_size: int = 100,
+) -> float:
+    """Mean reward of the greedy completions (`greedy`) of `examples`, `batch_size` prompts at a time:
+    the fraction answered correctly, for a 0/1 correctness reward."""
+    batches = (collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size))
+    return sum(greedy(model, tokenizer, batch, reward, sampling).rewards.sum().item() for batch in batches) / len(examples)
+
+
 @torch.no_grad()
-def pass_at_k(
+def sampled_rewards(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]],
     reward: Callable[[str, str], float], sampling: Sampling, k: int, seed: int,
 ) -> Tensor:
-    """[B]: 1 where any of k completions sampled at the rollout settings earns `reward` (pass@k from n = k samples).
+    """[B, k]: the reward of each of k completions sampled per prompt at the rollout settings.
 
     Sampled under a forked RNG seeded with `seed`: evaluation never shifts the training's random stream, so
     turning pass@k on or off leaves a run's training unchanged.
@@ -61,7 +78,30 @@ def pass_at_k(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         rollout = sample(model, tokenizer, examples, replace(sampling, group_size=k), reward)
-    return rollout.rewards.view(-1, k).amax(-1)
+    return rollout.rewards.view(-1, k)
+
+
+def pass_at_k(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]],
+    reward: Callable[[str, str], float], sampling: Sampling, k: int, seed: int,
+) -> Tensor:
+    """[B]: 1 where any of k completions sampled at the rollout settings earns `reward` (pass@k from n = k samples)."""
+    return solved(sampled_rewards(model, tokenizer, examples, reward, sampling, k, seed))
+
+
+def solved(rewards: Tensor) -> Tensor:
+    """[B, K] -> [B]: whether any of a prompt's K samples earned the reward (its best reward)."""
+    return rewards.amax(-1)
+
+
+def pass_rates(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example],
+    reward: Callable[[str, str], float], sampling: Sampling, k: int, seed: int,
+) -> tuple[float, float]:
+    """(pass@1, pass@k) of `examples` from one draw of k samples per prompt (`sampled_rewards`, all prompts in one
+    batch): the mean reward, and the fraction of prompts `solved`."""
+    rewards = sampled_rewards(model, tokenizer, collate(examples), reward, sampling, k, seed)  # [B, K]
+    return rewards.mean().item(), solved(rewards).mean().item()
 
 
 def prediction_rows(examples: dict[str, list[str]], result: Greedy, reward: Any, indices: list[int]) -> list[dict[str, Any]]:

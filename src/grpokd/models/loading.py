@@ -1,6 +1,7 @@
 """Load students, references and teachers: embedded names, local directories, GGUF files or hub ids.
 
-A name is resolved in this order: an embedded zoo name (built on first use),
+A name is resolved in this order: an embedded zoo name (its shipped or cached
+build; `python -m grpokd.zoo build NAME` makes one when a recipe changed),
 a GGUF model (an existing file, or a directory that holds exactly one `*.gguf`
 and no config.json), an existing local directory, a hub id. `resolve` says
 where `from_pretrained` finds it (a `Source`). Something that looks like a
@@ -38,8 +39,8 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd.errors import ConfigError
-from grpokd.hub import hub_reachable
 from grpokd.models import zoo
+from grpokd.network import hub_reachable
 
 # The files of which a model directory needs one for AutoTokenizer to load its tokenizer (not an empty default).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
@@ -62,13 +63,18 @@ class Source:
 def check_name(name: str, role: str = "model") -> None:
     """Fail now, with the fix, if `name` cannot be loaded: a missing path, a bad GGUF file, or a hub id offline and not cached.
 
-    Embedded names are not built here (that is `resolve`'s job), so every
-    model named in a config can be checked in seconds before anything trains
-    (a GGUF file's config is read once, in about 2-4 s, and remembered).
+    An embedded name needs a shipped or cached build of its current recipe
+    (`zoo.ensure`, milliseconds), so every model named in a config can be
+    checked in seconds before anything trains (a GGUF file's config is read
+    once, in about 2-4 s, and remembered).
     """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{role}: expected a model name (embedded name, local directory, .gguf file or hub id), got {name!r}")
     if name in zoo.ZOO:
+        try:
+            zoo.ensure(name)
+        except ConfigError as err:  # no build for its current recipe
+            raise ConfigError(f"{role}: {err}") from None
         return
     gguf = gguf_path(name, role)
     if gguf is not None:
@@ -200,8 +206,15 @@ def _gguf_problem(path: Path, role: str, err: Exception) -> str:
     ).splitlines()[0]
 
 
+def teacher_entry(item: Any) -> tuple[str, str | None]:
+    """A `model.teachers` entry is a name, or {name: ..., dtype: ...} for per-teacher options: (name, dtype or None)."""
+    if isinstance(item, str):
+        return item, None
+    return item["name"], item.get("dtype")
+
+
 def resolve(name: str, role: str = "model") -> Source:
-    """Where to load `name` from, building embedded models on first use."""
+    """Where to load `name` from (an embedded name without a build for its recipe: a ConfigError naming the build command)."""
     check_name(name, role)
     if name in zoo.ZOO:
         return Source(str(zoo.ensure(name)), local_only=True)
