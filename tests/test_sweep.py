@@ -287,22 +287,26 @@ def test_bad_sweep_input_fails_before_anything_runs(tmp_path):
     assert real.returncode == 2 and "google/flan-t5-small" in real.stderr and "hf download" in real.stderr
 
 
-# --- the README's commands, as written ------------------------------------------------------------------------------
+# --- the README's and docs/*.md's commands, as written --------------------------------------------------------------
+
+
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def readme_commands(program: str) -> list[list[str]]:
-    """The arguments of every `python <program> ...` line of the README's code blocks (comments dropped)."""
-    lines = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(f"python {program}")]
-    return [shlex.split(line, comments=True)[2:] for line in lines]
+    """The arguments of every `python <program> ...` line of the README's and docs/*.md's code blocks (comments
+    dropped; a line written in several pages once), so that a command moved from the README to docs/ stays checked."""
+    lines = [line for doc in DOCUMENTS for line in doc.read_text().splitlines() if line.startswith(f"python {program}")]
+    return [list(args) for args in dict.fromkeys(tuple(shlex.split(line, comments=True)[2:]) for line in lines)]
 
 
 @pytest.mark.parametrize("args", readme_commands("sweep.py"), ids=" ".join)
 def test_every_readme_sweep_command_plans_as_written(args, monkeypatch, tmp_path):
     """Composes and plans (every job's start-up checks) as sweep.py does; only the hub-only sweep may stop, clearly."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from grpokd import hub
+    from grpokd import network
 
-    hub.hub_reachable.cache_clear()
+    network.hub_reachable.cache_clear()
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -316,7 +320,7 @@ def test_every_readme_sweep_command_plans_as_written(args, monkeypatch, tmp_path
     assert rows and jobs
     if "sweep.grid={gamma:[0.1,0.5]}" in args:
         assert sorted(r.label for r in rows if r.objective == "j3") == ["J''' (gamma=0.1)", "J''' (gamma=0.5)"]
-    hub.hub_reachable.cache_clear()
+    network.hub_reachable.cache_clear()
 
 
 @pytest.mark.slow
@@ -335,12 +339,12 @@ def test_every_readme_run_command_composes_and_passes_or_names_what_is_missing(a
     from grpokd.train import prepare
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from grpokd import hub
+    from grpokd import network
 
-    hub.hub_reachable.cache_clear()
+    network.hub_reachable.cache_clear()
     overrides = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args if a != "-m"]
     try:
         prepare(compose(overrides, tmp_path))
     except ConfigError as err:
         assert any(p in str(err) for p in ("hf download", "/data/gsm8k", "my.jsonl", "/models/my-t5")), err
-    hub.hub_reachable.cache_clear()
+    network.hub_reachable.cache_clear()

@@ -64,7 +64,7 @@ def warmup_constant(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> 
     """Linear warm-up from lr / (warmup_steps + 1) at the first step to lr after `warmup_steps` steps, then constant.
 
     transformers' get_constant_schedule_with_warmup is the same ramp shifted by one step: its first step has
-    lr 0 and changes nothing. This one is kept so that the README's measured tables reproduce; any
+    lr 0 and changes nothing. This one is kept so that the measured tables (docs/results.md) reproduce; any
     transformers schedule plugs in as `scheduler._target_=transformers.get_cosine_schedule_with_warmup`.
     """
     check_range("scheduler.warmup_steps", warmup_steps, low=0, integer=True)

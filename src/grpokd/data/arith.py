@@ -156,7 +156,7 @@ def slipped(example: Example, rng: random.Random, rate: float) -> Example:
     Only the solution changes (and, for multiple choice, a distractor becomes the slipped value when it is not
     an option, so that the scan finds it); `answer` stays the correct one. A draw whose carried values would
     leave 0..MAX_NUMBER keeps the example as it is. This is the embedded student's training data: it half-holds
-    the slip, so the correct result is in its distribution but not its mode (see the README's testbed).
+    the slip, so the correct result is in its distribution but not its mode (see docs/testbed.md).
     """
     written, value = [], None
     for expression, _ in worked_steps(example.solution):  # the "a op b = v ." steps, not the multiple-choice scan
