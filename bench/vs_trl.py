@@ -3,6 +3,7 @@
     pip install -e ".[bench]"     # TRL
     python bench/vs_trl.py [--steps 30] [--repeats 3] [--prompts 4] [--group 8] [--tokens 16]
     python bench/vs_trl.py --model DIR --data ../shared/data/gsm8k --steps 4 --warmup 1 --prompts 2 --group 4 --tokens 128
+    python bench/vs_trl.py --against DIR   # grpokd before/after a change: this checkout against another's (no TRL)
 
 Both train the same student with its tokenizer, `prompts` x `group`
 completions of at most `tokens` new tokens per step, temperature 1, no top-k,
@@ -23,6 +24,10 @@ Start-up and evaluation are not in it. Each run is a fresh subprocess; the
 table gives the median over `repeats` runs of those medians, then each repeat's
 ratio (its two runs are back to back, so slow drifts of the machine cancel).
 
+`--against DIR` puts another checkout of grpokd (e.g. `git worktree add DIR <commit before a change>`) in
+TRL's place: each repeat runs that checkout's `run.py` on its own `src/` and then this one's, back to back,
+with the same command line, and the table gives both and the paired ratio.
+
 `--profile` instead runs grpokd's side once under cProfile and prints where a
 training step's time goes: sampling (`lm.generate`), rewards and decoding,
 scoring the student (forward with grad) and the frozen models, the objective,
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -44,19 +50,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def grpokd_command(args: argparse.Namespace, out: Path) -> list[str]:
+def grpokd_command(args: argparse.Namespace, out: Path, repo: Path = REPO) -> list[str]:
     model = ["model=tiny_causal"] if args.model is None else ["model=smollm2", f"model.student={args.model}", "dataset=gsm8k", f"dataset.path={args.data}"]
     return [
-        sys.executable, str(REPO / "run.py"), "objective=grpo", *model, f"trainer.max_steps={args.steps}",
+        sys.executable, str(repo / "run.py"), "objective=grpo", *model, f"trainer.max_steps={args.steps}",
         f"data.prompts_per_step={args.prompts}", f"group_size={args.group}", f"rollout.sampling.max_new_tokens={args.tokens}",
         "beta=0.04", "objective.aggregation=token_mean", "optim.lr=1e-4", "eval_before=false", "eval_test=false", "eval_pass_k=0", "data.val_size=0",
         "logger=none", "log.csv=true", "callbacks=none", f"hydra.run.dir={out}",
     ]
 
 
-def grpokd_run(args: argparse.Namespace, out: Path) -> float:
-    """Median `train/step_time_s` of one `run.py` run."""
-    done = subprocess.run(grpokd_command(args, out), capture_output=True, text=True, cwd=REPO)
+def grpokd_run(args: argparse.Namespace, out: Path, repo: Path = REPO) -> float:
+    """Median `train/step_time_s` of one `run.py` run of the checkout `repo` (its own src/ first on the path)."""
+    env = {**os.environ, "PYTHONPATH": str(repo / "src")}
+    done = subprocess.run(grpokd_command(args, out, repo), capture_output=True, text=True, cwd=repo, env=env)
     if done.returncode != 0:
         raise SystemExit(f"grpokd run failed:\n{done.stderr[-3000:]}")
     with open(out / "csv" / "metrics.csv") as f:
@@ -145,6 +152,24 @@ def trl_one(args: argparse.Namespace) -> float:
     return statistics.median(times[args.warmup :])
 
 
+def against(args: argparse.Namespace) -> None:
+    """This checkout's grpokd step time against another checkout's, paired run by run."""
+    before, after = [], []
+    for repeat in range(args.repeats):
+        for times, repo in ((before, args.against.resolve()), (after, REPO)):
+            with tempfile.TemporaryDirectory() as out:
+                times.append(grpokd_run(args, Path(out) / "run", repo))
+        print(f"repeat {repeat}: {args.against} {before[-1]:.4f} s/step, this checkout {after[-1]:.4f} s/step", flush=True)
+    paired = sorted(a / b for a, b in zip(after, before))
+    print(f"\n{args.model or 'tiny-llama-student'}, {args.prompts} prompts x {args.group} completions, <= {args.tokens} new tokens, "
+          f"{args.steps} steps, median of {args.repeats} runs of the in-loop median step time (first {args.warmup} steps left out)")
+    print("| checkout | s/step |")
+    print("|---|---|")
+    print(f"| {args.against} | {statistics.median(before):.4f} |")
+    print(f"| {REPO} | {statistics.median(after):.4f} |")
+    print(f"\nper-repeat ratios (this / other): {', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -155,6 +180,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of each run's median")
     parser.add_argument("--model", help="a causal Hugging Face model directory (default: the embedded tiny-llama-student on arith)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gsm8k"), help="GSM8K directory (with --model)")
+    parser.add_argument("--against", type=Path, help="another grpokd checkout to compare this one with, instead of TRL")
     parser.add_argument("--profile", action="store_true", help="profile grpokd's step instead (no TRL needed)")
     parser.add_argument("--trl-one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,6 +189,9 @@ def main() -> None:
         return
     if args.trl_one:
         print(json.dumps({"step_time": trl_one(args)}))
+        return
+    if args.against:
+        against(args)
         return
     try:
         import trl
