@@ -3,7 +3,7 @@
     pip install -e ".[bench]"     # TRL
     python bench/vs_trl.py [--steps 30] [--repeats 3] [--prompts 4] [--group 8] [--tokens 16]
     python bench/vs_trl.py --model DIR --data ../shared/data/gsm8k --steps 4 --warmup 1 --prompts 2 --group 4 --tokens 128
-    python bench/vs_trl.py --against DIR   # grpokd before/after a change: this checkout against another's (no TRL)
+    python bench/vs_trl.py --against DIR [--objective j3]   # grpokd before/after a change: this checkout against another's (no TRL)
 
 Both train the same student with its tokenizer, `prompts` x `group`
 completions of at most `tokens` new tokens per step, temperature 1, no top-k,
@@ -26,7 +26,8 @@ ratio (its two runs are back to back, so slow drifts of the machine cancel).
 
 `--against DIR` puts another checkout of grpokd (e.g. `git worktree add DIR <commit before a change>`) in
 TRL's place: each repeat runs that checkout's `run.py` on its own `src/` and then this one's, back to back,
-with the same command line, and the table gives both and the paired ratio.
+with the same command line, and the table gives both and the paired ratio; `--objective` (default grpo) then
+picks any objective, e.g. j3 to time the teachers' path too.
 
 `--profile` instead runs grpokd's side once under cProfile and prints where a
 training step's time goes: sampling (`lm.generate`), rewards and decoding,
@@ -53,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 def grpokd_command(args: argparse.Namespace, out: Path, repo: Path = REPO) -> list[str]:
     model = ["model=tiny_causal"] if args.model is None else ["model=smollm2", f"model.student={args.model}", "dataset=gsm8k", f"dataset.path={args.data}"]
     return [
-        sys.executable, str(repo / "run.py"), "objective=grpo", *model, f"trainer.max_steps={args.steps}",
+        sys.executable, str(repo / "run.py"), f"objective={args.objective}", *model, f"trainer.max_steps={args.steps}",
         f"data.prompts_per_step={args.prompts}", f"group_size={args.group}", f"rollout.sampling.max_new_tokens={args.tokens}",
         "beta=0.04", "objective.aggregation=token_mean", "optim.lr=1e-4", "eval_before=false", "eval_test=false", "eval_pass_k=0", "data.val_size=0",
         "logger=none", "log.csv=true", "callbacks=none", f"hydra.run.dir={out}",
@@ -161,7 +162,7 @@ def against(args: argparse.Namespace) -> None:
                 times.append(grpokd_run(args, Path(out) / "run", repo))
         print(f"repeat {repeat}: {args.against} {before[-1]:.4f} s/step, this checkout {after[-1]:.4f} s/step", flush=True)
     paired = sorted(a / b for a, b in zip(after, before))
-    print(f"\n{args.model or 'tiny-llama-student'}, {args.prompts} prompts x {args.group} completions, <= {args.tokens} new tokens, "
+    print(f"\nobjective={args.objective}, {args.model or 'tiny-llama-student'}, {args.prompts} prompts x {args.group} completions, <= {args.tokens} new tokens, "
           f"{args.steps} steps, median of {args.repeats} runs of the in-loop median step time (first {args.warmup} steps left out)")
     print("| checkout | s/step |")
     print("|---|---|")
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument("--model", help="a causal Hugging Face model directory (default: the embedded tiny-llama-student on arith)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gsm8k"), help="GSM8K directory (with --model)")
     parser.add_argument("--against", type=Path, help="another grpokd checkout to compare this one with, instead of TRL")
+    parser.add_argument("--objective", default="grpo", help="grpokd's objective (with --against; TRL runs GRPO only)")
     parser.add_argument("--profile", action="store_true", help="profile grpokd's step instead (no TRL needed)")
     parser.add_argument("--trl-one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -193,6 +195,8 @@ def main() -> None:
     if args.against:
         against(args)
         return
+    if args.objective != "grpo":
+        raise SystemExit("--objective: TRL's GRPOTrainer runs GRPO; other objectives only with --against")
     try:
         import trl
     except ImportError:
