@@ -78,6 +78,8 @@ def check_name(name: str, role: str = "model") -> None:
         return
     gguf = gguf_path(name, role)
     if gguf is not None:
+        if _not_gguf(gguf, role):
+            raise ConfigError(_not_gguf(gguf, role))
         check_gguf_support(role)
         gguf_config(gguf, role)
         return
@@ -179,16 +181,24 @@ def _read_gguf_config(path: str, size: int, mtime_ns: int) -> PretrainedConfig:
     return AutoConfig.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, local_files_only=True)
 
 
+def _not_gguf(path: Path, role: str) -> str | None:
+    """One line when the file at `path` does not start with GGUF's magic bytes (a wrong file, whatever transformers is)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        return f"{role}: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf model file, a Hugging Face model directory, a hub id or an embedded name"
+    return None
+
+
 def _gguf_problem(path: Path, role: str, err: Exception) -> str:
     """One line for a GGUF file transformers cannot read: not GGUF at all, structurally broken, or an unloadable architecture."""
     from transformers.utils import is_gguf_available
 
     if not is_gguf_available():
         return f"{role}: reading {path} needs the gguf package ({err}); pip install gguf"
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        return f"{role}: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf model file, a Hugging Face model directory, a hub id or an embedded name"
+    not_gguf = _not_gguf(path, role)
+    if not_gguf:
+        return not_gguf
     from gguf import GGUFReader
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
