@@ -87,6 +87,7 @@ def test_loggers_instantiate_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     cfg = compose(["logger=wandb"], tmp_path)
     logger = hydra.utils.instantiate(cfg.logger)
+    logger.experiment.finish()  # a W&B run left open would take in the next test's logging (wandb.run is global)
     assert logger._offline  # no credentials here: offline, never a hang
     assert type(hydra.utils.instantiate(compose(["logger=csv"], tmp_path).logger)).__name__ == "CSVLogger"
     assert not compose(["logger=none"], tmp_path).get("logger")
@@ -124,6 +125,7 @@ def test_loggers_instantiate_offline(tmp_path, monkeypatch):
         (["objective.epsilon_high=nan"], "^objective.epsilon_high=nan must be a number$"),
         (["weighting=confidence", "weighting.temperature=nan"], "^weighting.temperature=nan must be a number$"),
         (["objective=grpo", "reward.weights.correct=0"], "reward.weights are all 0: objective grpo would train on a reward that is always 0"),
+        (["reward.weights.format=nan"], "^reward.weights.format=nan must be a number$"),
     ],
 )
 def test_bad_configs_fail_at_start_up_with_the_key_named(overrides, message, tmp_path, monkeypatch):

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
+from grpokd.errors import check_range
+
 MARKER = "####"
 STYLES = ("marker", "boxed", "answer_is", "last")  # the parsers' priority order
 FORMAT_STYLES = STYLES[:-1]  # the styles in which a model states its answer; "last" is a guess
@@ -314,6 +316,8 @@ class WeightedRewards:
         unknown = sorted(set(weights) - set(functions))
         if unknown:
             raise ValueError(f"reward.weights names {', '.join(unknown)}; the reward functions are {', '.join(functions)}")
+        for name, weight in weights.items():
+            check_range(f"reward.weights.{name}", weight)  # any finite number: a negative weight is a penalty
         self.functions, self.weights = dict(functions), {name: float(weights.get(name, 0.0)) for name in functions}
 
     @classmethod
