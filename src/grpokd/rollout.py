@@ -61,6 +61,7 @@ class Rollout:
     truncated: Tensor  # [N] bool: hit max_new_tokens without an end token
     reward_parts: dict[str, Tensor] = field(default_factory=dict)  # name -> [N], each reward function's value
     prompt_texts: list[str] = field(default_factory=list)  # B prompts as rendered (chat template included), before tokenizing
+    reward_weights: dict[str, float] = field(default_factory=dict)  # name -> the weight of reward_parts[name] in rewards
 
 
 def sample(
@@ -87,7 +88,7 @@ def sample(
     rewards = torch.tensor(weighted.total(values), dtype=torch.float32, device=device)  # [N]
     parts = {name: torch.tensor(v, dtype=torch.float32, device=device) for name, v in values.items()}  # name -> [N]
     truncated = ~ended(completions, end_token_ids(model, tokenizer))  # [N]
-    return Rollout(prompts, completions, texts, answers, rewards, sampling.group_size, truncated, parts, list(examples["prompt"]))
+    return Rollout(prompts, completions, texts, answers, rewards, sampling.group_size, truncated, parts, list(examples["prompt"]), dict(weighted.weights))
 
 
 def mask_truncated(rollout: Rollout) -> Rollout:
@@ -104,7 +105,7 @@ def select(rollout: Rollout, start: int, stop: int) -> Rollout:
         Tokens(rollout.prompts.ids[start:stop], rollout.prompts.mask[start:stop]),
         Tokens(rollout.completions.ids[rows], rollout.completions.mask[rows]),
         rollout.texts[rows], rollout.answers[rows], None if rollout.rewards is None else rollout.rewards[rows], k, rollout.truncated[rows],
-        {name: v[rows] for name, v in rollout.reward_parts.items()}, rollout.prompt_texts[start:stop],
+        {name: v[rows] for name, v in rollout.reward_parts.items()}, rollout.prompt_texts[start:stop], dict(rollout.reward_weights),
     )
 
 
@@ -114,7 +115,7 @@ def to_state(rollout: Rollout) -> dict:
         "prompts": (rollout.prompts.ids, rollout.prompts.mask), "completions": (rollout.completions.ids, rollout.completions.mask),
         "texts": list(rollout.texts), "answers": list(rollout.answers), "rewards": rollout.rewards,
         "group_size": rollout.group_size, "truncated": rollout.truncated, "reward_parts": dict(rollout.reward_parts),
-        "prompt_texts": list(rollout.prompt_texts),
+        "prompt_texts": list(rollout.prompt_texts), "reward_weights": dict(rollout.reward_weights),
     }
 
 
@@ -124,7 +125,7 @@ def from_state(state: dict, device: torch.device | str = "cpu") -> Rollout:
     return Rollout(
         Tokens(*map(move, state["prompts"])), Tokens(*map(move, state["completions"])), state["texts"], state["answers"],
         move(state["rewards"]), state["group_size"], move(state["truncated"]),
-        {name: move(v) for name, v in state["reward_parts"].items()}, state.get("prompt_texts", []),
+        {name: move(v) for name, v in state["reward_parts"].items()}, state.get("prompt_texts", []), state.get("reward_weights", {}),
     )
 
 

@@ -138,6 +138,11 @@ def score(
         frozen_scores = score_frozen(raw.detach(), request, frozen or FrozenModels(), vocab_size, gold_raw, logit_chunk)
     with torch.no_grad():
         metrics = {"entropy": masked_mean(token_entropy, mask)} | frozen_scores.metrics
+    parts = weights = None
+    if needs.reward_parts:  # in reward_weights' order: the names every part has a weight under
+        names = list(rollout.reward_weights)
+        parts = torch.stack([rollout.reward_parts[name] for name in names])  # [F, N]
+        weights = torch.tensor([rollout.reward_weights[name] for name in names], device=parts.device)  # [F]
     kd = None
     if frozen_scores.mixture is not None:
         states, kd_raw = (gold, gold_raw) if needs.kd_on_gold else (rollout, raw)
@@ -147,8 +152,11 @@ def score(
         mask=mask,
         group_size=rollout.group_size,
         rewards=rollout.rewards,
+        reward_parts=parts,
+        reward_weights=weights,
         old_logp=request.old_logp,
         logits=logits if needs.logits else None,
+        entropy=token_entropy if needs.entropy else None,
         ref_logp=frozen_scores.ref_logp,
         ref_logits=frozen_scores.ref_logits,
         teacher_logp=frozen_scores.teacher_logp,

@@ -24,6 +24,8 @@ class Needs:
     ref_logp: bool = False  # reference log-probs of the scored tokens [N, T]
     ref_logits: bool = False  # reference full-vocabulary logits [N, T, V]
     logits: bool = False  # student full-vocabulary logits [N, T, V], with grad
+    entropy: bool = False  # the student's per-token entropy [N, T] at the sampling temperature, detached
+    reward_parts: bool = False  # each reward function's value [F, N] and weight [F], not only their weighted sum
     teacher_logp: bool = False  # each teacher's log-probs of the scored tokens [M, N, T] and the weights [M, N, T]
     teacher_logp_tempered: bool = False  # those log-probs at the sampling temperature (as the reference's), not 1
     teacher_forward: bool = False  # forward-KD mixture at the KD states: pbar and the teachers' mean neg-entropy
@@ -85,8 +87,11 @@ class Batch:
     mask: Tensor  # [N, T] 1.0 on real completion tokens, 0.0 on padding
     group_size: int = 1  # K: completions per prompt, consecutive rows form a group
     rewards: Tensor | None = None  # [N]
+    reward_parts: Tensor | None = None  # [F, N] each reward function's value (their weighted sum is `rewards`)
+    reward_weights: Tensor | None = None  # [F] their weights
     old_logp: Tensor | None = None  # [N, T] behaviour-policy log-probs; None means on-policy (logp.detach())
     logits: Logits | None = None  # [N, T, V] student logits, with grad (whole or chunked: read them with `per_position`)
+    entropy: Tensor | None = None  # [N, T] the student's entropy at each position (of the scored distribution), detached
     ref_logp: Tensor | None = None  # [N, T]
     ref_logits: Tensor | None = None  # [N, T, V]
     teacher_logp: Tensor | None = None  # [M, N, T] each teacher's log-probs of the scored tokens

@@ -19,6 +19,7 @@ from grpokd.objectives.base import Batch
 from grpokd.objectives.logits import per_position
 
 ADV_SCALES = ("group", "batch", "none")
+REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 RATIO_LEVELS = ("token", "sequence")
 SAMPLED_KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -64,6 +65,30 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", del
     else:
         std = r.std(unbiased=False)  # []
     return (centred / (std + delta)).view(-1)  # [N]
+
+
+def normalize_then_sum(parts: Tensor, weights: Tensor, group_size: int, delta: float = 1e-4) -> Tensor:
+    """GDPO-style multi-reward advantage (TRL's `multi_objective_aggregation="normalize_then_sum"`): each reward
+    normalised within its group, weighted and summed, the sum then normalised over the batch:
+
+        A = (S - mean_batch S) / (std_batch S + delta),  S = sum_k w_k (r_k - mean_G r_k) / (std_G r_k + delta)
+
+    so a reward with a large scale or spread cannot drown the others (with one reward: the group advantage,
+    rescaled to unit batch std). The batch normalisation rescales whatever is left: rewards that cancel
+    (S near 0 everywhere) give advantages of order S / (std S + delta), not 0. Population stds, as
+    `group_advantages` (TRL's are Bessel-corrected).
+
+    Args:
+        parts: [F, N] each reward function's value; weights: [F]; group_size: K.
+
+    Returns:
+        [N].
+    """
+    grouped = parts.float().reshape(parts.shape[0], -1, group_size)  # [F, N/K, K]
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    normed = centred / (grouped.std(-1, unbiased=False, keepdim=True) + delta)  # [F, N/K, K]
+    total = (normed.reshape(parts.shape[0], -1) * weights.float()[:, None]).sum(0)  # [N]
+    return (total - total.mean()) / (total.std(unbiased=False) + delta)  # [N]
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -159,6 +184,57 @@ def clipped_surrogate(
     is_low = (rho < 1.0 - eps_low) & (a < 0)  # [N, T]
     is_high = (rho > 1.0 + eps_high) & (a > 0)  # [N, T]
     return surrogate, is_low, is_high
+
+
+def cispo_surrogate(
+    logp: Tensor, log_ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CISPO (MiniMax-M1, 2025): sg(min(rho, 1 + eps_high)) * A * log pi_theta, to be maximised.
+
+    The importance weight is clipped and detached instead of the update: every token keeps a gradient
+    (A * min(rho, 1+eps_high) * grad log pi), where the clipped surrogate drops the clipped tokens' gradient.
+    On-policy (rho = 1) its gradient is the clipped surrogate's. TRL's `loss_type="cispo"` clamps at its
+    `epsilon_high` itself (the eps_max of ScaleRL): TRL's epsilon_high = E is eps_high = E - 1 here.
+    `eps_low` is unused (the signature is the clipped surrogate's). A token counts as clipped where
+    rho > 1+eps_high and A > 0, as TRL counts it (`cispo_clip_ratio`).
+
+    Args:
+        logp: [N, T] log pi_theta of the sampled tokens, with grad; log_ratio: [N, T] log rho;
+        adv: [N] or [N, T].
+
+    Returns:
+        (surrogate [N, T], no low clipping [N, T] bool (all False), is_high_clipped [N, T] bool).
+    """
+    rho = torch.exp(log_ratio.detach())  # [N, T]
+    a = adv[:, None] if adv.dim() == 1 else adv  # [N, 1] or [N, T]
+    weight = torch.clamp(rho, max=1.0 + eps_high)  # [N, T], detached
+    is_high = (rho > 1.0 + eps_high) & (a > 0)  # [N, T]
+    return weight * a * logp, torch.zeros_like(is_high), is_high
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """The tokens among the `quantile` fraction of highest entropy (Wang et al. 2025, "the 80/20 rule"; TRL's
+    `top_entropy_quantile`): entropy >= the (1 - quantile) quantile of the real tokens' entropies, [N, T] bool.
+
+    The quantile is taken over this batch's real tokens (under DDP: each rank's own; TRL gathers them over the
+    processes first). quantile = 1 keeps every real token. Padding is never kept.
+    """
+    values = entropy[mask.bool()].float()  # [real tokens]
+    if values.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return (entropy * mask >= threshold) & mask.bool()  # [N, T]
+
+
+def off_policy_mask(adv: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL's `off_policy_mask_threshold`): a completion with a negative
+    advantage whose mean per-token KL(pi_old || pi_theta) estimate, mean_t (log pi_old - log pi_theta), exceeds
+    `threshold` gets no policy loss; every other is kept. [N, 1] (or [N, T] with per-token advantages), 1.0 keep.
+    """
+    kl = (old_logp - logp.detach()) * mask  # [N, T]
+    mean_kl = kl.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)  # [N, 1]
+    a = adv[:, None] if adv.dim() == 1 else adv  # [N, 1] or [N, T]
+    return ((a >= 0) | (mean_kl <= threshold)).to(mask.dtype)
 
 
 def kl_sampled(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:

@@ -85,17 +85,27 @@ from grpokd.objectives.functional import (
     ADV_SCALES,
     AGGREGATIONS,
     RATIO_LEVELS,
+    REWARD_AGGREGATIONS,
     aggregate,
     check_choice,
     check_schedule,
+    cispo_surrogate,
     clipped_surrogate,
     group_advantages,
+    high_entropy_mask,
     linear_decay,
     log_ratio,
     masked_mean,
+    normalize_then_sum,
+    off_policy_mask,
 )
 
 PLACEMENTS = ("loss", "advantage")
+# surrogate name -> (logp, log_rho, adv, eps_low, eps_high) -> (surrogate to maximise [N, T], low-clipped, high-clipped)
+SURROGATES = {
+    "clipped": lambda logp, log_rho, adv, eps_low, eps_high: clipped_surrogate(log_rho, adv, eps_low, eps_high),
+    "cispo": cispo_surrogate,
+}
 _MIXTURE_KEYS = ("kd_tau", "kd_states")  # one teacher mixture per step: terms that use it must agree on these
 
 
@@ -183,6 +193,15 @@ class PolicyObjective:
         adv_delta: added to that std, > 0.
         max_tokens: the constant of "seq_mean_token_sum_norm" (the configs pass the longest completion
             allowed, Dr. GRPO's constant; None: T of the batch).
+        surrogate: "clipped" (PPO/GRPO, `functional.clipped_surrogate`) | "cispo" (the clipped, detached
+            importance weight times log pi, `functional.cispo_surrogate`).
+        top_entropy_quantile: in (0, 1]; below 1 only the tokens among that fraction of highest entropy get
+            policy loss (`functional.high_entropy_mask`; the terms are not masked).
+        off_policy_mask_threshold: >= 0, or None (off); a completion with a negative advantage and a mean
+            KL(pi_old || pi_theta) above it gets no policy loss (`functional.off_policy_mask`).
+        reward_aggregation: "sum_then_normalize" (the weighted reward's group advantage, `adv_scale`) |
+            "normalize_then_sum" (each reward normalised in its group, then summed: `functional.normalize_then_sum`,
+            which ignores `adv_scale`).
     """
 
     def __init__(
@@ -196,8 +215,17 @@ class PolicyObjective:
         adv_scale: str = "group",
         adv_delta: float = 1e-4,
         max_tokens: int | None = None,
+        surrogate: str = "clipped",
+        top_entropy_quantile: float = 1.0,
+        off_policy_mask_threshold: float | None = None,
+        reward_aggregation: str = "sum_then_normalize",
     ) -> None:
         check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+        check_choice("surrogate", surrogate, tuple(SURROGATES))
+        check_choice("reward_aggregation", reward_aggregation, REWARD_AGGREGATIONS)
+        check_range("top_entropy_quantile", top_entropy_quantile, low=0, high=1, low_open=True)
+        if off_policy_mask_threshold is not None:
+            check_range("off_policy_mask_threshold", off_policy_mask_threshold, low=0)
         check_choice("aggregation", aggregation, AGGREGATIONS)
         check_choice("adv_scale", adv_scale, ADV_SCALES)
         check_range("reward_weight", reward_weight, low=0)
@@ -218,6 +246,10 @@ class PolicyObjective:
         self.adv_scale = adv_scale
         self.adv_delta = adv_delta
         self.max_tokens = max_tokens
+        self.surrogate = surrogate
+        self.top_entropy_quantile = top_entropy_quantile
+        self.off_policy_mask_threshold = off_policy_mask_threshold
+        self.reward_aggregation = reward_aggregation
         self.needs  # fail at construction when terms disagree
 
     def active(self, placement: str) -> dict[str, Term]:
@@ -226,7 +258,8 @@ class PolicyObjective:
     @property
     def needs(self) -> Needs:
         """Rollouts, plus what every active term needs."""
-        return merge_needs(Needs(rollouts=True), {name: t.needs for name, t in self.terms.items() if t.active})
+        base = Needs(rollouts=True, entropy=self.top_entropy_quantile < 1, reward_parts=self.reward_aggregation == "normalize_then_sum")
+        return merge_needs(base, {name: t.needs for name, t in self.terms.items() if t.active})
 
     def reduce(self, per_token: Tensor, mask: Tensor) -> Tensor:
         """This objective's aggregation of a per-token loss [N, T] to a scalar []."""
@@ -236,7 +269,12 @@ class PolicyObjective:
         """reward_weight times the reward's group-relative advantage (Eq. 1), detached. Returns [N]."""
         if batch.rewards is None:
             raise ValueError("a policy objective needs batch.rewards")
-        adv = group_advantages(batch.rewards, batch.group_size, self.adv_scale, self.adv_delta)  # [N]
+        if self.reward_aggregation == "normalize_then_sum":
+            if batch.reward_parts is None:
+                raise ValueError("reward_aggregation=normalize_then_sum needs batch.reward_parts")
+            adv = normalize_then_sum(batch.reward_parts, batch.reward_weights, batch.group_size, self.adv_delta)  # [N]
+        else:
+            adv = group_advantages(batch.rewards, batch.group_size, self.adv_scale, self.adv_delta)  # [N]
         return (self.reward_weight * adv).detach()
 
     def shaped_advantages(self, batch: Batch) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
@@ -289,18 +327,30 @@ class PolicyObjective:
         return on_rollout, on_gold, metrics
 
     def surrogate_loss(self, batch: Batch, adv: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """-min(rho A, clip(rho) A) at each token [N, T], and the clip metrics (TRL's definitions)."""
+        """The negated surrogate at each token [N, T] (-min(rho A, clip(rho) A), or CISPO's), zeroed where the
+        entropy or off-policy masks drop the token, and the clip metrics (TRL's definitions)."""
         mask = batch.mask  # [N, T]
         old_logp = batch.old_logp if batch.old_logp is not None else batch.logp.detach()  # [N, T]
         log_rho = log_ratio(batch.logp, old_logp, mask, self.ratio_level)  # [N, T]
-        surrogate, is_low, is_high = clipped_surrogate(log_rho, adv, self.epsilon_low, self.epsilon_high)
+        surrogate, is_low, is_high = SURROGATES[self.surrogate](batch.logp, log_rho, adv, self.epsilon_low, self.epsilon_high)
         per_token = -surrogate  # [N, T]
+        metrics = {}
+        if self.top_entropy_quantile < 1:
+            if batch.entropy is None:
+                raise ValueError("top_entropy_quantile < 1 needs batch.entropy")
+            keep = high_entropy_mask(batch.entropy, mask, self.top_entropy_quantile)  # [N, T]
+            per_token = per_token * keep
+            metrics["entropy_mask_kept"] = masked_mean(keep.float(), mask).detach()
+        if self.off_policy_mask_threshold is not None:
+            keep = off_policy_mask(adv, batch.logp, old_logp, mask, self.off_policy_mask_threshold)  # [N, 1] or [N, T]
+            per_token = per_token * keep
+            metrics["off_policy_masked"] = masked_mean(1 - keep.expand_as(mask), mask).detach()
         return per_token, {
             "policy_loss": self.reduce(per_token, mask).detach(),
             "clip_low": masked_mean(is_low.float(), mask).detach(),
             "clip_high": masked_mean(is_high.float(), mask).detach(),
             "clip_region": masked_mean((is_low | is_high).float(), mask).detach(),
-        }
+        } | metrics
 
     def __call__(self, batch: Batch) -> LossOut:
         seq, token, adv_metrics = self.shaped_advantages(batch)
