@@ -4,6 +4,7 @@
     python bench/vs_trl.py [--steps 30] [--repeats 3] [--prompts 4] [--group 8] [--tokens 16]
     python bench/vs_trl.py --model DIR --data ../shared/data/gsm8k --steps 4 --warmup 1 --prompts 2 --group 4 --tokens 128
     python bench/vs_trl.py --against DIR [--objective j3]   # grpokd before/after a change: this checkout against another's (no TRL)
+    python bench/vs_trl.py --distill [--teacher NAME]      # on-policy distillation: objective=opd against TRL's DistillationTrainer
 
 Both train the same student with its tokenizer, `prompts` x `group`
 completions of at most `tokens` new tokens per step, temperature 1, no top-k,
@@ -23,6 +24,14 @@ step), grpokd's `train/step_time_s` (batch start to after the optimiser step).
 Start-up and evaluation are not in it. Each run is a fresh subprocess; the
 table gives the median over `repeats` runs of those medians, then each repeat's
 ratio (its two runs are back to back, so slow drifts of the machine cancel).
+
+`--distill` compares on-policy distillation instead: grpokd's `objective=opd` (the per-token reverse KL to one
+teacher on the student's own samples, k1 in the advantage, no reward, no reference) against TRL's
+`DistillationTrainer` with `beta=1.0` (its generalized JSD at 1: the reverse KL over the full vocabulary, on
+the student's own samples), the same student and teacher (`--teacher`, default the embedded
+`tiny-llama-teacher-m`; with `--model`, the teacher is that model too unless `--teacher` names another), the
+same `prompts x group` completions per step (TRL samples one completion per prompt, so it gets that many
+prompts) and lengths; TRL's logged `step_time` against grpokd's `train/step_time_s`.
 
 `--against DIR` puts another checkout of grpokd (e.g. `git worktree add DIR <commit before a change>`) in
 TRL's place: each repeat runs that checkout's `run.py` on its own `src/` and then this one's, back to back,
@@ -51,10 +60,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def teacher_name(args: argparse.Namespace) -> str:
+    """The teacher of `--distill`: --teacher, else the embedded tiny-llama-teacher-m, or with --model that model."""
+    return args.teacher or (args.model or "tiny-llama-teacher-m")
+
+
 def grpokd_command(args: argparse.Namespace, out: Path, repo: Path = REPO) -> list[str]:
     model = ["model=tiny_causal"] if args.model is None else ["model=smollm2", f"model.student={args.model}", "dataset=gsm8k", f"dataset.path={args.data}"]
+    if args.distill:  # one teacher, no reward in the loss (objective=opd's own reward_weight 0), no reference
+        model += [f"model.teachers=[{teacher_name(args)}]"]
     return [
-        sys.executable, str(repo / "run.py"), f"objective={args.objective}", *model, f"trainer.max_steps={args.steps}",
+        sys.executable, str(repo / "run.py"), f"objective={'opd' if args.distill else args.objective}", *model, f"trainer.max_steps={args.steps}",
         f"data.prompts_per_step={args.prompts}", f"group_size={args.group}", f"rollout.sampling.max_new_tokens={args.tokens}",
         "beta=0.04", "objective.aggregation=token_mean", "optim.lr=1e-4", "eval_before=false", "eval_test=false", "eval_pass_k=0", "data.val_size=0",
         "logger=none", "log.csv=true", "callbacks=none", f"hydra.run.dir={out}",
@@ -76,7 +92,7 @@ PHASES = (  # (label, file suffix, function): cumulative time of each, per step
     ("sampling: generate", "grpokd/models/lm.py", "generate"),
     ("rewards, decoding (sample - generate)", "grpokd/rollout.py", "sample"),
     ("scoring: student forward (score - frozen)", "grpokd/scoring.py", "score"),
-    ("scoring: reference (score_frozen)", "grpokd/scoring.py", "score_frozen"),
+    ("scoring: frozen models (score_frozen)", "grpokd/scoring.py", "score_frozen"),
     ("objective", "grpokd/objectives/policy.py", "__call__"),
     ("backward", "torch/_tensor.py", "backward"),
     ("Lightning self.log", "lightning/pytorch/core/module.py", "log"),
@@ -99,9 +115,10 @@ def grpokd_profile(args: argparse.Namespace) -> None:
     for label, suffix, function in PHASES:
         cumulative[label] = sum(v[3] for (f, _, name), v in stats.items() if f.endswith(suffix) and name == function)
     cumulative["rewards, decoding (sample - generate)"] -= cumulative["sampling: generate"]
-    cumulative["scoring: student forward (score - frozen)"] -= cumulative["scoring: reference (score_frozen)"]
+    cumulative["scoring: student forward (score - frozen)"] -= cumulative["scoring: frozen models (score_frozen)"]
     total = cumulative.pop("training loop total")
-    print(f"grpokd objective=grpo under cProfile, {args.steps} steps: {1000 * total / args.steps:.1f} ms per step")
+    objective = "opd" if args.distill else args.objective
+    print(f"grpokd objective={objective} under cProfile, {args.steps} steps: {1000 * total / args.steps:.1f} ms per step")
     print("| phase | ms per step | share |")
     print("|---|---|---|")
     for label, seconds in [*cumulative.items(), ("rest of the loop", total - sum(cumulative.values()))]:
@@ -109,11 +126,11 @@ def grpokd_profile(args: argparse.Namespace) -> None:
 
 
 def trl_one(args: argparse.Namespace) -> float:
-    """Median `step_time` of one GRPOTrainer run (in this process)."""
+    """Median `step_time` of one GRPOTrainer run, or with --distill one DistillationTrainer run (in this process)."""
     from datasets import Dataset
     from omegaconf import OmegaConf
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import DistillationConfig, DistillationTrainer, GRPOConfig, GRPOTrainer
 
     from grpokd.data.rewards import NumericReward
     from grpokd.data.sources import arith, gsm8k
@@ -121,11 +138,12 @@ def trl_one(args: argparse.Namespace) -> float:
 
     name = args.model or "tiny-llama-student"
     tokenizer, model = loading.load_tokenizer(name), loading.load_model(name)
+    per_step = args.prompts * args.group if args.distill else args.prompts  # TRL's distillation: one completion per prompt
     if args.model is None:
-        train = arith().train[: args.prompts * args.steps]
+        train = arith().train[: per_step * args.steps]
         prompts = [e.prompt for e in train]
     else:  # conversational: the user message grpokd's chat layout renders (conf/dataset/gsm8k.yaml's instruction)
-        train = gsm8k(args.data).train[: args.prompts * args.steps]
+        train = gsm8k(args.data).train[: per_step * args.steps]
         instruction = OmegaConf.load(REPO / "conf" / "dataset" / "gsm8k.yaml").instruction
         prompts = [[{"role": "user", "content": f"{e.prompt}\n\n{instruction}"}] for e in train]
     data = Dataset.from_dict({"prompt": prompts, "answer": [e.answer for e in train]})
@@ -143,6 +161,17 @@ def trl_one(args: argparse.Namespace) -> float:
                 times.append(float(logs["step_time"]))
 
     with tempfile.TemporaryDirectory() as out:
+        if args.distill:
+            config = DistillationConfig(
+                output_dir=out, use_cpu=True, bf16=False, max_steps=args.steps, per_device_train_batch_size=per_step,
+                max_completion_length=args.tokens, temperature=1.0, top_k=0, beta=1.0, learning_rate=1e-4,
+                lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to="none", save_strategy="no",
+                disable_tqdm=True, seed=0,
+            )
+            teacher = loading.load_model(teacher_name(args))
+            DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=data.remove_columns("answer"),
+                                processing_class=tokenizer, callbacks=[StepTimes()]).train()
+            return statistics.median(times[args.warmup :])
         config = GRPOConfig(
             output_dir=out, use_cpu=True, bf16=False, max_steps=args.steps, per_device_train_batch_size=args.prompts * args.group,
             num_generations=args.group, max_completion_length=args.tokens, temperature=1.0, top_k=0, beta=0.04,
@@ -183,6 +212,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gsm8k"), help="GSM8K directory (with --model)")
     parser.add_argument("--against", type=Path, help="another grpokd checkout to compare this one with, instead of TRL")
     parser.add_argument("--objective", default="grpo", help="grpokd's objective (with --against; TRL runs GRPO only)")
+    parser.add_argument("--distill", action="store_true", help="objective=opd against TRL's DistillationTrainer (reverse KL)")
+    parser.add_argument("--teacher", help="the teacher of --distill (default: tiny-llama-teacher-m; with --model, that model)")
     parser.add_argument("--profile", action="store_true", help="profile grpokd's step instead (no TRL needed)")
     parser.add_argument("--trl-one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,7 +232,8 @@ def main() -> None:
         import trl
     except ImportError:
         raise SystemExit('TRL is not installed: pip install -e ".[bench]"') from None
-    flags = [f"--{k}={getattr(args, k)}" for k in ("steps", "prompts", "group", "tokens", "warmup", "model", "data") if getattr(args, k) is not None]
+    flags = [f"--{k}={getattr(args, k)}" for k in ("steps", "prompts", "group", "tokens", "warmup", "model", "data", "teacher") if getattr(args, k) is not None]
+    flags += ["--distill"] if args.distill else []
     ours, theirs = [], []
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as out:
@@ -213,10 +245,13 @@ def main() -> None:
     paired = sorted(t / o for o, t in zip(ours, theirs))  # each repeat's two runs are back to back: drift cancels
     print(f"\nTRL {trl.__version__}, {args.model or 'tiny-llama-student'}, {args.prompts} prompts x {args.group} completions, <= {args.tokens} new "
           f"tokens, {args.steps} steps, median of {args.repeats} runs of the in-loop median step time (first {args.warmup} steps left out)")
+    theirs_name, ours_name = ("DistillationTrainer (beta=1)", "objective=opd") if args.distill else ("GRPOTrainer", "objective=grpo")
+    teacher = f", teacher {teacher_name(args)}" if args.distill else ""
+    print(f"\nTRL {theirs_name}, grpokd {ours_name}{teacher}")
     print("| trainer | s/step | throughput vs TRL |")
     print("|---|---|---|")
-    print(f"| TRL GRPOTrainer | {b:.4f} | 1.00x |")
-    print(f"| grpokd objective=grpo | {a:.4f} | {b / a:.2f}x |")
+    print(f"| TRL {theirs_name} | {b:.4f} | 1.00x |")
+    print(f"| grpokd {ours_name} | {a:.4f} | {b / a:.2f}x |")
     print(f"\nper-repeat ratios (TRL s/step / grpokd s/step): {', '.join(f'{r:.2f}' for r in paired)}; median {statistics.median(paired):.2f}x")
 
 
