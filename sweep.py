@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     logger = ["logger=wandb", f"logger.group={cfg.wandb_group}"] if cfg.wandb else ["logger=none"]
     launcher = [f"hydra/launcher={cfg.launcher}", *cfg.launcher_overrides]
     sw.run_rows(spec, rows, jobs, out, launcher, logger)
-    text, figures, failed = sw.report(rows, jobs, out, f"sweep {spec.name}", spec.get("metric", "test"))
+    text, figures, failed = sw.report(rows, jobs, out, f"sweep {spec.name}", spec.get("metric", "test"), spec.get("baseline"))
     if cfg.wandb:
         sw.log_summary(out, cfg.wandb_group, text, figures)
     print(text)

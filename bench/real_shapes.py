@@ -25,9 +25,11 @@ process's peak RSS, reset through /proc/self/clear_refs, minus its RSS at the
 start): the activations, logits and gradients the step adds to the weights.
 "weights MB" are all the models' parameters. `--checkpointing` turns on the student's
 gradient checkpointing (`model.gradient_checkpointing`). `--chunk C` sets `model.logit_chunk`
-for the objectives that support it (grpo; the others print "-").
+for the objectives that support it (grpo; the others print "-"). `--top-k K` sets `model.teacher_top_k`;
+"teachers' MB" is what the teachers hand the KD terms (their mixtures, or their top-k signals), held from
+scoring to the backward.
 `--vary` repeats the run at 2x and 4x one dimension (N: prompts, T: tokens,
-V: the student's vocabulary, M: teachers, chunk: 0 vs 256) and prints the
+V: the student's vocabulary, M: teachers, chunk: 0 vs 256, top_k: V vs 64) and prints the
 growth. `--vary N --fit-gb 80` then fits each objective's step peak as a + b*N
 and prints the largest N that fits in 80 GiB beside the weights of the paper's
 setting (Flan-T5-small student with Flan-T5-base and -large teachers; Qwen2.5
@@ -177,7 +179,7 @@ def measure(objective_name: str, args: argparse.Namespace) -> dict:
         enable_checkpointing(student)
     reference = build(student_cfg).requires_grad_(False).eval() if needs.reference else None
     teachers = [build(teacher_cfg).requires_grad_(False).eval() for _ in range(args.teachers)] if needs.teachers else []
-    ensemble = TeacherEnsemble(teachers, [f"t{i}" for i in range(len(teachers))], Uniform()) if teachers else None
+    ensemble = TeacherEnsemble(teachers, [f"t{i}" for i in range(len(teachers))], Uniform(), top_k=args.top_k or None) if teachers else None
     frozen = FrozenModels(reference, ensemble)
     vocab = student_cfg.vocab_size
     gsm8k = Path(args.gsm8k) if args.gsm8k else REPO.parent / "shared" / "data" / "gsm8k"
@@ -190,7 +192,7 @@ def measure(objective_name: str, args: argparse.Namespace) -> dict:
     gold = ro.Rollout(prompts, Tokens(completions.ids[:: args.group], completions.mask[:: args.group]), [""] * args.prompts,
                       ["0"] * args.prompts, None, 1, torch.zeros(args.prompts, dtype=torch.bool, device=device))
     weights = sum(p.numel() * p.element_size() for m in [student, reference, *teachers] if m is not None for p in m.parameters())
-    times, peaks = [], []
+    times, peaks, held = [], [], 0
     for _ in range(args.repeats):
         student.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -203,7 +205,8 @@ def measure(objective_name: str, args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         with_gold = needs.gold(ensemble is not None and ensemble.weighting.needs_gold)
         request = ScoreRequest(rollout, needs, gold=gold if with_gold else None)
-        batch, _, _ = score(student, request, frozen, vocab, chunk)
+        batch, _, scores = score(student, request, frozen, vocab, chunk)
+        held = tensor_bytes(scores.mixture)
         objective(batch).loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -214,15 +217,25 @@ def measure(objective_name: str, args: argparse.Namespace) -> dict:
         del batch
     return {
         "objective": objective_name, "N": n, "T": args.tokens, "P": prompts.ids.shape[1], "V": vocab, "M": len(teachers),
-        "chunk": chunk or 0, "reference": reference is not None, "step_s": statistics.median(times), "peak_mb": max(peaks) / 2**20, "weights_mb": weights / 2**20,
+        "chunk": chunk or 0, "top_k": args.top_k, "reference": reference is not None, "step_s": statistics.median(times),
+        "peak_mb": max(peaks) / 2**20, "teacher_mb": held / 2**20, "weights_mb": weights / 2**20,
     }
+
+
+def tensor_bytes(value) -> int:
+    """The bytes of every tensor in a (nested) tuple: what the teachers hand the KD terms, held until the backward."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(tensor_bytes(v) for v in value) if isinstance(value, tuple) else 0
 
 
 def run_one(objective: str, args: argparse.Namespace, **override) -> dict:
     """`measure` in a fresh subprocess, with `override` replacing arguments."""
     argv = {**vars(args), **override}
     cmd = [sys.executable, __file__, "--one", objective]
-    for key in ("family", "prompts", "group", "tokens", "teachers", "chunk", "repeats", "device", "dtype", "prompt_len"):
+    for key in ("family", "prompts", "group", "tokens", "teachers", "chunk", "top_k", "repeats", "device", "dtype", "prompt_len"):
         cmd += [f"--{key.replace('_', '-')}", str(argv[key])]
     cmd += ["--vocab", str(argv["vocab"])] if argv["vocab"] else []
     cmd += ["--checkpointing"] if argv["checkpointing"] else []
@@ -243,9 +256,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=96, help="P: every prompt is padded (or cut) to this many tokens")
     parser.add_argument("--teachers", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=0, help="model.logit_chunk (0: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="model.teacher_top_k (0: the full vocabulary)")
     parser.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing for the student")
     parser.add_argument("--vocab", type=int, default=0, help="the student's and teachers' vocabulary (0: the real one)")
-    parser.add_argument("--vary", default="none", choices=["none", "N", "T", "V", "M", "chunk"])
+    parser.add_argument("--vary", default="none", choices=["none", "N", "T", "V", "M", "chunk", "top_k"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -258,16 +272,18 @@ def main() -> None:
         return
     steps = {"none": [{}], "N": [{"prompts": args.prompts * f} for f in (1, 2, 4)], "T": [{"tokens": args.tokens * f} for f in (1, 2, 4)],
              "V": [{"vocab": (args.vocab or configs(args.family, None)[0].vocab_size) // f} for f in (4, 2, 1)],
-             "M": [{"teachers": m} for m in (1, 2, 4)], "chunk": [{"chunk": 0}, {"chunk": 256}]}[args.vary]
+             "M": [{"teachers": m} for m in (1, 2, 4)], "chunk": [{"chunk": 0}, {"chunk": 256}],
+             "top_k": [{"top_k": 0}, {"top_k": 64}]}[args.vary]
     print(f"family={args.family} device={args.device} dtype={args.dtype} checkpointing={args.checkpointing} repeats={args.repeats} (median step time, largest peak)")
-    print("| objective | N | T | P | V | M | chunk | step s | peak MB | weights MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| objective | N | T | P | V | M | chunk | top-k | step s | peak MB | teachers' MB | weights MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for objective in args.objectives.split(","):
         for override in steps:
             r = run_one(objective, args, **override)
             rows.append(r)
-            print(f"| {r['objective']} | {r['N']} | {r['T']} | {r['P']} | {r['V']} | {r['M']} | {r['chunk']} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | {r['weights_mb']:.0f} |", flush=True)
+            print(f"| {r['objective']} | {r['N']} | {r['T']} | {r['P']} | {r['V']} | {r['M']} | {r['chunk']} | {r['top_k'] or 'V'} | {r['step_s']:.2f} "
+                  f"| {r['peak_mb']:.0f} | {r['teacher_mb']:.1f} | {r['weights_mb']:.0f} |", flush=True)
     if args.fit_gb and args.vary == "N":
         fits(rows, args)
 

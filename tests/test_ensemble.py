@@ -42,16 +42,21 @@ def test_per_teacher_metrics_are_the_kls_to_the_student(scored):
     assert scores.metrics["kl_fwd"].min() > 0.01  # the teachers differ from the student, so the check above has teeth
 
 
-def test_chunked_scoring_equals_one_pass(scored):
-    """chunk_prompts bounds memory without changing any output (confidence weights: per position)."""
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_chunked_scoring_equals_one_pass(scored, top_k):
+    """chunk_prompts bounds memory without changing any output (confidence weights: per position), with the
+    full mixtures or with each teacher's top-k signals."""
     tokenizer, prompts, completions, student_logits, _ = scored
     teachers = [loading.load_model(n) for n in NAMES]
-    whole = TeacherEnsemble(teachers, NAMES, Confidence()).score(
+    whole = TeacherEnsemble(teachers, NAMES, Confidence(), top_k=top_k).score(
         prompts, completions, student_logits, len(tokenizer), tau=2.0, forward=True, reverse=True, logp=True)
-    chunked = TeacherEnsemble(teachers, NAMES, Confidence(), chunk_prompts=2).score(
+    chunked = TeacherEnsemble(teachers, NAMES, Confidence(), chunk_prompts=2, top_k=top_k).score(
         prompts, completions, student_logits, len(tokenizer), tau=2.0, forward=True, reverse=True, logp=True)
-    for a, b in zip([whole.weights, whole.logp, *whole.mixture], [chunked.weights, chunked.logp, *chunked.mixture]):
-        assert torch.allclose(a, b, atol=1e-5)
+    mixtures = [t for t in (*whole.mixture[:3], *(whole.mixture.top_k or ())) if t is not None]
+    chunked_mixtures = [t for t in (*chunked.mixture[:3], *(chunked.mixture.top_k or ())) if t is not None]
+    assert len(mixtures) == (4 if top_k else 3)
+    for a, b in zip([whole.weights, whole.logp, *mixtures], [chunked.weights, chunked.logp, *chunked_mixtures]):
+        assert torch.equal(a, b) if a.dtype == torch.long else torch.allclose(a, b, atol=1e-5)
     for key in whole.metrics:
         assert torch.allclose(whole.metrics[key], chunked.metrics[key], atol=1e-5), key
 

@@ -65,7 +65,7 @@ def test_render_prompts_renders_every_split_and_keeps_them_apart(tokenizer):
     tokenizer.chat_template = CHATML
     data = TaskData(sources.arith(train_size=300, test_size=20), prompts_per_step=4, val_size=10, test_size=20)
     before = [ex.prompt for ex in data.train_set + data.val_set + data.test_set]
-    data.render_prompts(lambda p: PromptFormat().render(tokenizer, p))
+    data.render_prompts(lambda ex: PromptFormat().render(tokenizer, ex.prompt))
     after = data.train_set + data.val_set + data.test_set
     assert [ex.prompt for ex in after] == [PromptFormat().render(tokenizer, p) for p in before]
     assert not {ex.prompt for ex in data.train_set} & {ex.prompt for ex in data.val_set + data.test_set}

@@ -178,6 +178,22 @@ def test_table_compares_every_row_with_grpo(tmp_path):
         assert float(next(r for r in csv.DictReader(f) if r["row"] == "SFT")["p_vs_baseline"]) == pytest.approx(p, rel=1e-3)
 
 
+def test_a_mix_dataset_gets_a_column_per_component_and_a_named_baseline(tmp_path):
+    rows = sw.plan_rows(spec(rows=["sft", "grpo"], datasets=["mix"]), TEACHERS)
+    jobs = sw.plan_jobs(spec(datasets=["mix"]), rows, {"mix": "mix"}, tmp_path)
+    statuses = [{
+        "status": "complete", "test/accuracy_after": 0.5 + 0.1 * (j.row.label == "SFT") + 0.01 * j.seed,
+        "test/arith/accuracy_after": 0.6 + 0.01 * j.seed, "test/arith/accuracy_after_ci95": [0.5, 0.7],
+        "test/arith_mc/accuracy_after": 0.4 + 0.2 * (j.row.label == "SFT") + 0.01 * j.seed,
+    } for j in jobs]
+    labels, columns, cells = table.build(jobs, statuses)
+    assert columns == ["mix", "mix/arith", "mix/arith_mc"]
+    assert cells[("GRPO", "mix/arith_mc")].values == pytest.approx([0.40, 0.41, 0.42])
+    text = table.markdown(labels, columns, cells, "t", "test", "SFT")
+    assert "| row | mix | mix vs SFT | mix/arith | mix/arith vs SFT | mix/arith_mc | mix/arith_mc vs SFT |" in text
+    assert "| GRPO | 51.0 ± 1.0 (n=3) | -10.0 (p=" in text and "| 61.0 ± 1.0 (n=3) | +0.0 (p=1) | 41.0 ± 1.0 (n=3) | -20.0 (p=" in text
+
+
 def test_tuning_reports_val_accuracy_and_the_best_point_per_objective(tmp_path):
     s = spec(rows=["grpo", "kdrl"], seeds=[0], metric="val", grid={"optim.lr": [1e-3, 2e-3]})
     rows = sw.plan_rows(s, TEACHERS)
@@ -283,6 +299,8 @@ def test_bad_sweep_input_fails_before_anything_runs(tmp_path):
     assert done.returncode == 2
     assert "error: sweep row 'ppo' is not one of student, teachers, an objective" in done.stderr
     assert not list(out.glob("*/*/s*"))
+    unknown = sweep("sweep=quick", "+sweep.baseline=ppo", f"out={out}")
+    assert unknown.returncode == 2 and "error: sweep.baseline='ppo' is not a row; the rows are" in unknown.stderr
     real = sweep("sweep=paper_table1", f"out={out}")
     assert real.returncode == 2 and "google/flan-t5-small" in real.stderr and "hf download" in real.stderr
 

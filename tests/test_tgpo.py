@@ -97,11 +97,11 @@ def test_topk_guidance_is_the_renormalised_forward_kl():
     top = pbar.topk(2, -1)
     p = top.values / top.values.sum(-1, keepdim=True)
     log_q = torch.log_softmax(logits, -1).gather(-1, top.indices)
-    assert torch.allclose(topk_guidance(logits, pbar, 2), (p * (p.log() - log_q)).sum(-1), atol=1e-6)
+    assert torch.allclose(topk_guidance(logits, pbar, k=2), (p * (p.log() - log_q)).sum(-1), atol=1e-6)
     # k = V is the full forward KL; a student equal to the teachers gets 0
-    assert torch.allclose(topk_guidance(pbar.log(), pbar, V), torch.zeros(2, 3), atol=1e-5)
+    assert torch.allclose(topk_guidance(pbar.log(), pbar, k=V), torch.zeros(2, 3), atol=1e-5)
     # k = 1 is the argmax cross-entropy
-    assert torch.allclose(topk_guidance(logits, pbar, 1), hard_guidance(logits, pbar.argmax(-1)), atol=1e-6)
+    assert torch.allclose(topk_guidance(logits, pbar, k=1), hard_guidance(logits, pbar.argmax(-1)), atol=1e-6)
 
 
 def test_linear_lambda_schedule_values():

@@ -50,6 +50,22 @@ def test_builds_are_cached_by_recipe_and_loading_never_trains(monkeypatch, tmp_p
     assert second != first and zoo.ensure("test-t5") == second
 
 
+def test_a_recipes_tasks_are_in_its_key_and_its_training_data():
+    """A specialist (one task) is its own build, trained on its task alone and scored on both; a recipe at the default
+    tasks keeps the key it had before the field existed, so the builds shipped before it are still found."""
+    specialist = replace(TINY, tasks=("arith",))
+    assert len({zoo.recipe_key(TINY), zoo.recipe_key(specialist), zoo.recipe_key(replace(TINY, tasks=("arith_mc",)))}) == 3
+    assert zoo.recipe_key(replace(TINY, tasks=("arith", "arith_mc"))) == zoo.recipe_key(TINY)
+    for report in zoo.EMBEDDED_DIR.glob("*/build.json"):  # a report's recipe (written without `tasks` before the field) gives its folder's key
+        build = json.loads(report.read_text())
+        recipe = zoo.Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in build["recipe"].items()})
+        assert report.parent.name == f"{build['name']}-{zoo.recipe_key(recipe)}"
+    train, splits = builder.training_data(specialist)
+    assert train == splits["arith"].train and set(splits) == {"arith", "arith_mc"}
+    assert builder.training_data(replace(TINY, tasks=("arith_mc",)))[0] == splits["arith_mc"].train
+    assert builder.training_data(TINY)[0] == splits["arith"].train + splits["arith_mc"].train
+
+
 def test_ship_copies_a_build_into_the_package_and_drops_older_recipes(monkeypatch, tmp_path):
     monkeypatch.setenv("GRPOKD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(zoo, "EMBEDDED_DIR", tmp_path / "embedded")

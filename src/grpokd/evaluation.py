@@ -27,8 +27,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd.data.datamodule import collate
 from grpokd.data.example import Example
+from grpokd.data.rewards import for_component
 from grpokd.models.lm import decode, end_token_ids, ended, generate, tokenize_prompts
-from grpokd.rollout import Sampling, sample
+from grpokd.rollout import Sampling, origins, sample
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ def greedy(
     prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len, sampling.prompt_special_tokens).to(device)  # [B, P]
     completions = generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=sampling.max_new_tokens)  # [B, T]
     texts = decode(tokenizer, completions)
-    rewards = torch.tensor([reward(t, a) for t, a in zip(texts, examples["answer"])], dtype=torch.float32, device=device)  # [B]
+    components, _ = origins(examples)
+    scores = [for_component(reward, c)(t, a) for t, a, c in zip(texts, examples["answer"], components)]
+    rewards = torch.tensor(scores, dtype=torch.float32, device=device)  # [B] each by its component's reward
     return Greedy(texts, rewards, ended(completions, end_token_ids(model, tokenizer)))
 
 
@@ -105,13 +108,17 @@ def pass_rates(
 
 
 def prediction_rows(examples: dict[str, list[str]], result: Greedy, reward: Any, indices: list[int]) -> list[dict[str, Any]]:
-    """One record per prompt: index in the split, prompt as rendered, completion, parsed answer and its style
-    (when `reward` can parse: `parse(text) -> (value, style)`), gold answer, reward, and whether it ended."""
+    """One record per prompt: index in the split, its component (the dataset it comes from), prompt as rendered,
+    completion, parsed answer and its style (when its reward can parse: `parse(text) -> (value, style)`), gold
+    answer, reward, and whether it ended."""
     rows = []
+    components, _ = origins(examples)
     for i, (index, completion) in enumerate(zip(indices, result.completions)):
-        parsed = reward.parse(completion) if hasattr(reward, "parse") else None
+        scorer = for_component(reward, components[i])
+        parsed = scorer.parse(completion) if hasattr(scorer, "parse") else None
         rows.append({
             "index": index,
+            "component": components[i],
             "prompt": examples["prompt"][i],
             "completion": completion,
             "parsed": None if parsed is None else parsed.value,

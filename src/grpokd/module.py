@@ -21,6 +21,7 @@ parameters (with LoRA: the adapters).
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import warnings
@@ -95,6 +96,8 @@ class GRPOKDModule(L.LightningModule):
         eval_pass_k: also log val/pass@k, k completions per val prompt sampled at the rollout settings (0: off).
         logit_chunk: score the student and the reference this many completion positions at a time, never holding
             their [N, T, V] logits (`scoring.score`); None: whole.
+        components: the datasets of a `dataset=mix` run: each gets train/<name>/reward_mean,
+            val/<name>/accuracy and test/<name>/accuracy (nothing extra for one dataset).
     """
 
     flops_per_batch = None  # for ThroughputMonitor: a step's FLOPs depend on the sampled lengths, so none are claimed
@@ -118,6 +121,7 @@ class GRPOKDModule(L.LightningModule):
         eval_pass_k: int = 0,
         logit_chunk: int | None = None,
         reference_adapters_off: bool = False,
+        components: list[str] = (),
     ) -> None:
         super().__init__()
         if updates_per_rollout < 1 or minibatches < 1:
@@ -149,6 +153,9 @@ class GRPOKDModule(L.LightningModule):
         self.eval_pass_k = eval_pass_k
         self.logit_chunk = logit_chunk
         self.val_pass = MeanMetric()
+        self.components = list(components) if len(components) > 1 else []
+        self.val_by_component = torch.nn.ModuleDict({name: MeanMetric() for name in self.components})
+        self.test_by_component = torch.nn.ModuleDict({name: MeanMetric() for name in self.components})
         self._predictions: list[dict[str, Any]] = []  # the current test evaluation's prediction rows on this rank
 
     # --- training -------------------------------------------------------------------------------
@@ -200,7 +207,7 @@ class GRPOKDModule(L.LightningModule):
         batch, score_metrics, self.buffer.scores[part] = score(self.student, request, self.frozen, self.vocab_size, self.logit_chunk)
         out = self.objective(batch)
         self._step_tokens = float(rollout.completions.mask.sum() + rollout.prompts.mask.sum() * rollout.group_size)
-        metrics = {"loss": out.loss.detach(), **score_metrics, **out.metrics, **ro.rollout_metrics(rollout)}
+        metrics = {"loss": out.loss.detach(), **score_metrics, **out.metrics, **ro.rollout_metrics(rollout, self.components)}
         self._step_metrics, self._step_metrics_at = metrics, self.global_step  # logged once the update is done (`optimizer_step`)
         self.log("reward", metrics.get("reward_mean", out.loss.detach()), prog_bar=True, logger=False, batch_size=1, sync_dist=True)
         if self.samples_every and self.global_step % self.samples_every == 0:
@@ -220,7 +227,8 @@ class GRPOKDModule(L.LightningModule):
         values = parallel.reduce_over_ranks(self.all_gather(local).reshape(-1, len(names)), names)  # [n]
         self.trainer.callback_metrics.update(zip(names, values))
         if (step + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.should_stop:
-            floats = dict(zip(names, values.tolist()), epoch=self.current_epoch)
+            floats = {name: value for name, value in zip(names, values.tolist()) if not math.isnan(value) or not name.endswith("/reward_mean")}
+            floats["epoch"] = self.current_epoch  # a component no rank sampled this step (NaN) is left out
             for logger in self.loggers:
                 logger.log_metrics(floats, step=step)
 
@@ -269,12 +277,22 @@ class GRPOKDModule(L.LightningModule):
         return evaluation.greedy(self.student, self.tokenizer, examples, self.reward, self.sampling)
 
     def validation_step(self, examples: dict[str, list[str]], batch_idx: int) -> None:
-        self.val_accuracy.update(self.greedy(examples).rewards)
+        rewards = self.greedy(examples).rewards
+        self.val_accuracy.update(rewards)
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(examples["prompt"]))
+        self.log_by_component("val", "accuracy", self.val_by_component, examples, rewards)
         if self.eval_pass_k:
             seed = 7919 * self.global_step + batch_idx  # the same samples for the same checkpoint
             self.val_pass.update(evaluation.pass_at_k(self.student, self.tokenizer, examples, self.reward, self.sampling, self.eval_pass_k, seed))
             self.log(f"val/pass@{self.eval_pass_k}", self.val_pass, batch_size=len(examples["prompt"]))
+
+    def log_by_component(self, split: str, tag: str, metrics: torch.nn.ModuleDict, examples: dict[str, list], rewards: Tensor) -> None:
+        """<split>/<component>/<tag>: each component's mean reward over the epoch (epoch-level: a batch may lack a component)."""
+        for name, metric in metrics.items():
+            rows = torch.tensor([c == name for c in examples["component"]], device=rewards.device)  # [B]
+            if rows.any():
+                metric.update(rewards[rows])
+            self.log(f"{split}/{name}/{tag}", metric, on_step=False, on_epoch=True, batch_size=int(rows.sum()))
 
     def on_test_epoch_start(self) -> None:
         self._predictions = []
@@ -283,6 +301,7 @@ class GRPOKDModule(L.LightningModule):
         result = self.greedy(examples)
         self.test_accuracy.update(result.rewards)
         self.log(f"test/{self.eval_tag}", self.test_accuracy, batch_size=len(examples["prompt"]))
+        self.log_by_component("test", self.eval_tag, self.test_by_component, examples, result.rewards)
         world, done = self.trainer.world_size, len(self._predictions)  # rank r of W evaluates examples r, r+W, ...
         indices = [(done + j) * world + self.global_rank for j in range(len(result.completions))]
         self._predictions += evaluation.prediction_rows(examples, result, self.reward, indices)

@@ -51,10 +51,13 @@ def reduce_over_ranks(gathered: Tensor, names: list[str]) -> Tensor:
     ending `_max`) by max, rates of the whole job (`_per_s`) by sum, the rest by mean. Every rank holds as many
     prompts and completions, so the mean of the ranks' means is the mean over the step, as DDP's gradient is the
     ranks' mean; a standard deviation (`reward_std`) is the mean of the ranks' own, not the spread over all
-    ranks' completions."""
+    ranks' completions. A dataset component's `<component>/reward_mean` is the mean over the ranks that sampled
+    it (NaN where none did)."""
     is_max = torch.tensor([name.endswith("_max") for name in names], device=gathered.device)  # [n]
     is_sum = torch.tensor([name.endswith("_per_s") for name in names], device=gathered.device)  # [n]
-    return torch.where(is_max, gathered.amax(0), torch.where(is_sum, gathered.sum(0), gathered.mean(0)))
+    is_part = torch.tensor([name.endswith("/reward_mean") for name in names], device=gathered.device)  # [n] a component's
+    mean = torch.where(is_part, gathered.nanmean(0), gathered.mean(0))  # a rank without the component's prompts has NaN
+    return torch.where(is_max, gathered.amax(0), torch.where(is_sum, gathered.sum(0), mean))
 
 
 def rank_entry(entries: list | dict | None, rank: int) -> Any:

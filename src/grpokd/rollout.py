@@ -8,6 +8,7 @@ competence weighting) both return a `Rollout`. A rollout reused by several optim
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -62,6 +63,14 @@ class Rollout:
     reward_parts: dict[str, Tensor] = field(default_factory=dict)  # name -> [N], each reward function's value
     prompt_texts: list[str] = field(default_factory=list)  # B prompts as rendered (chat template included), before tokenizing
     reward_weights: dict[str, float] = field(default_factory=dict)  # name -> the weight of reward_parts[name] in rewards
+    components: list[str] = field(default_factory=list)  # B: the dataset each prompt comes from (`dataset=mix`'s component)
+    teachers: list[str | None] = field(default_factory=list)  # B: the teacher each prompt's data names (`weighting=route`), or None
+
+
+def origins(examples: dict[str, list]) -> tuple[list[str], list[str | None]]:
+    """Each prompt's component and teacher field in a batch of examples (empty / None where the batch has none)."""
+    count = len(examples["prompt"])
+    return list(examples.get("component") or [""] * count), list(examples.get("teacher") or [None] * count)
 
 
 def sample(
@@ -83,12 +92,16 @@ def sample(
     )  # [N, T]
     texts = decode(tokenizer, completions)
     answers = [a for a in examples["answer"] for _ in range(sampling.group_size)]
+    components, teachers = origins(examples)
     weighted = WeightedRewards.of(reward)
-    values = weighted.parts(texts, answers)
+    values = weighted.parts(texts, answers, [c for c in components for _ in range(sampling.group_size)])
     rewards = torch.tensor(weighted.total(values), dtype=torch.float32, device=device)  # [N]
     parts = {name: torch.tensor(v, dtype=torch.float32, device=device) for name, v in values.items()}  # name -> [N]
     truncated = ~ended(completions, end_token_ids(model, tokenizer))  # [N]
-    return Rollout(prompts, completions, texts, answers, rewards, sampling.group_size, truncated, parts, list(examples["prompt"]), dict(weighted.weights))
+    return Rollout(
+        prompts, completions, texts, answers, rewards, sampling.group_size, truncated, parts, list(examples["prompt"]), dict(weighted.weights),
+        components, teachers,
+    )
 
 
 def mask_truncated(rollout: Rollout) -> Rollout:
@@ -106,6 +119,7 @@ def select(rollout: Rollout, start: int, stop: int) -> Rollout:
         Tokens(rollout.completions.ids[rows], rollout.completions.mask[rows]),
         rollout.texts[rows], rollout.answers[rows], None if rollout.rewards is None else rollout.rewards[rows], k, rollout.truncated[rows],
         {name: v[rows] for name, v in rollout.reward_parts.items()}, rollout.prompt_texts[start:stop], dict(rollout.reward_weights),
+        rollout.components[start:stop], rollout.teachers[start:stop],
     )
 
 
@@ -116,6 +130,7 @@ def to_state(rollout: Rollout) -> dict:
         "texts": list(rollout.texts), "answers": list(rollout.answers), "rewards": rollout.rewards,
         "group_size": rollout.group_size, "truncated": rollout.truncated, "reward_parts": dict(rollout.reward_parts),
         "prompt_texts": list(rollout.prompt_texts), "reward_weights": dict(rollout.reward_weights),
+        "components": list(rollout.components), "teachers": list(rollout.teachers),
     }
 
 
@@ -126,6 +141,7 @@ def from_state(state: dict, device: torch.device | str = "cpu") -> Rollout:
         Tokens(*map(move, state["prompts"])), Tokens(*map(move, state["completions"])), state["texts"], state["answers"],
         move(state["rewards"]), state["group_size"], move(state["truncated"]),
         {name: move(v) for name, v in state["reward_parts"].items()}, state.get("prompt_texts", []), state.get("reward_weights", {}),
+        state.get("components", []), state.get("teachers", []),
     )
 
 
@@ -134,7 +150,11 @@ def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sam
     prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len, sampling.prompt_special_tokens).to(device)  # [B, P]
     completions = tokenize_targets(tokenizer, examples["solution"], sampling.max_new_tokens).to(device)  # [B, T]
     none = torch.zeros(completions.ids.shape[0], dtype=torch.bool, device=device)
-    return Rollout(prompts, completions, examples["solution"], examples["answer"], None, 1, truncated=none, prompt_texts=list(examples["prompt"]))
+    components, teachers = origins(examples)
+    return Rollout(
+        prompts, completions, examples["solution"], examples["answer"], None, 1, truncated=none, prompt_texts=list(examples["prompt"]),
+        components=components, teachers=teachers,
+    )
 
 
 @dataclass
@@ -174,9 +194,12 @@ class RolloutBuffer:
         return cls(from_state(state["rollout"], device), gold, old_logp)
 
 
-def rollout_metrics(rollout: Rollout) -> dict[str, Tensor]:
+def rollout_metrics(rollout: Rollout, components: list[str] = ()) -> dict[str, Tensor]:
     """Reward and length statistics of one rollout, and the share of completions that state their answer in each
-    style (`answer_style/<marker|boxed|answer_is|none>`: whether the model keeps the asked format) (unprefixed names)."""
+    style (`answer_style/<marker|boxed|answer_is|none>`: whether the model keeps the asked format) (unprefixed names).
+
+    With several `components` (`dataset=mix`), also `<component>/reward_mean` for each: NaN when the rollout holds
+    none of its prompts (reduced over the ranks that have some, `parallel.reduce_over_ranks`)."""
     lengths = rollout.completions.mask.sum(-1).float()  # [N]
     styles = [answer_style(text) or "none" for text in rollout.texts]
     metrics = {
@@ -193,4 +216,9 @@ def rollout_metrics(rollout: Rollout) -> dict[str, Tensor]:
             "zero_std_frac": (groups.std(-1, unbiased=False) == 0).float().mean(),
         }
         metrics |= {f"rewards/{name}/mean": values.mean() for name, values in rollout.reward_parts.items()}
+        if len(components) > 1:
+            of_row = [c for c in rollout.components for _ in range(rollout.group_size)]  # [N] each completion's component
+            for name in components:
+                rows = torch.tensor([c == name for c in of_row], device=rollout.rewards.device)  # [N]
+                metrics[f"{name}/reward_mean"] = rollout.rewards[rows].mean() if rows.any() else torch.tensor(math.nan)
     return metrics

@@ -11,6 +11,7 @@ A sweep file (conf/sweep/*.yaml) names:
   terms, not in j1's), so no row is run twice for a value it ignores; a dotted
   key (`optim.lr`) is expanded in every training row;
 - `row_grid`: per row, its own grid ({kdrl: {beta_kd: [0.1, 1]}});
+- `baseline`: the row every other is compared with (default: the GRPO row);
 - `metric`: `test` (the table: test accuracy) or `val` (hyperparameter search:
   final greedy val accuracy; jobs then run with `eval_test=false` and never
   touch the test split, and `best.md` names each row's best grid point).
@@ -233,6 +234,9 @@ def plan(spec: DictConfig, out: Path, compose: Callable[[list[str]], DictConfig]
 
     rows = plan_rows(spec, [teacher_entry(t)[0] for t in compose([f"model={spec.model}"]).model.teachers or []])
     metric_overrides(spec)
+    baseline = spec.get("baseline")
+    if baseline is not None and not any(baseline in (r.label, r.key) for r in rows):
+        raise ConfigError(f"sweep.baseline={baseline!r} is not a row; the rows are {', '.join(r.label for r in rows)}")
     return rows, plan_jobs(spec, rows, check(spec, rows, compose), out)
 
 
@@ -278,8 +282,11 @@ def run_rows(spec: DictConfig, rows: list[Row], jobs: list[Job], out: Path, laun
                 echo(f"[{i}/{len(rows)}] {row.label}: some jobs failed (exit status {done.returncode}); see the table")
 
 
-def report(rows: list[Row], jobs: list[Job], out: Path, title: str, metric: str = "test") -> tuple[str, list[Path], int]:
-    """table.md, table.csv, the figures and loss_fits.csv in `out` (and best.md for metric=val).
+def report(
+    rows: list[Row], jobs: list[Job], out: Path, title: str, metric: str = "test", spec_baseline: str | None = None,
+) -> tuple[str, list[Path], int]:
+    """table.md, table.csv, the figures and loss_fits.csv in `out` (and best.md for metric=val). The rows are compared
+    with the row `spec_baseline` (the sweep file's `baseline`, a row name), else with the GRPO row if there is one.
 
     Returns (markdown, figure paths, failed jobs).
     """
@@ -287,7 +294,7 @@ def report(rows: list[Row], jobs: list[Job], out: Path, title: str, metric: str 
 
     statuses = [status(j) for j in jobs]
     labels, datasets, cells = table.build(jobs, statuses, metric)
-    baseline = next((r.label for r in rows if r.objective == "grpo" and metric == "test"), None)
+    baseline = next((r.label for r in rows if (spec_baseline in (r.label, r.key) if spec_baseline else r.objective == "grpo") and metric == "test"), None)
     text = table.write(out, labels, datasets, cells, title, metric, baseline)
     if metric == "val":
         groups = {r.label: (r.objective or r.label) for r in rows if not r.is_eval}

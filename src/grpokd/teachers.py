@@ -25,6 +25,11 @@ normalised over the teachers (softmax) and detached (`conf/weighting/`):
 - `Confidence(temperature)`: softmax_i(-H(p_i) / temperature) at each position.
 - `Competence(temperature)`: softmax_i of each teacher's mean token
   log-likelihood of the prompt's gold solution / temperature (per prompt).
+- `Route(routes)`: 1 for the teacher each example is routed to (by its data's
+  `teacher` field or its dataset component), 0 for the others.
+
+With `model.teacher_top_k` the KD terms get each teacher's top-k log-probs and
+a tail bucket (`TopKMixer`, `objectives.base.TopK`) instead of the mixtures.
 """
 
 from __future__ import annotations
@@ -40,18 +45,20 @@ from transformers import PreTrainedModel
 
 from grpokd.errors import ConfigError, check_range
 from grpokd.models.lm import Tokens, completion_logits, token_logp
-from grpokd.objectives.base import KDStates, Needs
+from grpokd.objectives.base import KDStates, Needs, TopK
 from grpokd.objectives.functional import entropy, masked_mean
 from grpokd.objectives.logits import Logits, per_position
 from grpokd.rollout import Rollout
 
 
 class Mixture(NamedTuple):
-    """The running mixtures of `TeacherMixer.result()`; a field is None when it was not requested."""
+    """What the KD terms read of the teachers: the running mixtures of `TeacherMixer.result()` (a field is None when
+    it was not requested), or with `model.teacher_top_k` each teacher's sparse signal (`TopKMixer.result()`)."""
 
     pbar: Tensor | None  # [N, T, V] sum_i w_i p_i
     neg_entropy: Tensor | None  # [N, T] sum_i w_i sum_a p_i log p_i
     lbar: Tensor | None  # [N, T, V] sum_i w_i log p_i
+    top_k: TopK | None = None  # each teacher's top-k log-probs and tail, instead of the three above
 
 
 class TeacherMixer:
@@ -167,8 +174,7 @@ class TeacherMixer:
 
     def kd_states(self, logits: Logits, mask: Tensor) -> KDStates:
         """The student's logits [N, T, V] (with grad) and mask [N, T] bundled with this mixture."""
-        pbar, neg_entropy, lbar = self.result()
-        return KDStates(logits=logits, mask=mask, tau=self.tau, pbar=pbar, neg_entropy=neg_entropy, lbar=lbar)
+        return KDStates(logits, mask, self.tau, *self.result())
 
 
 def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
@@ -178,13 +184,76 @@ def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
     return total.add_(term)
 
 
+class TopKMixer:
+    """Keep each teacher's top-k log-probabilities and tail bucket at temperature tau (`TopK`), one teacher at a time.
+
+    The same interface as `TeacherMixer` (`add` with normalised `weight` or unnormalised `log_weight`, `result`,
+    `kd_states`); the weights are normalised over the teachers in `result`, once all are known. Holds
+    (8 + 4) bytes * k per teacher and position instead of one or two float32 [N, T, V] mixtures.
+
+    Args:
+        tau: temperature > 0 of the teachers' distributions.
+        k: tokens kept per teacher and position, 1 <= k <= V.
+    """
+
+    def __init__(self, tau: float, k: int) -> None:
+        check_range("tau", tau, low=0, low_open=True)
+        check_range("model.teacher_top_k", k, low=1, integer=True)
+        self.tau, self.k = tau, k
+        self.count = 0
+        self._unnormalised: bool | None = None
+        self._index: list[Tensor] = []  # [N, T, k] per teacher
+        self._logp: list[Tensor] = []  # [N, T, k]
+        self._tail: list[Tensor] = []  # [N, T]
+        self._weight: list[Tensor] = []  # [N, T] weight or log-weight
+
+    @torch.no_grad()
+    def add(
+        self, teacher_logits: Tensor, weight: Tensor | float | None = None, log_weight: Tensor | None = None
+    ) -> None:
+        """Add one teacher ([N, T, V] untempered logits) with `weight` (normalised) or `log_weight`; give exactly one."""
+        if (weight is None) == (log_weight is None):
+            raise ValueError("give exactly one of weight (normalised) and log_weight (unnormalised)")
+        unnormalised = log_weight is not None
+        if self._unnormalised not in (None, unnormalised):
+            raise ValueError("a TopKMixer takes either weight or log_weight for every teacher, not both")
+        self._unnormalised = unnormalised
+        vocab = teacher_logits.shape[-1]
+        if self.k > vocab:
+            raise ConfigError(f"model.teacher_top_k={self.k} is larger than the vocabulary ({vocab}); use at most {vocab}")
+        log_p = F.log_softmax(teacher_logits.detach().float() / self.tau, dim=-1)  # [N, T, V]
+        values, index = log_p.topk(self.k, dim=-1)  # [N, T, k]
+        # the tail's log-mass over the tokens left out, exactly (not log(1 - sum), which rounds to -inf near 1)
+        tail = log_p.scatter_(-1, index, -math.inf).logsumexp(-1) if self.k < vocab else torch.full_like(values[..., 0], -math.inf)
+        self._index.append(index)
+        self._logp.append(values)
+        self._tail.append(tail)
+        given = log_weight if unnormalised else weight
+        self._weight.append(torch.as_tensor(given).detach().float().to(values.device).expand(values.shape[:-1]))  # [N, T]
+        self.count += 1
+
+    def result(self) -> Mixture:
+        """`Mixture(None, None, None, TopK)`, teachers stacked on dim 2. Raises if no teacher was added."""
+        if self.count == 0:
+            raise ValueError("TopKMixer.result() before any teacher was added")
+        weight = torch.stack(self._weight, -1)  # [N, T, M]
+        if self._unnormalised:
+            weight = weight.softmax(-1)
+        top_k = TopK(torch.stack(self._index, -2), torch.stack(self._logp, -2), torch.stack(self._tail, -1), weight)
+        return Mixture(None, None, None, top_k)
+
+    def kd_states(self, logits: Logits, mask: Tensor) -> KDStates:
+        """The student's logits [N, T, V] (with grad) and mask [N, T] bundled with the teachers' top-k signals."""
+        return KDStates(logits, mask, self.tau, *self.result())
+
+
 class Uniform:
     """w_i = 1/M."""
 
     needs_gold = False
     uses_logits = False  # the weight is known before the teacher runs
 
-    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
+    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None = None, route: Tensor | None = None) -> Tensor:
         return torch.zeros(logits.shape[:-1], device=logits.device)  # [N, T]
 
 
@@ -204,7 +273,7 @@ class Static:
         if len(self.weights) != num_teachers:
             raise ConfigError(f"weighting.weights has {len(self.weights)} entries for {num_teachers} teachers; give one per teacher")
 
-    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
+    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None = None, route: Tensor | None = None) -> Tensor:
         return torch.full(logits.shape[:-1], self.weights[index], device=logits.device).log()  # [N, T]
 
 
@@ -224,7 +293,7 @@ class Confidence(_Tempered):
 
     uses_logits = True  # known only once the teacher has run: mixed with online-softmax log-weights
 
-    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
+    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None = None, route: Tensor | None = None) -> Tensor:
         return -entropy(logits) / self.temperature  # [N, T]
 
 
@@ -233,9 +302,54 @@ class Competence(_Tempered):
 
     needs_gold = True
 
-    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None) -> Tensor:
+    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None = None, route: Tensor | None = None) -> Tensor:
         assert gold_score is not None, "Competence weighting needs the gold solutions' scores"
         return (gold_score[index] / self.temperature)[:, None].expand(logits.shape[:-1])  # [N, T]
+
+
+class Route:
+    """w_i = 1 for the one teacher each example is routed to, 0 for the others: per-sample routing, the
+    multi-teacher on-policy distillation of verl, NeMo-RL and TRL's async trainer, beside the mixtures above.
+
+    An example goes to the teacher its data names (a jsonl row's `teacher` field), else to its dataset
+    component's teacher in `routes` (component -> teacher name; `dataset=mix`'s components, or a single
+    dataset's name). Names are the teachers' as in their metrics (teacher/weight/<name>). The weights are
+    known before the teachers run; a teacher gets no gradient signal from rows not routed to it.
+
+    Args:
+        routes: dataset component -> teacher name (None: no route).
+    """
+
+    needs_gold = False
+    uses_logits = False
+
+    def __init__(self, routes: dict[str, str | None] | None = None) -> None:
+        self.routes = {component: teacher for component, teacher in (routes or {}).items() if teacher is not None}
+
+    def check_routes(self, teachers: list[str], examples: list) -> None:
+        """Every route names a teacher and a component of the data, and every example has a teacher: ConfigError if not."""
+        components = list(dict.fromkeys(ex.component for ex in examples))
+        for component, teacher in self.routes.items():
+            if component not in components:
+                raise ConfigError(f"weighting.routes.{component}: no such dataset component; the components are {', '.join(components)}")
+            if teacher not in teachers:
+                raise ConfigError(f"weighting.routes.{component}={teacher}: no such teacher; the teachers are {', '.join(teachers)}")
+        for ex in examples:
+            if ex.teacher is not None and ex.teacher not in teachers:
+                raise ConfigError(f"an example of {ex.component} names teacher {ex.teacher!r} in its data; the teachers are {', '.join(teachers)}")
+            if ex.teacher is None and ex.component not in self.routes:
+                raise ConfigError(
+                    f"weighting=route: examples of {ex.component} name no teacher; set weighting.routes.{ex.component}=<teacher> "
+                    f"(the teachers are {', '.join(teachers)})"
+                )
+
+    def assign(self, teachers: list[str], components: list[str], named: list[str | None]) -> list[int]:
+        """The teacher index of each prompt: its own named teacher, else its component's."""
+        return [teachers.index(teacher if teacher is not None else self.routes[component]) for component, teacher in zip(components, named)]
+
+    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None = None, route: Tensor | None = None) -> Tensor:
+        assert route is not None, "route weighting needs each row's teacher"
+        return torch.where(route == index, 0.0, -math.inf)[:, None].expand(logits.shape[:-1])  # [N, T]
 
 
 @dataclass(frozen=True)
@@ -266,15 +380,26 @@ class TeacherEnsemble(torch.nn.Module):
     Lightning moves them with the student and FSDP can shard each one (see `grpokd.scoring.FrozenModels`).
     """
 
-    def __init__(self, teachers: list[PreTrainedModel], names: list[str], weighting, chunk_prompts: int | None = None) -> None:
+    def __init__(
+        self, teachers: list[PreTrainedModel], names: list[str], weighting, chunk_prompts: int | None = None, top_k: int | None = None,
+    ) -> None:
         super().__init__()
         if not teachers:
             raise ConfigError("model.teachers is empty; this objective needs at least one teacher")
+        if top_k is not None:
+            check_range("model.teacher_top_k", top_k, low=1, integer=True)
         getattr(weighting, "check", lambda m: None)(len(teachers))
         self.teachers = torch.nn.ModuleList(t.eval().requires_grad_(False) for t in teachers)
         self.names = names
         self.weighting = weighting
         self.chunk_prompts = chunk_prompts
+        self.top_k = top_k  # keep each teacher's top-k log-probs and a tail bucket for the KD terms (`TopK`); None: full
+
+    def mixer(self, tau: float, forward: bool, reverse: bool) -> TeacherMixer | TopKMixer | None:
+        """What collects the teachers for the KD terms: their top-k signals, or the full-vocabulary mixtures asked for."""
+        if not (forward or reverse):
+            return None
+        return TopKMixer(tau, self.top_k) if self.top_k is not None else TeacherMixer(tau, forward=forward, reverse=reverse)
 
     @torch.no_grad()
     def gold_scores(self, prompts: Tokens, gold: Tokens, vocab_size: int) -> Tensor:
@@ -295,12 +420,13 @@ class TeacherEnsemble(torch.nn.Module):
         logp: bool = False,
         gold_scores: Tensor | None = None,
         logp_temperature: float = 1.0,
+        route: Tensor | None = None,
     ) -> TeacherScores:
         """Score completions [N, T] of prompts [B, P] (N = B*K) with every teacher, one at a time.
 
         `student_logits` [N, T, V] (detached here; whole or chunked) only feed the per-teacher KL metrics.
         `logp` asks for each teacher's log-probs of the completion tokens at `logp_temperature`.
-        `gold_scores` [M, B] are required by competence weighting.
+        `gold_scores` [M, B] are required by competence weighting, `route` [B] (each prompt's teacher index) by routing.
         """
         group = completions.ids.shape[0] // prompts.ids.shape[0]
         chunk = self.chunk_prompts or prompts.ids.shape[0]
@@ -311,6 +437,7 @@ class TeacherEnsemble(torch.nn.Module):
                 student_logits[b * group : (b + chunk) * group].detach(),
                 vocab_size, tau, forward, reverse, logp, logp_temperature,
                 None if gold_scores is None else gold_scores[:, b : b + chunk].repeat_interleave(group, 1),
+                None if route is None else route[b : b + chunk].repeat_interleave(group),
             )
             for b in range(0, prompts.ids.shape[0], chunk)
         ]
@@ -318,19 +445,19 @@ class TeacherEnsemble(torch.nn.Module):
 
     def _score_rows(
         self, prompts: Tokens, completions: Tokens, student_logits: Logits, vocab_size: int, tau: float,
-        forward: bool, reverse: bool, logp: bool, logp_temperature: float, gold_score: Tensor | None,
+        forward: bool, reverse: bool, logp: bool, logp_temperature: float, gold_score: Tensor | None, route: Tensor | None,
     ) -> _Chunk:
-        mixer = TeacherMixer(tau, forward=forward, reverse=reverse) if (forward or reverse) else None
+        mixer = self.mixer(tau, forward, reverse)
         mask = completions.mask.float()  # [n, T]
         log_weights, logps, kl_fwd, kl_rev = [], [], [], []
         fixed = None  # [M, n, T] weights known before the teachers run: mixed directly, no online softmax
         if not self.weighting.uses_logits:
             positions = completions.mask.new_empty(*completions.mask.shape, 0)  # [n, T, 0]: carries the shape only
-            fixed = torch.stack([self.weighting.log_weight(i, positions, gold_score) for i in range(len(self.teachers))]).softmax(0)
+            fixed = torch.stack([self.weighting.log_weight(i, positions, gold_score, route) for i in range(len(self.teachers))]).softmax(0)
         for i, teacher in enumerate(self.teachers):
             logits = completion_logits(teacher, prompts, completions, vocab_size)  # [n, T, V]
             if fixed is None:
-                log_weights.append(self.weighting.log_weight(i, logits.float(), gold_score))  # [n, T]
+                log_weights.append(self.weighting.log_weight(i, logits.float(), gold_score, route))  # [n, T]
             if mixer is not None and fixed is None:
                 mixer.add(logits, log_weight=log_weights[-1])
             elif mixer is not None:
@@ -363,10 +490,7 @@ def _concat(chunks: list[_Chunk], mask: Tensor) -> TeacherScores:
     """Join the row chunks; per-teacher metrics are token-weighted means over all rows."""
     weights = torch.cat([c.weights for c in chunks], 1)  # [M, N, T]
     logp = torch.cat([c.logp for c in chunks], 1) if chunks[0].logp is not None else None  # [M, N, T]
-    mixture = None
-    if chunks[0].mixture is not None:
-        fields = zip(*(c.mixture for c in chunks))  # (pbar parts, neg_entropy parts, lbar parts)
-        mixture = Mixture(*(None if parts[0] is None else torch.cat(parts, 0) for parts in fields))
+    mixture = None if chunks[0].mixture is None else _cat_rows([c.mixture for c in chunks])
     tokens = torch.stack([c.tokens for c in chunks])  # [chunks]
     share = (tokens / tokens.sum().clamp(min=1))[:, None]  # [chunks, 1]
     metrics = {
@@ -374,7 +498,15 @@ def _concat(chunks: list[_Chunk], mask: Tensor) -> TeacherScores:
         "kl_rev": (torch.stack([c.kl_rev for c in chunks]) * share).sum(0),  # [M]
         "weight": masked_mean(weights, mask.expand_as(weights), dim=(1, 2)),  # [M]
     }
+    if mixture is not None and mixture.top_k is not None:  # the top-k mass each teacher keeps, as verl logs it
+        metrics["mass"] = masked_mean(mixture.top_k.logp.exp().sum(-1).movedim(-1, 0), mask.expand_as(weights), dim=(1, 2))  # [M]
     return TeacherScores(weights, logp, mixture, metrics)
+
+
+def _cat_rows(parts: list[tuple]) -> tuple:
+    """Row chunks of a (possibly nested) tuple of tensors joined on dim 0; None fields stay None."""
+    fields = [None if values[0] is None else torch.cat(values, 0) if isinstance(values[0], Tensor) else _cat_rows(values) for values in zip(*parts)]
+    return type(parts[0])(*fields)
 
 
 def score_teachers(
@@ -390,20 +522,26 @@ def score_teachers(
     """
     on_gold = needs.kd_on_gold
     gold_scores = teachers.gold_scores(gold.prompts, gold.completions, vocab_size) if teachers.weighting.needs_gold else None  # [M, B]
+    route = None
+    if hasattr(teachers.weighting, "assign"):  # each prompt's teacher (the rollout's and its gold solutions' prompts are the same)
+        route = torch.tensor(teachers.weighting.assign(teachers.names, rollout.components, rollout.teachers), device=rollout.prompts.ids.device)  # [B]
     mixture = scores = None
     if needs.teacher_logp or (needs.mixture and not on_gold):
         scores = teachers.score(
             rollout.prompts, rollout.completions, raw, vocab_size, needs.kd_tau,
             forward=needs.teacher_forward and not on_gold, reverse=needs.teacher_reverse and not on_gold,
-            logp=needs.teacher_logp, logp_temperature=temperature if needs.teacher_logp_tempered else 1.0, gold_scores=gold_scores,
+            logp=needs.teacher_logp, logp_temperature=temperature if needs.teacher_logp_tempered else 1.0, gold_scores=gold_scores, route=route,
         )
         mixture = scores.mixture if needs.mixture and not on_gold else None
     if on_gold:
         gold_side = teachers.score(
             gold.prompts, gold.completions, gold_raw, vocab_size, needs.kd_tau,
-            forward=needs.teacher_forward, reverse=needs.teacher_reverse, gold_scores=gold_scores,
+            forward=needs.teacher_forward, reverse=needs.teacher_reverse, gold_scores=gold_scores, route=route,
         )
         mixture = gold_side.mixture
         scores = scores or gold_side
     metrics = {f"teacher/{key}/{name}": values[i] for key, values in scores.metrics.items() for i, name in enumerate(teachers.names)}
+    if mixture is not None and mixture.top_k is not None:  # train/teacher_mass: the mean over the teachers at the KD states
+        source = gold_side if on_gold else scores
+        metrics["teacher_mass"] = source.metrics["mass"].mean()
     return (scores.logp, scores.weights if needs.teacher_logp else None, mixture, metrics)

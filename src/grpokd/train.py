@@ -13,7 +13,6 @@ import json
 import signal
 import time
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from grpokd import parallel, runtime
 from grpokd.data import prompts
 from grpokd.data.datamodule import TaskData
-from grpokd.data.rewards import WeightedRewards
+from grpokd.data.mix import Component, check_weights, mix, tagged
+from grpokd.data.rewards import ComponentRewards, WeightedRewards
+from grpokd.data.sources import Splits
 from grpokd.errors import ConfigError, check_range
 from grpokd.evaluation import binomial_interval
 from grpokd.loggers import continue_csv, csv_logger, logged_config
@@ -50,7 +51,7 @@ class Prepared:
     reward: Any  # the dataset's correctness reward (greedy evaluation)
     train_reward: WeightedRewards  # the rollouts' reward: correctness and the configured extra functions, weighted
     sampling: Sampling
-    prompt_format: prompts.PromptFormat  # plain or chat layout of the prompts (chosen with the tokenizer)
+    prompt_formats: dict[str, prompts.PromptFormat]  # each dataset component's plain or chat layout (chosen with the tokenizer)
     optim: Optim
     ckpt_path: str | None  # the checkpoint to resume from (ckpt_path, or the run's own last.ckpt with resume=true)
     resume_step: int | None  # its global step
@@ -106,8 +107,9 @@ def prepare(cfg: DictConfig) -> Prepared:
     check_range("trainer.max_steps", cfg.trainer.max_steps, low=1, integer=True)
     check_range("checkpoint_every", cfg.checkpoint_every, low=1, integer=True)
     check_range("eval_pass_k", cfg.eval_pass_k, low=0, integer=True)
-    if cfg.model.get("logit_chunk") is not None:
-        check_range("model.logit_chunk", cfg.model.logit_chunk, low=1, integer=True)
+    for key in ("logit_chunk", "teacher_top_k"):
+        if cfg.model.get(key) is not None:
+            check_range(f"model.{key}", cfg.model[key], low=1, integer=True)
     if cfg.mode == "train" and objective.needs.rollouts and sampling.group_size < 2:
         raise ConfigError(
             f"group_size={sampling.group_size}: objective {cfg.objective.name} compares completions within a group; set group_size>=2"
@@ -126,19 +128,55 @@ def prepare(cfg: DictConfig) -> Prepared:
             loading.check_name(loading.teacher_entry(teacher)[0], f"model.teachers[{i}]")
         weighting = instantiate_group(cfg.weighting, "weighting")
         getattr(weighting, "check", lambda m: None)(len(cfg.model.teachers))
-    splits = instantiate_group(cfg.dataset.source, "dataset.source")
-    reward = instantiate_group(cfg.dataset.reward, "dataset.reward")
+    components = dataset_components(cfg)
+    splits = mix(components, cfg.seed)
+    reward = components[0].reward if len(components) == 1 else ComponentRewards({c.name: c.reward for c in components})
     train_reward = weighted_rewards(cfg, reward)
     if cfg.mode == "train" and objective.needs.rollouts and getattr(objective, "reward_weight", 0) > 0 and not any(train_reward.weights.values()):
         raise ConfigError(
             f"reward.weights are all 0: objective {cfg.objective.name} would train on a reward that is always 0; "
             "give a reward a weight (e.g. reward.weights.correct=1), or set objective.reward_weight=0 for reward-free training"
         )
-    data = TaskData(splits, seed=cfg.seed, prompt_template=cfg.dataset.prompt_template, **cfg.data)
-    prompt_format = prompts.PromptFormat(cfg.dataset.get("chat"), cfg.dataset.get("system"), cfg.dataset.get("instruction"))
+    data = TaskData(splits, seed=cfg.seed, **cfg.data)  # the templates are the components' (`dataset_components`)
+    if cfg.mode == "train" and objective.needs.teachers:
+        getattr(weighting, "check_routes", lambda names, examples: None)(teacher_names(cfg), data.train_set + data.val_set)
     ckpt_path = checkpoint_to_resume(cfg)
     resume_step = runtime.check_checkpoint(ckpt_path) if ckpt_path else None
-    return Prepared(objective, data, reward, train_reward, sampling, prompt_format, optim, ckpt_path, resume_step, lora)
+    formats = {c.name: c.prompt_format for c in components}
+    return Prepared(objective, data, reward, train_reward, sampling, formats, optim, ckpt_path, resume_step, lora)
+
+
+def dataset_components(cfg: DictConfig) -> list[Component]:
+    """The run's datasets: the components of `dataset=mix` (`dataset.components.<name>`, weighted by
+    `dataset.weights.<name>`), else the dataset itself as one component named `dataset.name`. Each is loaded, its
+    prompt template applied and its examples tagged with its name; the layout (`dataset.chat`) is the run's."""
+    nodes = cfg.dataset.get("components")
+    weights = OmegaConf.to_container(cfg.dataset.weights) if cfg.dataset.get("weights") is not None else {}
+    if nodes is None:
+        nodes, keys = {cfg.dataset.name: cfg.dataset}, {cfg.dataset.name: "dataset"}
+    else:
+        if not nodes:
+            raise ConfigError("dataset.components is empty; give dataset=mix at least one component")
+        keys = {name: f"dataset.components.{name}" for name in nodes}
+        unknown = sorted(set(weights) - set(nodes))
+        if unknown:
+            raise ConfigError(f"dataset.weights.{unknown[0]}: no such component; the components are {', '.join(nodes)}")
+        check_weights({name: weights.get(name, 1.0) for name in nodes})
+    components = []
+    for name, node in nodes.items():
+        key = keys[name]
+        splits = instantiate_group(node.source, f"{key}.source")
+        template = node.get("prompt_template", "{prompt}")
+        splits = Splits(*(tagged(split, name, template, f"{key}.prompt_template") for split in (splits.train, splits.test)))
+        reward = instantiate_group(node.reward, f"{key}.reward")
+        prompt_format = prompts.PromptFormat(cfg.dataset.get("chat"), node.get("system"), node.get("instruction"))
+        components.append(Component(name, splits, reward, prompt_format, weights.get(name, 1.0)))
+    return components
+
+
+def teacher_names(cfg: DictConfig) -> list[str]:
+    """The names the teachers go by (in metrics and in routes): each model.teachers entry's last path part."""
+    return [Path(loading.teacher_entry(item)[0]).name for item in cfg.model.teachers]
 
 
 # The paper's top-level hyperparameters (conf/config.yaml), which the objective and term configs interpolate:
@@ -248,6 +286,9 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         ref_name = cfg.model.get("reference") or cfg.model.student
         loading.check_same_family(cfg.model.student, ref_name, "model.reference")
     use_teachers = cfg.mode == "train" and needs.teachers
+    top_k = cfg.model.get("teacher_top_k")
+    if use_teachers and top_k is not None and top_k > len(tokenizer):
+        raise ConfigError(f"model.teacher_top_k={top_k} is larger than the vocabulary of model.student ({len(tokenizer)}); use at most {len(tokenizer)}")
     for i, item in enumerate(cfg.model.teachers if use_teachers else ()):
         loading.check_same_family(cfg.model.student, loading.teacher_entry(item)[0], f"model.teachers[{i}]")
     student = loading.load_model(cfg.model.student, "model.student", cfg.model.dtype)
@@ -273,16 +314,17 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         updates_per_rollout=cfg.updates_per_rollout, minibatches=cfg.rollout.minibatches,
         train_reward=prep.train_reward, mask_truncated_completions=cfg.rollout.mask_truncated_completions,
         eval_pass_k=cfg.eval_pass_k, logit_chunk=cfg.model.get("logit_chunk"),
-        reference_adapters_off=reference_adapters_off,
+        reference_adapters_off=reference_adapters_off, components=prep.data.components,
     )
 
 
 def render_prompts(prep: Prepared, tokenizer, student: str) -> Sampling:
-    """Render `prep.data`'s prompts in the layout `prep.prompt_format` picks for `tokenizer`, warn once about those
+    """Render `prep.data`'s prompts in the layout `prep.prompt_formats` pick for `tokenizer`, warn once about those
     longer than max_prompt_len (left-truncated everywhere), and return the sampling settings that tokenize them."""
-    chat = prep.prompt_format.uses_chat(tokenizer, student)
+    formats = prep.prompt_formats
+    chat = next(iter(formats.values())).uses_chat(tokenizer, student)  # one layout for the run (`dataset.chat`)
     if chat:
-        prep.data.render_prompts(partial(prep.prompt_format.render, tokenizer))
+        prep.data.render_prompts(lambda ex: formats[ex.component].render(tokenizer, ex.prompt))
     sampling = replace(prep.sampling, prompt_special_tokens=not chat)
     splits = {"train": prep.data.train_set, "val": prep.data.val_set, "test": prep.data.test_set}
     counts = {
@@ -295,15 +337,16 @@ def render_prompts(prep: Prepared, tokenizer, student: str) -> Sampling:
 
 def load_teachers(cfg: DictConfig, tokenizer) -> TeacherEnsemble:
     """Every teacher of model.teachers, checked to share the student's tokenizer."""
-    models, names = [], []
+    models = []
     for i, item in enumerate(cfg.model.teachers):
         name, dtype = loading.teacher_entry(item)
         role = f"model.teachers[{i}]"
         if name != cfg.model.student:  # the student as its own teacher shares its tokenizer by definition
             loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(name, role), cfg.model.student, f"{role}={name}")
         models.append(loading.load_model(name, role, dtype or cfg.model.dtype))
-        names.append(Path(name).name)
-    return TeacherEnsemble(models, names, instantiate_group(cfg.weighting, "weighting"), cfg.model.get("teacher_chunk_prompts"))
+    names = teacher_names(cfg)
+    weighting = instantiate_group(cfg.weighting, "weighting")
+    return TeacherEnsemble(models, names, weighting, cfg.model.get("teacher_chunk_prompts"), cfg.model.get("teacher_top_k"))
 
 
 def disable_dropout(model: torch.nn.Module | None) -> None:
@@ -334,10 +377,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], r
 
 
 def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str) -> dict[str, Any]:
-    """Greedy test accuracy, logged as test/<tag>, with its 95% interval (test/<tag>_ci95); predictions.jsonl."""
+    """Greedy test accuracy, logged as test/<tag>, with its 95% interval (test/<tag>_ci95), and per component of a
+    `dataset=mix` (test/<component>/<tag>); predictions.jsonl."""
     module.eval_tag = tag
-    accuracy = float(trainer.test(module, datamodule=data, verbose=False)[0][f"test/{tag}"])
-    return {f"test/{tag}": accuracy, f"test/{tag}_ci95": with_interval(accuracy, len(data.test_set))}
+    logged = trainer.test(module, datamodule=data, verbose=False)[0]
+    accuracy = float(logged[f"test/{tag}"])
+    results = {f"test/{tag}": accuracy, f"test/{tag}_ci95": with_interval(accuracy, len(data.test_set))}
+    for name in module.components:
+        count = sum(ex.component == name for ex in data.test_set)
+        results[f"test/{name}/{tag}"] = float(logged[f"test/{name}/{tag}"])
+        results[f"test/{name}/{tag}_ci95"] = with_interval(results[f"test/{name}/{tag}"], count)
+    return results
 
 
 def with_interval(accuracy: float, n: int) -> list[float]:
@@ -442,8 +492,10 @@ def run_stages(cfg: DictConfig, prep: Prepared, module: GRPOKDModule, trainer: L
     if stop.signum is not None:
         return results
     if prep.data.val_set and trainer.limit_val_batches != 0:  # the final greedy val accuracy: what `sweep=tune` selects on
-        results["val/accuracy"] = float(trainer.validate(module, datamodule=prep.data, verbose=False)[0]["val/accuracy"])
+        logged = trainer.validate(module, datamodule=prep.data, verbose=False)[0]
+        results["val/accuracy"] = float(logged["val/accuracy"])
         results["val/accuracy_ci95"] = with_interval(results["val/accuracy"], len(prep.data.val_set))
+        results |= {f"val/{name}/accuracy": float(logged[f"val/{name}/accuracy"]) for name in module.components}
     if cfg.eval_test:
         results |= evaluate(trainer, module, prep.data, "accuracy_after")
     results["student_dir"] = str(export_student(trainer, module, run_dir / "student", prep.lora))

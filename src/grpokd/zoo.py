@@ -7,14 +7,15 @@
                                                  shipped models, replacing older builds of them
 
 A build trains the recipe's architecture from scratch with the platform's SFT
-objective (`grpokd.objectives.sft.SFT`) on the synthetic tasks (arith and
-arith_mc mixed; the student's data written with its recipe's `slip`), then
-writes a report scored by `grpokd.evaluation`: greedy accuracy on 200 held-out
-problems of each task, and pass@1 / pass@8 from 8 samples at temperature 1 on
-200 arith training prompts. Builds are atomic (a temporary folder renamed at
+objective (`grpokd.objectives.sft.SFT`) on its recipe's `tasks` (arith and
+arith_mc mixed, or one of them for a specialist; the student's data written
+with its recipe's `slip`), then writes a report scored by `grpokd.evaluation`:
+greedy accuracy on 200 held-out problems of each task (both, whatever it
+trained on), and pass@1 / pass@8 from 8 samples at temperature 1 on 200 arith
+training prompts. Builds are atomic (a temporary folder renamed at
 the end) and serialised by a file lock, so concurrent builds of one model
 train it once. `--ship` is what a developer runs after changing a recipe or
-the tasks (all six: about 22 minutes on a 2-core CPU); a test fails while a
+the tasks (all eight: about 28 minutes on a 2-core CPU); a test fails while a
 recipe has no shipped build. Exit status 2 and one `error:` line for an
 unknown name; `list` exits 1 when a model has no build.
 """
@@ -39,6 +40,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from grpokd import evaluation
 from grpokd.data.example import Example
 from grpokd.data.rewards import ChoiceReward, NumericReward
+from grpokd.data.sources import Splits
 from grpokd.errors import ConfigError
 from grpokd.models import zoo as catalogue
 from grpokd.models.lm import completion_logits, token_logp, tokenize_prompts, tokenize_targets
@@ -88,16 +90,17 @@ def check_names(names: list[str]) -> None:
         raise ConfigError(f"unknown embedded {models} {', '.join(map(repr, unknown))}; available: {', '.join(catalogue.ZOO)}")
 
 
-def training_data(slip: float = 0.0, seed: int = 0) -> tuple[list[Example], list[Example], list[Example]]:
-    """The zoo's SFT mixture (arith + arith_mc train splits, written with `slip`) and the two held-out test sets."""
+def training_data(recipe: catalogue.Recipe) -> tuple[list[Example], dict[str, Splits]]:
+    """The recipe's SFT data (the train splits of its `tasks`, in order, written with its `slip`) and the splits of
+    every task (a build is scored on all of them)."""
     from grpokd.data import arith, sources
 
-    num, mc = sources.arith(seed=catalogue.DATA_SEED), sources.arith_mc(seed=catalogue.DATA_SEED)
-    train = num.train + mc.train
-    if slip > 0:
-        rng = random.Random(seed)
-        train = [arith.slipped(ex, rng, slip) for ex in train]
-    return train, num.test[:200], mc.test[:200]
+    splits = {"arith": sources.arith(seed=catalogue.DATA_SEED), "arith_mc": sources.arith_mc(seed=catalogue.DATA_SEED)}
+    train = [ex for task in recipe.tasks for ex in splits[task].train]
+    if recipe.slip > 0:
+        rng = random.Random(recipe.seed)
+        train = [arith.slipped(ex, rng, recipe.slip) for ex in train]
+    return train, splits
 
 
 def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: list[Example], recipe: catalogue.Recipe, desc: str) -> float:
@@ -139,10 +142,10 @@ def portable_tokenizer_config(folder: Path) -> None:
 def _build(name: str, recipe: catalogue.Recipe, target: Path) -> None:
     tokenizer = build_tokenizer(recipe.family)
     model = catalogue.init_model(recipe, tokenizer)
-    train, test_num, test_mc = training_data(recipe.slip, recipe.seed)
+    train, splits = training_data(recipe)
     start = time.time()
     loss = sft_train(model, tokenizer, train, recipe, desc=f"building embedded {name}")
-    numeric = [ex for ex in train if ex.answer.isdigit()][:PASS_PROMPTS]
+    numeric = splits["arith"].train[:PASS_PROMPTS]  # also for a recipe that did not train on arith
     pass1, pass8 = evaluation.pass_rates(model, tokenizer, numeric, NumericReward(), EVAL_SAMPLING, PASS_K, PASS_SEED)
     report = {
         "name": name,
@@ -150,8 +153,8 @@ def _build(name: str, recipe: catalogue.Recipe, target: Path) -> None:
         "params": sum(p.numel() for p in model.parameters()),
         "final_loss": loss,
         "train_seconds": round(time.time() - start, 1),
-        "accuracy_arith": evaluation.accuracy(model, tokenizer, test_num, NumericReward(), EVAL_SAMPLING),
-        "accuracy_arith_mc": evaluation.accuracy(model, tokenizer, test_mc, ChoiceReward(), EVAL_SAMPLING),
+        "accuracy_arith": evaluation.accuracy(model, tokenizer, splits["arith"].test[:200], NumericReward(), EVAL_SAMPLING),
+        "accuracy_arith_mc": evaluation.accuracy(model, tokenizer, splits["arith_mc"].test[:200], ChoiceReward(), EVAL_SAMPLING),
         "arith_train_pass1_t1": pass1,  # sampled at temperature 1, 8 samples on 200 arith training prompts
         "arith_train_pass8_t1": pass8,
     }

@@ -28,21 +28,23 @@ from grpokd.data.sources import Splits
 from grpokd.errors import ConfigError, check_range
 
 
-def collate(examples: list[Example]) -> dict[str, list[str]]:
+def collate(examples: list[Example]) -> dict[str, list]:
     return {
         "prompt": [ex.prompt for ex in examples],
         "solution": [ex.solution for ex in examples],
         "answer": [ex.answer for ex in examples],
+        "component": [ex.component for ex in examples],
+        "teacher": [ex.teacher for ex in examples],
     }
 
 
-def apply_template(examples: list[Example], template: str) -> list[Example]:
+def apply_template(examples: list[Example], template: str, key: str = "dataset.prompt_template") -> list[Example]:
     """Wrap each prompt in `template` (which must contain "{prompt}")."""
     if "{prompt}" not in template:
-        raise ConfigError(f"dataset.prompt_template={template!r} must contain '{{prompt}}'")
+        raise ConfigError(f"{key}={template!r} must contain '{{prompt}}'")
     if template == "{prompt}":
         return examples
-    return [Example(template.format(prompt=ex.prompt), ex.solution, ex.answer) for ex in examples]
+    return [replace(ex, prompt=template.format(prompt=ex.prompt)) for ex in examples]
 
 
 def held_out(train: list[Example], val_size: int, test: list[Example]) -> tuple[list[Example], list[Example]]:
@@ -119,12 +121,17 @@ class TaskData(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
 
-    def render_prompts(self, render: Callable[[str], str]) -> None:
-        """Every prompt (train, val, test) replaced by `render(prompt)`: the chat layout (`data.prompts`), which
+    def render_prompts(self, render: Callable[[Example], str]) -> None:
+        """Every prompt (train, val, test) replaced by `render(example)`: the chat layout (`data.prompts`), which
         needs the student's tokenizer and so comes after the splits are drawn."""
         self.train_set, self.val_set, self.test_set = (
-            [replace(ex, prompt=render(ex.prompt)) for ex in split] for split in (self.train_set, self.val_set, self.test_set)
+            [replace(ex, prompt=render(ex)) for ex in split] for split in (self.train_set, self.val_set, self.test_set)
         )
+
+    @property
+    def components(self) -> list[str]:
+        """The datasets the examples come from, in order of first appearance (one name unless `dataset=mix`)."""
+        return list(dict.fromkeys(ex.component for split in (self.train_set, self.val_set, self.test_set) for ex in split))
 
     def train_dataloader(self) -> PromptStream:
         trainer = self.trainer

@@ -12,8 +12,12 @@ class Example:
     prompt:   the question as shown to the model (options included for multiple choice)
     solution: the gold worked solution, ending in the final-answer marker ("#### 42", "#### B")
     answer:   the normalised gold final answer ("42", "-3.5", "B")
+    component: the dataset it comes from (a `dataset=mix` component's name; the dataset's name otherwise)
+    teacher:  the teacher that `weighting=route` sends it to, when its data names one (a jsonl `teacher` field)
     """
 
     prompt: str
     solution: str
     answer: str
+    component: str = ""
+    teacher: str | None = None

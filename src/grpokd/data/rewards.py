@@ -299,6 +299,29 @@ class StepsReward:
         return step_accuracy(completion)
 
 
+class ComponentRewards:
+    """The correctness reward of a mixture of datasets (`dataset=mix`): each example is scored by its own
+    component's reward (a number for `arith`, a letter for `arith_mc`). Callers that know an example's component
+    take its reward with `for_component`.
+
+    Args:
+        rewards: component name -> (completion, answer) -> float.
+    """
+
+    def __init__(self, rewards: dict[str, Callable[[str, str], float]]) -> None:
+        self.rewards = dict(rewards)
+
+    def of(self, component: str) -> Callable[[str, str], float]:
+        if component not in self.rewards:
+            raise KeyError(f"no reward for component {component!r}; the components are {', '.join(self.rewards)}")
+        return self.rewards[component]
+
+
+def for_component(reward: Callable[[str, str], float] | ComponentRewards, component: str | None) -> Callable[[str, str], float]:
+    """The reward that scores an example of `component`: its component's for a mixture, else `reward` itself."""
+    return reward.of(component) if isinstance(reward, ComponentRewards) else reward
+
+
 class WeightedRewards:
     """The training reward: a weighted sum of named reward functions, each also reported on its own.
 
@@ -325,9 +348,12 @@ class WeightedRewards:
         """`reward` itself when it is a WeightedRewards, else `reward` alone as "correct" with weight 1."""
         return reward if isinstance(reward, WeightedRewards) else cls({"correct": reward})
 
-    def parts(self, completions: list[str], answers: list[str]) -> dict[str, list[float]]:
-        """Each function's reward of every completion."""
-        return {name: [f(c, a) for c, a in zip(completions, answers)] for name, f in self.functions.items()}
+    def parts(self, completions: list[str], answers: list[str], components: list[str] | None = None) -> dict[str, list[float]]:
+        """Each function's reward of every completion (of each completion's component, for a mixture's rewards)."""
+        components = components or [None] * len(completions)
+        return {
+            name: [for_component(f, k)(c, a) for c, a, k in zip(completions, answers, components)] for name, f in self.functions.items()
+        }
 
     def total(self, parts: dict[str, list[float]]) -> list[float]:
         """The weighted sum of `parts`."""

@@ -219,18 +219,20 @@ def jsonl(
     test_path: str | None = None,
     test_fraction: float = 0.1,
     seed: int = 0,
+    teacher_field: str | None = "teacher",
 ) -> Splits:
     """Any json-lines (or JSON array) file with a prompt and a final answer per row.
 
     solution = the `solution_field` text, with " #### answer" appended when it
     has no marker; without a `solution_field` it is just "#### answer". The test
     split is `test_path` if given, else the rows whose hash of (`seed`, prompt)
-    falls below `test_fraction`.
+    falls below `test_fraction`. A row's `teacher_field`, when present, names the
+    teacher `weighting=route` sends it to (rows without one follow their component's route).
     """
 
     def examples(file: str) -> list[Example]:
         return [
-            _jsonl_example(row, prompt_field, answer_field, solution_field)
+            _jsonl_example(row, prompt_field, answer_field, solution_field, teacher_field)
             for row in _read_rows(_existing(file, "jsonl"))
         ]
 
@@ -239,12 +241,15 @@ def jsonl(
     return _nonempty(splits, path)
 
 
-def _jsonl_example(row: _Row, prompt_field: str, answer_field: str, solution_field: str | None) -> Example:
+def _jsonl_example(row: _Row, prompt_field: str, answer_field: str, solution_field: str | None, teacher_field: str | None = None) -> Example:
     answer = str(row.get(answer_field)).strip()
     solution = str(row.get(solution_field)).strip() if solution_field else ""
     if MARKER not in solution:
         solution = f"{solution} {MARKER} {answer}".strip()
-    return Example(prompt=str(row.get(prompt_field)).strip(), solution=solution, answer=answer)
+    teacher = row.data.get(teacher_field) if teacher_field else None
+    if teacher is not None and not (isinstance(teacher, str) and teacher.strip()):
+        raise DataError(f"{row.where}: field '{teacher_field}' must name a teacher (a non-empty string), got {teacher!r}")
+    return Example(prompt=str(row.get(prompt_field)).strip(), solution=solution, answer=answer, teacher=teacher and teacher.strip())
 
 
 # --- shared helpers ----------------------------------------------------------------------------

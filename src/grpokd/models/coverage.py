@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from grpokd.data.example import Example
+from grpokd.data.rewards import for_component
 from grpokd.errors import ConfigError
 
 MAX_UNK_SHARE = 0.05  # embedded tokenizer on GSM8K: 0.79; a real tokenizer: ~0 (T5 maps a few symbols, e.g. "{", to <unk>)
@@ -38,7 +39,7 @@ def measure(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], rew
     unknown = sum(row.count(unk) for row in ids) if unk is not None else 0
     solutions = ids[len(examples) :]
     unwritable = sum(
-        reward(tokenizer.decode(row, skip_special_tokens=True), ex.answer) < 1.0 for row, ex in zip(solutions, examples)
+        for_component(reward, ex.component)(tokenizer.decode(row, skip_special_tokens=True), ex.answer) < 1.0 for row, ex in zip(solutions, examples)
     )
     return Coverage(unknown / max(total, 1), unwritable, len(examples))
 

@@ -56,6 +56,10 @@ class Recipe:
     lr: float = 3e-3
     seed: int = 0
     slip: float = 0.0  # rate of the systematic slip in its training data (`grpokd.data.arith.slipped`)
+    tasks: tuple[str, ...] = ("arith", "arith_mc")  # the synthetic tasks its SFT data comes from (a build is scored on both)
+
+
+LATE_FIELDS = {"slip": 0.0, "tasks": ("arith", "arith_mc")}  # fields added after the first builds: left out of the key at their default
 
 
 # Measured on the 2-core CPU (torch 2 threads, batch 64): the Llama family (d128, 3 layers) runs ~8 steps/s and
@@ -67,6 +71,7 @@ class Recipe:
 # without a position signal) learns the tasks far slower: 3+3-layer teachers reach 77% / 50.5% on arith after 2500
 # steps; no T5 here has learnt arith_mc's option scan (all at chance, 20%). So the Llama family is the testbed
 # (`model=tiny_causal`, the default) and the T5 family keeps the encoder-decoder path covered (`model=tiny`).
+# The two specialists (teacher-s's architecture, each trained on one task only) are the teachers for teacher routing.
 ZOO: dict[str, Recipe] = {
     "tiny-t5-student": Recipe("t5", d_model=128, layers=2, heads=4, d_ff=256, steps=100),
     "tiny-t5-teacher-s": Recipe("t5", d_model=128, layers=3, heads=4, d_ff=256, steps=2500, seed=1),
@@ -74,6 +79,8 @@ ZOO: dict[str, Recipe] = {
     "tiny-llama-student": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=1000, slip=0.85),
     "tiny-llama-teacher-s": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=1500, seed=1),
     "tiny-llama-teacher-m": Recipe("llama", d_model=160, layers=4, heads=4, d_ff=320, steps=1500, seed=2),
+    "tiny-llama-teacher-arith": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=1500, seed=3, tasks=("arith",)),
+    "tiny-llama-teacher-mc": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=1500, seed=4, tasks=("arith_mc",)),
 }
 
 
@@ -86,8 +93,8 @@ def recipe_key(recipe: Recipe) -> str:
     from grpokd.data import arith
 
     tokenizer = build_tokenizer(recipe.family).backend_tokenizer.to_str()
-    tasks = [asdict(ex) for ex in arith.make_arith(20, DATA_SEED) + arith.make_arith_mc(20, DATA_SEED)]  # the format's fingerprint
-    fields = {k: v for k, v in asdict(recipe).items() if not (k == "slip" and v == 0.0)}  # builds from before the field keep their keys
+    tasks = [{"prompt": ex.prompt, "solution": ex.solution, "answer": ex.answer} for ex in arith.make_arith(20, DATA_SEED) + arith.make_arith_mc(20, DATA_SEED)]  # the format's fingerprint
+    fields = {k: v for k, v in asdict(recipe).items() if not (k in LATE_FIELDS and v == LATE_FIELDS[k])}  # builds from before them keep their keys
     blob = json.dumps({"recipe": fields, "tokenizer": tokenizer, "tasks": tasks, "data": DATA_SEED, "v": ZOO_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

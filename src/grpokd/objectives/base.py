@@ -9,6 +9,7 @@ when beta=0, no full-vocabulary logits for sampled-token estimators, ...).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -59,6 +60,21 @@ class Needs:
         return not self.rollouts or self.kd_on_gold or (self.teachers and weighting_needs_gold)
 
 
+class TopK(NamedTuple):
+    """Sparse teacher signals: each teacher's k most likely tokens at each position and one tail bucket.
+
+    With p_i = softmax(z_Ti / tau), teacher i keeps its top-k set S_i, log p_i on it and the log of the mass it
+    leaves out, log p_i(tail) = log sum_{a not in S_i} p_i(a) (-inf when k = V: nothing is left out). The KD terms
+    compare the student with each teacher on the k + 1 outcomes (S_i's tokens and the tail), so the teachers'
+    side is O(N*T*M*k) instead of O(N*T*V); with k = V it is the full computation.
+    """
+
+    index: Tensor  # [N, T, M, k] the tokens of S_i (long)
+    logp: Tensor  # [N, T, M, k] log p_i of them, at tau
+    tail: Tensor  # [N, T, M] log p_i(tail)
+    weight: Tensor  # [N, T, M] w_i, sum 1 over M, detached
+
+
 @dataclass(frozen=True)
 class KDStates:
     """Full-vocabulary teacher mixtures and the student's logits at the positions where KD is evaluated.
@@ -77,6 +93,7 @@ class KDStates:
     pbar: Tensor | None = None  # [N', T', V]
     neg_entropy: Tensor | None = None  # [N', T']
     lbar: Tensor | None = None  # [N', T', V]
+    top_k: TopK | None = None  # with model.teacher_top_k: each teacher's sparse signal, instead of pbar, neg_entropy, lbar
 
 
 @dataclass(frozen=True)

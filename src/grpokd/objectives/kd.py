@@ -18,6 +18,7 @@ they reach the terms here in `KDStates`.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from grpokd.errors import check_range
-from grpokd.objectives.base import Batch, KDStates
+from grpokd.objectives.base import Batch, KDStates, TopK
 from grpokd.objectives.functional import check_choice, group_advantages, masked_mean
 from grpokd.objectives.logits import per_position
 
@@ -45,6 +46,8 @@ def forward_kd(kd: KDStates) -> Tensor:
     Returns:
         [N, T].
     """
+    if kd.top_k is not None:
+        return kd.tau**2 * per_position(kd.logits, partial(_sparse_divergences, tau=kd.tau, reverse=False), *kd.top_k)  # [N, T]
     if kd.pbar is None or kd.neg_entropy is None:
         raise ValueError("forward_kd needs kd.pbar and kd.neg_entropy (a forward TeacherMixer)")
     cross = per_position(kd.logits, partial(_cross_entropy_sum, tau=kd.tau), kd.pbar.detach())  # [N, T]
@@ -69,6 +72,8 @@ def reverse_kd(kd: KDStates) -> Tensor:
     Returns:
         [N, T].
     """
+    if kd.top_k is not None:
+        return kd.tau**2 * per_position(kd.logits, partial(_sparse_divergences, tau=kd.tau, reverse=True), *kd.top_k)  # [N, T]
     if kd.lbar is None:
         raise ValueError("reverse_kd needs kd.lbar (a reverse TeacherMixer)")
     return kd.tau**2 * per_position(kd.logits, partial(_reverse_divergence, tau=kd.tau), kd.lbar.detach())  # [N, T]
@@ -78,6 +83,54 @@ def _reverse_divergence(logits: Tensor, lbar: Tensor, tau: float) -> Tensor:
     """sum_a q(a) (log q(a) - lbar(a)), q = softmax(logits / tau): [.., V], [.., V] -> [..]."""
     log_q = F.log_softmax(logits.float() / tau, dim=-1)
     return (log_q.exp() * (log_q - lbar)).sum(-1)
+
+
+def _sparse_divergences(
+    logits: Tensor, index: Tensor, logp: Tensor, tail: Tensor, weight: Tensor, tau: float, reverse: bool
+) -> Tensor:
+    """sum_i w_i KL(p_i || q) (or KL(q || p_i) with `reverse`) on each teacher's k + 1 outcomes: its top-k tokens
+    S_i and the tail bucket, q(tail) = 1 - q(S_i) taken as the student's mass outside S_i (`TopK`).
+
+    Args:
+        logits: [.., V] the student's (untempered); q = softmax(logits / tau).
+        index, logp: [.., M, k] each teacher's top-k tokens and their log-probs at tau.
+        tail: [.., M] each teacher's log tail mass (-inf when k = V).
+        weight: [.., M] w_i, sum 1 over M.
+
+    Returns:
+        [..].
+    """
+    log_q = F.log_softmax(logits.float() / tau, dim=-1)  # [.., V]
+    teachers, k = index.shape[-2:]
+    log_q_top = log_q.unsqueeze(-2).expand(*log_q.shape[:-1], teachers, log_q.shape[-1]).gather(-1, index)  # [.., M, k]
+    kl = _kl_summand(log_q_top, logp.float(), reverse).sum(-1)  # [.., M] over S_i
+    if k < log_q.shape[-1]:  # plus the tail; the student's is its mass outside S_i, one teacher at a time ([.., V] each)
+        log_q_tail = torch.stack([log_q.scatter(-1, index[..., i, :], -math.inf).logsumexp(-1) for i in range(teachers)], -1)  # [.., M]
+        kl = kl + _kl_summand(log_q_tail, tail.float(), reverse)
+    return (weight.float() * kl).sum(-1)  # [..]
+
+
+def _kl_summand(log_q: Tensor, log_p: Tensor, reverse: bool) -> Tensor:
+    """One outcome's share of KL(p || q), p (log p - log q), or of KL(q || p) with `reverse`."""
+    if reverse:
+        log_p, log_q = log_q, log_p
+    return log_p.exp() * (log_p - log_q)
+
+
+def sparse_mixture(top_k: TopK) -> tuple[Tensor, Tensor]:
+    """The teachers' mixture pbar restricted to the union of their top-k sets: (tokens, pbar(token)), [N, T, M*k]
+    each; a token kept by several teachers appears once (its other entries have probability 0), and a teacher
+    contributes nothing to a token outside its own top k (its tail is not spread over the vocabulary).
+    Sorting the tokens puts a token's entries side by side; their probabilities are summed there."""
+    tokens = top_k.index.flatten(-2)  # [N, T, J], J = M*k
+    probs = (top_k.weight.float()[..., None] * top_k.logp.float().exp()).flatten(-2)  # [N, T, J] w_i p_i(a)
+    tokens, order = tokens.sort(-1)
+    probs = probs.gather(-1, order)
+    first = torch.ones_like(tokens, dtype=torch.bool)
+    first[..., 1:] = tokens[..., 1:] != tokens[..., :-1]  # the first entry of each distinct token
+    segment = first.long().cumsum(-1) - 1  # [N, T, J] which distinct token each entry is
+    summed = torch.zeros_like(probs).scatter_add_(-1, segment, probs)  # [N, T, J] pbar of the s-th distinct token
+    return tokens, torch.where(first, summed.gather(-1, segment), 0.0)  # pbar at the first entry of each token, 0 elsewhere
 
 
 def sequence_weights(teacher_weights: Tensor, mask: Tensor) -> Tensor:

@@ -63,28 +63,39 @@ def versus(cell: Cell, base: Cell) -> str:
     return diff if p is None else f"{diff} (p={p:.2g}{'*' if p < ALPHA else ''})"
 
 
-def accuracy(results: dict[str, Any], metric: str = "test") -> float | None:
-    """The job's headline number: test accuracy after training (or the eval row's), or the final val accuracy."""
+def accuracy(results: dict[str, Any], metric: str = "test", component: str | None = None) -> float | None:
+    """The job's headline number: test accuracy after training (or the eval row's), or the final val accuracy;
+    of one `dataset=mix` component with `component`."""
+    part = f"{component}/" if component else ""
     if metric == "val":
-        value = results.get("val/accuracy")
+        value = results.get(f"val/{part}accuracy")
     else:
-        value = results.get("test/accuracy_after", results.get("test/accuracy"))
+        value = results.get(f"test/{part}accuracy_after", results.get(f"test/{part}accuracy"))
     return float(value) if value is not None else None
 
 
+def components(results: dict[str, Any]) -> list[str]:
+    """The `dataset=mix` components a job reported on (test/<component>/accuracy..., val/<component>/accuracy)."""
+    return list(dict.fromkeys(key.split("/")[1] for key in results if key.count("/") == 2 and key.split("/")[0] in ("test", "val")))
+
+
 def build(jobs: list, statuses: list[dict[str, Any]], metric: str = "test") -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
-    """(row labels, dataset names, cells keyed by (label, dataset)) from the jobs and their results."""
+    """(row labels, columns, cells keyed by (label, column)) from the jobs and their results: a column per dataset,
+    and after a `dataset=mix` column one per component of it ("mix/arith")."""
     labels = list(dict.fromkeys(job.row.label for job in jobs))
-    datasets = list(dict.fromkeys(job.dataset_name for job in jobs))
+    parts = {job.dataset_name: components(results) for job, results in zip(jobs, statuses) if results.get("status") == "complete"}
+    datasets = [c for d in dict.fromkeys(job.dataset_name for job in jobs) for c in [d, *(f"{d}/{p}" for p in parts.get(d, []))]]
     cells = {(r, d): Cell() for r in labels for d in datasets}
     for job, results in zip(jobs, statuses):
-        cell = cells[(job.row.label, job.dataset_name)]
-        value = accuracy(results, metric) if results.get("status") == "complete" else None
-        if value is None:
-            cell.errors.append(f"{job.row.label} / {job.dataset_name} / seed {job.seed}: {results.get('status', 'failed')}: "
-                               f"{results.get('error', 'no accuracy in results.json')}")
-        else:
-            cell.values.append(value)
+        for column in [c for c in datasets if c == job.dataset_name or c.startswith(f"{job.dataset_name}/")]:
+            component = column.partition("/")[2] or None
+            cell = cells[(job.row.label, column)]
+            value = accuracy(results, metric, component) if results.get("status") == "complete" else None
+            if value is None:
+                cell.errors.append(f"{job.row.label} / {column} / seed {job.seed}: {results.get('status', 'failed')}: "
+                                   f"{results.get('error', 'no accuracy in results.json')}")
+            else:
+                cell.values.append(value)
     return labels, datasets, cells
 
 

@@ -13,7 +13,8 @@ mixture's choice given the student's prefix, y_t = argmax_a pbar(a | prompt, o_<
 sum_i w_i pi_Ti, one teacher: that teacher), a sample from pbar ("sampled", global torch RNG, so seeded
 runs repeat), or soft targets from pbar's top k ("topk": the forward KL from the renormalised top-k
 mixture to the student). Plain cross-entropy on every completion token: not multiplied by the
-importance ratio, not clipped, not gated by the reward. Teachers and the student's guide use
+importance ratio, not clipped, not gated by the reward. With sparse teacher signals (`model.teacher_top_k`)
+pbar is the mixture on the union of the teachers' top-k tokens (`kd.sparse_mixture`). Teachers and the student's guide use
 temperature 1 (`batch.kd.logits`, the raw logits); the surrogate and the entropy bonus use the sampling
 policy (`batch.logp`, `batch.logits`), as GRPO does.
 """
@@ -29,7 +30,7 @@ from torch import Tensor
 from grpokd.errors import check_range
 from grpokd.objectives.base import Batch, Needs
 from grpokd.objectives.functional import check_choice, masked_mean
-from grpokd.objectives.kd import require_kd
+from grpokd.objectives.kd import require_kd, sparse_mixture
 from grpokd.objectives.logits import per_position
 from grpokd.objectives.policy import Term, TermOut
 
@@ -63,12 +64,16 @@ def agrees(logits: Tensor, targets: Tensor) -> Tensor:
     return (logits.argmax(-1) == targets).float()
 
 
-def topk_guidance(logits: Tensor, pbar: Tensor, k: int) -> Tensor:
+def topk_guidance(logits: Tensor, pbar: Tensor, tokens: Tensor | None = None, *, k: int) -> Tensor:
     """Forward KL from the mixture's top-k tokens, renormalised (p~), to the student q: [N, T].
 
         sum_{a in top-k(pbar)} p~(a) (log p~(a) - log q(a)),   p~ = pbar restricted to the top k, summing to 1.
+
+    `tokens` [N, T, J]: pbar [N, T, J] is given on these tokens only (`kd.sparse_mixture`); None: pbar is [N, T, V].
     """
     values, index = pbar.detach().float().topk(min(k, pbar.shape[-1]), dim=-1)  # [N, T, k]
+    if tokens is not None:
+        index = tokens.gather(-1, index)  # [N, T, k] token ids
     p = values / values.sum(-1, keepdim=True).clamp(min=1e-30)  # [N, T, k]
     log_q = F.log_softmax(logits.float(), dim=-1).gather(-1, index)  # [N, T, k]
     return (p * (p.clamp(min=1e-30).log() - log_q)).sum(-1)  # [N, T]
@@ -97,11 +102,15 @@ class TeacherGuide(Term):
     def __call__(self, batch: Batch) -> TermOut:
         kd = require_kd(batch, 1.0, "the teacher guide")
         student = kd.logits  # [N, T, V] raw (temperature 1), with grad; whole or chunked
+        # pbar over the vocabulary, or with sparse teacher signals over the union of their top-k tokens
+        tokens, pbar = (None, kd.pbar) if kd.top_k is None else sparse_mixture(kd.top_k)  # [N, T, J], [N, T, J or V]
         metrics = {}
         if self.target == "topk":
-            guide = per_position(student, partial(topk_guidance, k=self.top_k), kd.pbar)  # [N, T]
+            guide = per_position(student, partial(topk_guidance, k=self.top_k), pbar, *(() if tokens is None else (tokens,)))  # [N, T]
         else:
-            targets = teacher_targets(kd.pbar, self.target)  # [N, T]
+            targets = teacher_targets(pbar, self.target)  # [N, T]
+            if tokens is not None:
+                targets = tokens.gather(-1, targets[..., None]).squeeze(-1)  # [N, T] token ids
             guide = per_position(student, hard_guidance, targets)  # [N, T]
             metrics["guide_agree"] = masked_mean(per_position(student.detach(), agrees, targets), batch.mask)
         metrics |= {"guide": masked_mean(guide.detach(), batch.mask), "lam": torch.tensor(self.coefficient(batch.step))}
