@@ -25,7 +25,7 @@ process's peak RSS, reset through /proc/self/clear_refs, minus its RSS at the
 start): the activations, logits and gradients the step adds to the weights.
 "weights MB" are all the models' parameters. `--checkpointing` turns on the student's
 gradient checkpointing (`model.gradient_checkpointing`). `--chunk C` sets `model.logit_chunk`
-for the objectives that support it (grpo; the others print "-"). `--top-k K` sets `model.teacher_top_k`;
+(every objective reads chunked logits). `--top-k K` sets `model.teacher_top_k`;
 "teachers' MB" is what the teachers hand the KD terms (their mixtures, or their top-k signals), held from
 scoring to the backward.
 `--vary` repeats the run at 2x and 4x one dimension (N: prompts, T: tokens,

@@ -161,8 +161,10 @@ def test_a_reward_free_objective_may_leave_every_reward_unweighted(tmp_path):
         (["model.student=run.py"], "is not a GGUF file"),
         pytest.param(["trainer=fsdp"], "no CUDA GPU is visible on this machine; on CPU use trainer=default",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+        (["dataset=mix", "weighting=route", "weighting.routes.arith=no-such-teacher"], "weighting.routes.arith=no-such-teacher: no such teacher"),
+        (["model.teacher_top_k=1000"], "model.teacher_top_k=1000 is larger than the vocabulary of model.student (81)"),
     ],
-    ids=["unwritable-run-dir", "run-dir-under-a-file", "student-is-a-file", "fsdp-on-cpu"],
+    ids=["unwritable-run-dir", "run-dir-under-a-file", "student-is-a-file", "fsdp-on-cpu", "route-to-unknown-teacher", "top-k-above-vocabulary"],
 )
 def test_cli_start_up_failures_are_one_line_exit_2_and_leave_no_run_directory(overrides, message, tmp_path):
     outputs = tmp_path / "outputs"

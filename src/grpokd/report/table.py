@@ -76,7 +76,7 @@ def accuracy(results: dict[str, Any], metric: str = "test", component: str | Non
 
 def components(results: dict[str, Any]) -> list[str]:
     """The `dataset=mix` components a job reported on (test/<component>/accuracy..., val/<component>/accuracy)."""
-    return list(dict.fromkeys(key.split("/")[1] for key in results if key.count("/") == 2 and key.split("/")[0] in ("test", "val")))
+    return sorted({key.split("/")[1] for key in results if key.count("/") == 2 and key.split("/")[0] in ("test", "val")})
 
 
 def build(jobs: list, statuses: list[dict[str, Any]], metric: str = "test") -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
