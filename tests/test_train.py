@@ -117,7 +117,7 @@ def test_sft_on_the_causal_family_and_eval_mode(quick_cfg, tmp_path):
     assert [r["completion"] for r in again] == [r["completion"] for r in after]  # the exported student, the same greedy answers
     assert sum(r["reward"] for r in again) / 32 == pytest.approx(evaluated["test/accuracy"])
     row = again[0]
-    assert set(row) == {"index", "prompt", "completion", "parsed", "style", "gold", "reward", "ended"}
+    assert set(row) == {"index", "component", "prompt", "completion", "parsed", "style", "gold", "reward", "ended"}
     assert row["reward"] == float(row["parsed"] == row["gold"]) and isinstance(row["ended"], bool)
     low, high = evaluated["test/accuracy_ci95"]
     assert 0 <= low <= evaluated["test/accuracy"] <= high <= 1 and high - low > 0.1  # 32 problems: a wide interval
@@ -132,7 +132,7 @@ def test_grpo_on_the_causal_family_with_wandb_offline(quick_cfg, tmp_path, monke
     logged = sorted(runs[0].glob("files/media/table/test/predictions/**/*.table.json"))
     assert len(logged) == 2, logged  # the test evaluations' predictions, before and after training
     table = json.loads(logged[0].read_text())
-    assert table["columns"] == ["index", "prompt", "completion", "parsed", "style", "gold", "reward", "ended"] and len(table["data"]) == 32
+    assert table["columns"] == ["index", "component", "prompt", "completion", "parsed", "style", "gold", "reward", "ended"] and len(table["data"]) == 32
 
 
 def test_cli_multirun_sweeps_top_level_hyperparameters(tmp_path):
