@@ -187,9 +187,9 @@ def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
 class TopKMixer:
     """Keep each teacher's top-k log-probabilities and tail bucket at temperature tau (`TopK`), one teacher at a time.
 
-    The same interface as `TeacherMixer` (`add` with normalised `weight` or unnormalised `log_weight`, `result`,
-    `kd_states`); the weights are normalised over the teachers in `result`, once all are known. Holds
-    (8 + 4) bytes * k per teacher and position instead of one or two float32 [N, T, V] mixtures.
+    The same `add` (normalised `weight` or unnormalised `log_weight`) and `result` as `TeacherMixer`; the weights
+    are normalised over the teachers in `result`, once all are known. Holds (8 + 4) bytes * k per teacher and
+    position instead of one or two float32 [N, T, V] mixtures.
 
     Args:
         tau: temperature > 0 of the teachers' distributions.
@@ -241,10 +241,6 @@ class TopKMixer:
             weight = weight.softmax(-1)
         top_k = TopK(torch.stack(self._index, -2), torch.stack(self._logp, -2), torch.stack(self._tail, -1), weight)
         return Mixture(None, None, None, top_k)
-
-    def kd_states(self, logits: Logits, mask: Tensor) -> KDStates:
-        """The student's logits [N, T, V] (with grad) and mask [N, T] bundled with the teachers' top-k signals."""
-        return KDStates(logits, mask, self.tau, *self.result())
 
 
 class Uniform:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from grpokd import parallel, runtime
 from grpokd.data import prompts
 from grpokd.data.datamodule import TaskData
-from grpokd.data.mix import Component, check_weights, mix, tagged
+from grpokd.data.mix import Component, mix, tagged
 from grpokd.data.rewards import ComponentRewards, WeightedRewards
 from grpokd.data.sources import Splits
 from grpokd.errors import ConfigError, check_range
@@ -161,7 +161,6 @@ def dataset_components(cfg: DictConfig) -> list[Component]:
         unknown = sorted(set(weights) - set(nodes))
         if unknown:
             raise ConfigError(f"dataset.weights.{unknown[0]}: no such component; the components are {', '.join(nodes)}")
-        check_weights({name: weights.get(name, 1.0) for name in nodes})
     components = []
     for name, node in nodes.items():
         key = keys[name]
