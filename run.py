@@ -1,6 +1,7 @@
 """Train or evaluate one job: `python run.py [group=option ...] [key=value ...]`, `-m` for a sweep.
 
-Exit status: 0 done; 2 a bad config or input (one `error:` line, no run directory left); 128 + signal
+Exit status: 0 done; 2 a bad config or input, Hydra's unknown options and keys included (one `error:` line; a run
+directory this process created is removed, one that existed, such as a killed run's being resumed, is kept); 128 + signal
 number (143 SIGTERM, 130 SIGINT) interrupted, with the current step saved for `ckpt_path=` to resume.
 """
 
@@ -15,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from grpokd import runtime
+from grpokd import cli, runtime
 from grpokd.errors import ConfigError
 from grpokd.train import read_results, train, write_json
 
@@ -39,12 +40,27 @@ def main(cfg: DictConfig) -> float | None:
             raise
         if not isinstance(err, ConfigError):
             raise
-        if not (run_dir / "results.json").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # leave nothing that looks like a run
+        if run_dir.absolute() in runtime.CREATED_HERE:  # leave nothing that looks like a run; never another run's directory
+            shutil.rmtree(run_dir, ignore_errors=True)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"run directory: {results['run_dir']}")
+    print("\n".join(headline(results)))
     return results.get(cfg.optimized_metric)  # what a Hydra sweeper (hparams_search) optimises: val, never test
+
+
+def headline(results: dict) -> list[str]:
+    """What a finished job prints last: test accuracy (before -> after, with 95% intervals), where its files are."""
+    def accuracy(tag: str) -> str | None:
+        if f"test/{tag}" not in results:
+            return None
+        low, high = results[f"test/{tag}_ci95"]
+        return f"{100 * results[f'test/{tag}']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+    shown = [a for a in (accuracy("accuracy_before"), accuracy("accuracy_after"), accuracy("accuracy")) if a]
+    run_dir = Path(results["run_dir"])
+    files = [name for name in ("results.json", "predictions.jsonl") if (run_dir / name).is_file()]
+    lines = [f"test accuracy ({results['test_size']} problems, 95% intervals): {' -> '.join(shown)}"] if shown else []
+    return [*lines, f"{' and '.join(files)} are in the run directory", f"run directory: {run_dir}"]
 
 
 def failure(cfg: DictConfig, err: Exception) -> dict:
@@ -56,4 +72,4 @@ def failure(cfg: DictConfig, err: Exception) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.hydra_main(main, Path(__file__).parent / "conf", "config")

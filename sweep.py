@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from grpokd import cli
 from grpokd import sweep as sw
 from grpokd.errors import ConfigError
 
@@ -42,4 +43,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.hydra_main(main, Path(__file__).parent / "conf", "sweeps")

@@ -205,6 +205,21 @@ def test_jsonl_loader(tmp_path):
     assert NumericReward()(with_solution.test[3].solution, with_solution.test[3].answer) == 1.0
 
 
+
+def test_a_byte_order_mark_and_crlf_load_in_every_file_reader(tmp_path):
+    """Excel and Notepad save UTF-8 with a byte-order mark (and CRLF line ends); json and jsonl both load."""
+    bom = "\ufeff".encode()
+    rows = [{"prompt": f"what is {i} + 1 ?", "answer": i + 1} for i in range(40)]
+    (tmp_path / "excel.jsonl").write_bytes(bom + "\r\n".join(json.dumps(r) for r in rows).encode() + b"\r\n")
+    splits = sources.jsonl(path=str(tmp_path / "excel.jsonl"), test_path=str(tmp_path / "excel.jsonl"))
+    assert splits.test[0] == Example("what is 0 + 1 ?", "#### 1", "1") and len(splits.test) == 40
+    aqua = [{"question": f"Q{i}?", "options": ["A)1", "B)2"], "rationale": "so", "correct": "B"} for i in range(20)]
+    (tmp_path / "aqua.json").write_bytes(bom + json.dumps(aqua).encode())  # a JSON array
+    assert len(sources.mathinstruct(path=str(tmp_path / "aqua.json"), test_fraction=0.5).train) > 0
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_bytes(bom + b'{"question": "q", "answer": "x #### 1"}\r\n')
+    assert sources.gsm8k(path=str(tmp_path)).test == [Example("q", "x #### 1", "1")]
+
 # --- errors ------------------------------------------------------------------------------------
 
 

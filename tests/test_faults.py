@@ -21,7 +21,7 @@ from conftest import REPO
 
 from grpokd import runtime
 from grpokd.errors import ConfigError, check_range
-from grpokd.models import zoo
+from grpokd.models import convert, zoo
 
 pytestmark = pytest.mark.slow
 TINY = ["logger=none", "data.val_size=16", "data.test_size=16", "data.prompts_per_step=4", "group_size=4"]
@@ -68,6 +68,13 @@ BATTERY = [
     (["rollout.sampling.temperature=0"], "rollout.sampling.temperature=0 must be > 0"),
     (["rollout.sampling.top_p=1.5"], "rollout.sampling.top_p=1.5 must be <= 1"),
     (["rollout.sampling.max_new_tokens=0"], "rollout.sampling.max_new_tokens=0 must be >= 1"),
+    (["dataset.sampling.max_new_tokens=0"], "dataset.sampling.max_new_tokens=0 must be >= 1"),  # the key typed, not the one that reads it
+    (["dataset.sampling.max_new_tokens=1000000"], "dataset.sampling.max_new_tokens=1000000: model.student=tiny-llama-student has 120 positions"),
+    (["objective=nosuch"], "Could not find 'objective/nosuch'; Available options in 'objective': grpo, j1, j2, j3, kdrl, opd, sft, tgpo"),
+    (["dataset=nosuch"], "Available options in 'dataset': arith, arith_mc, gsm8k, jsonl, mathinstruct, mix"),
+    (["reward.weights.nosuch=1"], "Could not override 'reward.weights.nosuch'; To append to your config use +reward.weights.nosuch=1; "
+                                  "Key 'nosuch' is not in struct; the keys of reward.weights are: correct, format, steps"),
+    (["objective=grpo", "objective.terms.kd.weight=1"], "the keys of objective.terms are: kl"),
     (["trainer.max_steps=0"], "trainer.max_steps=0 must be >= 1"),
     (["data.eval_batch_size=0"], "data.eval_batch_size=0 must be >= 1"),
     (["threads=0"], "threads=0 must be >= 1"),
@@ -95,6 +102,57 @@ def test_bad_input_ends_at_start_up_with_one_line_and_no_run_directory(overrides
     assert not run_dir.exists()
 
 
+def test_an_unknown_sweep_ends_with_one_line_listing_the_sweeps(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(REPO / "sweep.py"), "sweep=nosuch", f"out={tmp_path / 'sweep'}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, env=env)
+    errors = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(errors) == 1, out.stderr[-3000:]
+    assert errors[0].startswith("error: ") and "Available options in 'sweep': default, paper_table1, quick" in errors[0], errors
+
+
+def test_killed_and_finished_runs_are_never_removed_or_overwritten(tmp_path):
+    """A run killed with SIGKILL (checkpoint, no results.json) keeps its directory through resumes with a typo;
+    a resume under another objective is refused; a finished run's directory is never written again."""
+    run_dir = tmp_path / "run"
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    args = [*TINY, "objective=grpo", "trainer.max_steps=40", "eval_before=false", "checkpoint_every=1", "log.samples_every=0",
+            f"paths.outputs={tmp_path / 'outputs'}"]
+    job = start_cli(*args, f"hydra.run.dir={run_dir}")
+    deadline = time.time() + 240
+    while time.time() < deadline and not checkpoint.is_file():
+        time.sleep(0.2)
+    job.kill()
+    job.communicate(timeout=60)
+    assert checkpoint.is_file() and not (run_dir / "results.json").exists()
+    saved = checkpoint.read_bytes()
+
+    def refused(*more: str) -> str:
+        out = run_cli(*args, *more)
+        errors = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), out.stderr[-3000:]
+        assert checkpoint.read_bytes() == saved or (run_dir / "results.json").is_file()  # the checkpoint is still there
+        return errors[0]
+
+    assert "optim.lr='fast' must be a number" in refused(f"ckpt_path={checkpoint}", "optim.lr=fast")
+    assert "optim.lr='fast' must be a number" in refused("resume=true", f"hydra.run.dir={run_dir}", "optim.lr=fast")
+    message = refused(f"ckpt_path={checkpoint}", "objective=j1")
+    assert "a checkpoint of a objective=grpo run, and this run is objective=j1; resume it with objective=grpo" in message
+
+    done = run_cli(*args, f"ckpt_path={checkpoint}")  # the resume as it should be: in the killed run's directory
+    assert done.returncode == 0 and f"run directory: {run_dir}" in done.stdout, done.stderr[-3000:]
+    results = (run_dir / "results.json").read_text()
+    assert json.loads(results)["status"] == "complete" and "test accuracy (16 problems, 95% intervals):" in done.stdout
+
+    assert "holds a finished run" in refused(f"hydra.run.dir={run_dir}", "objective=j1")
+    assert "a checkpoint of a objective=grpo run" in refused(f"ckpt_path={checkpoint}", "objective=j1")
+    more = run_cli(*args, f"ckpt_path={checkpoint}", "trainer.max_steps=42")
+    assert more.returncode == 0, more.stderr[-3000:]
+    new_dir = Path(more.stdout.split("run directory: ")[-1].strip())
+    assert new_dir.parent.parent == tmp_path / "outputs" and json.loads((new_dir / "results.json").read_text())["steps"] == 42
+    assert (run_dir / "results.json").read_text() == results  # the finished run's results as they were
+
+
 def test_a_dataset_the_tokenizer_does_not_cover_stops_with_the_share_and_an_override_exists(shared_data, tmp_path):
     gsm8k = ["dataset=gsm8k", f"dataset.path={shared_data / 'gsm8k'}"]
     out = run_cli(*TINY, *gsm8k, "mode=eval", f"hydra.run.dir={tmp_path / 'run'}")
@@ -106,6 +164,59 @@ def test_a_dataset_the_tokenizer_does_not_cover_stops_with_the_share_and_an_over
     forced = run_cli(*TINY, *gsm8k, "mode=eval", "check_tokenizer=false", f"hydra.run.dir={tmp_path / 'forced'}")
     assert forced.returncode == 0 and json.loads((tmp_path / "forced" / "results.json").read_text())["status"] == "complete"
 
+
+
+def start_convert(src: str, dst: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "grpokd.models.convert", src, str(dst)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def temp_folders(dst: Path) -> list[Path]:
+    return sorted(dst.parent.glob(f".{dst.name}.*.tmp"))
+
+
+def wait_for_temp_folder(job: subprocess.Popen, dst: Path) -> Path:
+    """The temp folder of a running conversion, once made (before its model loads: about a second before it ends)."""
+    deadline = time.time() + 120
+    while not temp_folders(dst) and job.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert job.poll() is None, job.communicate()[1][-3000:]
+    return temp_folders(dst)[0]
+
+
+def test_convert_to_an_unwritable_destination_ends_before_loading(tmp_path, capsys):
+    (tmp_path / "file").write_text("")  # a path under a regular file: not writable, even by root
+    with pytest.raises(SystemExit) as stop:
+        convert.main(["tiny-llama-student", str(tmp_path / "file" / "out")])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and errors == [f"error: DST: cannot write {tmp_path / 'file' / 'out'} (Not a directory); pick a directory you can write"]
+
+
+def test_the_next_conversion_removes_the_temp_folder_of_a_killed_one_and_keeps_live_ones(tmp_path):
+    dst = tmp_path / "out"
+    killed = start_convert("tiny-llama-student", dst)
+    stale = wait_for_temp_folder(killed, dst)
+    killed.kill()  # kill -9: no `finally` runs
+    killed.communicate(timeout=60)
+    assert stale.is_dir() and stale.name == f".out.{killed.pid}.tmp"
+    live = [tmp_path / f".out.{os.getpid()}.tmp", tmp_path / ".out.1.tmp", tmp_path / ".other.999999999.tmp"]  # running; another DST's
+    for folder in live:
+        folder.mkdir()
+    again = start_convert("tiny-llama-student", dst)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert f"removed {stale}, the temp folder of a killed conversion (pid {killed.pid})" in err
+    assert not stale.exists() and all(folder.is_dir() for folder in live) and (dst / "model.safetensors").is_file()
+
+
+def test_sigterm_during_a_conversion_removes_its_temp_folder(tmp_path):
+    dst = tmp_path / "out"
+    job = start_convert("tiny-llama-student", dst)
+    wait_for_temp_folder(job, dst)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert list(tmp_path.iterdir()) == []
 
 def read_rows(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "csv" / "metrics.csv", newline="") as f:
@@ -166,7 +277,7 @@ def test_checkpoints_are_atomic_a_full_disk_keeps_the_good_one(tmp_path):
         signal.signal(signal.SIGXFSZ, previous)
     assert torch.load(path, weights_only=False)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
-    assert runtime.check_checkpoint(str(path)) == 1
+    assert runtime.check_checkpoint(str(path)).step == 1
 
 
 def test_run_directory_names_resume_and_slurm(tmp_path, monkeypatch):
@@ -177,6 +288,8 @@ def test_run_directory_names_resume_and_slurm(tmp_path, monkeypatch):
     assert first.endswith(f"-p{os.getpid()}_grpo_arith_s0")  # unique across processes: test_two_runs_started_together
     (Path(first) / ".hydra").mkdir(parents=True)
     assert runtime.run_dir(root, "other", f"{first}/checkpoints/last.ckpt") == first  # resuming a run's own checkpoint
+    (Path(first) / "results.json").write_text('{"status": "complete"}')
+    assert runtime.run_dir(root, "other", f"{first}/checkpoints/last.ckpt").endswith("_other")  # a finished run: a new directory
     assert runtime.run_dir(root, "x", str(tmp_path / "elsewhere.ckpt")).endswith("_x")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     job = runtime.run_dir(root, "grpo_arith_s0")

@@ -1,6 +1,6 @@
 """The package's layers (docs/architecture.md): every module imports only from its own package or from below.
 
-Bottom to top: errors; the pure math (objectives/) and the network probe; data/ and runtime; models/ (loads and
+Bottom to top: errors; the pure math (objectives/) and the network probe; data/, runtime and cli; models/ (loads and
 runs models, knows no objective); one home per stage (rollout, teachers, evaluation, scoring); the Lightning
 pieces (parallel, loggers, callbacks, then module) and the reports; the entry points (train, then sweep and zoo).
 Function-level imports count too: a lazy import that climbs is still an upward dependency.
@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "grpokd"
 RANKS = {  # module (or package) -> layer; an import must go to a lower layer or stay inside its own package
     "errors": 0,
     "objectives": 1, "network": 1,
-    "data": 2, "runtime": 2,
+    "data": 2, "runtime": 2, "cli": 2,
     "models": 3,
     "rollout": 4,
     "teachers": 5, "evaluation": 5,

@@ -159,3 +159,28 @@ def test_cli_multirun_sweeps_top_level_hyperparameters(tmp_path):
 def test_validation_switched_off_by_the_trainer_still_completes(quick_cfg, tmp_path):
     results = train(quick_cfg("objective=grpo", "+trainer.limit_val_batches=0", "eval_before=false", run_dir=tmp_path / "noval"))
     assert results["status"] == "complete" and "val/accuracy" not in results
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_before_any_weights_load(quick_cfg, tmp_path, monkeypatch):
+    """The tokenizers are compared first: a GGUF student with the embedded teachers took 78 s to say so when the
+    student's weights loaded before the check. Here any weight load before the check fails the test."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from grpokd.errors import ConfigError
+    from grpokd.models import loading, zoo
+
+    teacher = tmp_path / "teacher-with-another-vocabulary"
+    shutil.copytree(zoo.ensure("tiny-llama-teacher-s"), teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    tokenizer.add_tokens(["zyzzyva"])
+    tokenizer.save_pretrained(teacher)
+
+    def no_weights(name, *args, **kwargs):
+        raise AssertionError(f"the weights of {name} loaded before the tokenizers were compared")
+
+    monkeypatch.setattr(loading, "load_model", no_weights)
+    cfg = quick_cfg("objective=j1", f"model.teachers=[tiny-llama-teacher-s,{teacher}]")
+    with pytest.raises(ConfigError, match=r"model\.teachers\[1\]=.* does not share the student's tokenizer"):
+        train(cfg)

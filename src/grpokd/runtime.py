@@ -11,7 +11,11 @@
   `wall_time_s` counts every part.
 - Run directories (`run_dir`): date, time to the microsecond and process id
   (and the SLURM job id, so a requeued job finds its own directory); a
-  checkpoint under `<run>/checkpoints/` resumes in `<run>`.
+  checkpoint under `<run>/checkpoints/` resumes in `<run>` unless that run
+  finished. A finished run's directory is never written again, and run.py
+  removes after a config error only a directory this process created.
+- `RunIdentity`: the objective and dataset saved in each checkpoint; a resume
+  under another is refused.
 - `CpuShare`: torch threads = cores / grpokd jobs running on them now.
 """
 
@@ -20,6 +24,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,6 +33,8 @@ import sys
 import sysconfig
 import tempfile
 import time
+import warnings
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -72,8 +80,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, buffer.getvalue())
 
 
-def check_checkpoint(path: str) -> int:
-    """The global step of the Lightning checkpoint at `path`; ConfigError (key, value, fix) if it is missing or unreadable."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A Lightning checkpoint written by grpokd: its global step and the run it belongs to (`RunIdentity`)."""
+
+    step: int
+    identity: dict[str, str]  # empty for a checkpoint written before identities were saved
+
+
+def check_checkpoint(path: str) -> Checkpoint:
+    """The checkpoint at `path`; ConfigError (key, value, fix) if it is missing or unreadable."""
     fix = "pass a checkpoint written by grpokd, e.g. ckpt_path=<run_dir>/checkpoints/last.ckpt"
     file = Path(path).expanduser()
     if not file.is_file():
@@ -84,7 +100,33 @@ def check_checkpoint(path: str) -> int:
         raise ConfigError(f"ckpt_path={path}: cannot be loaded ({type(err).__name__}: {err}); {fix}".splitlines()[0]) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         raise ConfigError(f"ckpt_path={path}: not a Lightning training checkpoint (no state_dict / global_step); {fix}")
-    return int(checkpoint["global_step"])
+    identity = (checkpoint.get("callbacks") or {}).get(RunIdentity.__qualname__) or {}
+    return Checkpoint(int(checkpoint["global_step"]), dict(identity))
+
+
+class RunIdentity(Callback):
+    """What a run is (objective and dataset), saved in its checkpoints, so that a resume under another is refused."""
+
+    def __init__(self, identity: dict[str, str]) -> None:
+        self.identity = dict(identity)
+
+    def state_dict(self) -> dict[str, str]:
+        return dict(self.identity)
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        """Nothing to restore: `check_checkpoint` compares the saved identity with the run's before training."""
+
+
+def check_same_run(path: str, saved: dict[str, str], identity: dict[str, str]) -> None:
+    """ConfigError unless the checkpoint at `path` (whose `RunIdentity` is `saved`) belongs to a run like `identity`."""
+    differ = [key for key, value in identity.items() if key in saved and saved[key] != value]
+    if differ:
+        theirs = " ".join(f"{key}={saved[key]}" for key in differ)
+        mine = " ".join(f"{key}={identity[key]}" for key in differ)
+        raise ConfigError(
+            f"ckpt_path={path}: a checkpoint of a {theirs} run, and this run is {mine}; resume it with {theirs}, "
+            "or start a new run from a finished run's weights with model.student=<its run_dir>/student"
+        )
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
@@ -100,11 +142,22 @@ def requeued() -> bool:
 
 
 def resumed_run_dir(ckpt_path: str | None) -> str | None:
-    """`<run>` when `ckpt_path` is `<run>/checkpoints/<file>` of a grpokd run directory (it has `.hydra/`), else None."""
+    """`<run>` when `ckpt_path` is `<run>/checkpoints/<file>` of a grpokd run directory (it has `.hydra/`) that has
+    not finished, else None: a finished run's checkpoint resumes in a new directory, and its results stay."""
     if not ckpt_path:
         return None
     checkpoints = Path(ckpt_path).expanduser().absolute().parent
-    return str(checkpoints.parent) if checkpoints.name == "checkpoints" and (checkpoints.parent / ".hydra").is_dir() else None
+    run = checkpoints.parent
+    ours = checkpoints.name == "checkpoints" and (run / ".hydra").is_dir()
+    return str(run) if ours and not finished(run) else None
+
+
+def finished(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a finished job: its results.json says `status: complete`."""
+    try:
+        return json.loads((Path(run_dir) / "results.json").read_text()).get("status") == "complete"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def slurm_job() -> str | None:
@@ -206,6 +259,20 @@ def git_state(path: Path = Path(__file__).parent) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
+
+
+def quiet_libraries() -> None:
+    """Silence what libraries print that is not the user's business: Lightning's tips for its cloud products and
+    a deprecation that Lightning's own code triggers in torch (`LeafSpec`, lightning/pytorch/utilities/_pytree.py)."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(f is _no_tips for f in log.filters):
+            log.addFilter(_no_tips)
+
+
+def _no_tips(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
 
 
 def cpus() -> set[int]:
@@ -344,19 +411,41 @@ def unwritable(path: str | Path) -> str | None:
     return None
 
 
+# The run directories this process created (`WritableRunDir`): the only ones run.py may remove after a config error.
+# A directory that existed before (a killed run resumed with `ckpt_path=` or `resume=true`) is never removed.
+CREATED_HERE: set[Path] = set()
+
+
 class WritableRunDir(HydraCallback):
     """A Hydra callback that creates the run (or sweep) directory before Hydra does, so that one that cannot be
-    created ends the job with one `error:` line and exit status 2 (Hydra's own attempt ends in a traceback)."""
+    created ends the job with one `error:` line and exit status 2 (Hydra's own attempt ends in a traceback).
+
+    It also refuses a run directory that holds a finished run (before Hydra writes its `.hydra/` there), unless
+    `skip_complete` returns that run's results as they are; and records the directories it created (`CREATED_HERE`).
+    """
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        self._check("hydra.run.dir", OmegaConf.select(config, "hydra.run.dir"))
+        path = OmegaConf.select(config, "hydra.run.dir")
+        if finished(Path(path).expanduser()) and not OmegaConf.select(config, "skip_complete"):
+            self._exit(
+                f"hydra.run.dir={path} holds a finished run (its results.json says complete), which this job would overwrite; "
+                "leave hydra.run.dir out for a new directory (ckpt_path=<its checkpoint> continues it in a new one)"
+            )
+        new = not Path(path).expanduser().exists()
+        self._check("hydra.run.dir", path)
+        if new:
+            CREATED_HERE.add(Path(path).expanduser().absolute())
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         self._check("hydra.sweep.dir", OmegaConf.select(config, "hydra.sweep.dir"))
 
-    @staticmethod
-    def _check(key: str, path: str) -> None:
+    @classmethod
+    def _check(cls, key: str, path: str) -> None:
         reason = unwritable(path)
         if reason:
-            print(f"error: {key}={path}: cannot create it ({reason}); choose a writable place, e.g. paths.outputs=DIR", file=sys.stderr)
-            sys.exit(2)
+            cls._exit(f"{key}={path}: cannot create it ({reason}); choose a writable place, e.g. paths.outputs=DIR")
+
+    @staticmethod
+    def _exit(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -10,6 +10,7 @@ so a run directory with it is a complete run.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from dataclasses import dataclass, replace
@@ -93,7 +94,45 @@ def under(key: str, message: str) -> str:
 
 
 def prepare(cfg: DictConfig) -> Prepared:
-    """Every start-up check that needs no model: values, objective, sampling, dataset, model names, checkpoint."""
+    """Every start-up check that needs no model: values, objective, sampling, dataset, model names, checkpoint.
+
+    An error names the key the user types: a key whose value interpolates another (rollout.sampling.max_new_tokens
+    is ${dataset.sampling.max_new_tokens}) is named by the key it reads (`as_typed`).
+    """
+    try:
+        return check_all(cfg)
+    except ConfigError as err:
+        raise ConfigError(as_typed(cfg, str(err))) from None
+
+
+INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
+
+
+def typed_key(cfg: DictConfig, key: str) -> str:
+    """The key a user sets to change `key`: the one its value interpolates (followed to the end), else `key`."""
+    raw, seen = OmegaConf.to_container(cfg, resolve=False), set()
+    while key not in seen:
+        seen.add(key)
+        value: Any = raw
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        found = INTERPOLATION.match(value) if isinstance(value, str) else None
+        if found is None:
+            return key
+        key = found.group(1)
+    return key
+
+
+def as_typed(cfg: DictConfig, message: str) -> str:
+    """`message` ("<key>=<value> ...") with its key named as the user types it (`typed_key`)."""
+    key = message.split("=", 1)[0]
+    if " " in key or "=" not in message:
+        return message
+    return typed_key(cfg, key) + message[len(key):]
+
+
+def check_all(cfg: DictConfig) -> Prepared:
+    """`prepare`'s checks, in order; errors name the keys as the config holds them."""
     missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
     if missing:
         raise ConfigError(f"{missing[0]} is mandatory and has no value; set it, e.g. {missing[0]}=<value>" + (
@@ -141,9 +180,18 @@ def prepare(cfg: DictConfig) -> Prepared:
     if cfg.mode == "train" and objective.needs.teachers:
         getattr(weighting, "check_routes", lambda names, examples: None)(teacher_names(cfg), data.train_set + data.val_set)
     ckpt_path = checkpoint_to_resume(cfg)
-    resume_step = runtime.check_checkpoint(ckpt_path) if ckpt_path else None
+    resume_step = None
+    if ckpt_path:
+        checkpoint = runtime.check_checkpoint(ckpt_path)
+        runtime.check_same_run(ckpt_path, checkpoint.identity, run_identity(cfg))
+        resume_step = checkpoint.step
     formats = {c.name: c.prompt_format for c in components}
     return Prepared(objective, data, reward, train_reward, sampling, formats, optim, ckpt_path, resume_step, lora)
+
+
+def run_identity(cfg: DictConfig) -> dict[str, str]:
+    """What a checkpoint of this run must have been written by, to be resumed (`runtime.RunIdentity`)."""
+    return {"objective": cfg.objective.name, "dataset": cfg.dataset.name}
 
 
 def dataset_components(cfg: DictConfig) -> list[Component]:
@@ -290,14 +338,14 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         raise ConfigError(f"model.teacher_top_k={top_k} is larger than the vocabulary of model.student ({len(tokenizer)}); use at most {len(tokenizer)}")
     for i, item in enumerate(cfg.model.teachers if use_teachers else ()):
         loading.check_same_family(cfg.model.student, loading.teacher_entry(item)[0], f"model.teachers[{i}]")
+    check_tokenizers(cfg, tokenizer, ref_name, use_teachers)  # before any weights load: a mismatch ends in seconds
+    check_positions(cfg, sampling)
     student = loading.load_model(cfg.model.student, "model.student", cfg.model.dtype)
     reference_adapters_off = prep.lora is not None and ref_name == cfg.model.student
     reference = None
     if ref_name is not None and not reference_adapters_off:
         reference = loading.load_model(ref_name, "model.reference", cfg.model.dtype).requires_grad_(False)
-        if ref_name != cfg.model.student:
-            loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(ref_name, "model.reference"), cfg.model.student, ref_name)
-    teachers = load_teachers(cfg, tokenizer) if use_teachers else None
+    teachers = load_teachers(cfg) if use_teachers else None
     loading.forget_dequantised()
     if cfg.model.disable_dropout:  # the pretrained models' dropout; LoRA's own is model.lora.dropout
         for model in (student, reference):
@@ -334,15 +382,33 @@ def render_prompts(prep: Prepared, tokenizer, student: str) -> Sampling:
     return sampling
 
 
-def load_teachers(cfg: DictConfig, tokenizer) -> TeacherEnsemble:
-    """Every teacher of model.teachers, checked to share the student's tokenizer."""
+def check_tokenizers(cfg: DictConfig, tokenizer, ref_name: str | None, use_teachers: bool) -> None:
+    """The reference and every teacher share the student's tokenizer (the student itself does by definition)."""
+    others = [("model.reference", ref_name)] if ref_name else []
+    if use_teachers:
+        others += [(f"model.teachers[{i}]", loading.teacher_entry(item)[0]) for i, item in enumerate(cfg.model.teachers)]
+    for role, name in others:
+        if name != cfg.model.student:
+            shown = role if role == "model.reference" else f"{role}={name}"
+            loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(name, role), cfg.model.student, shown)
+
+
+def check_positions(cfg: DictConfig, sampling: Sampling) -> None:
+    """A completion of max_new_tokens must fit the student's position table (where it has one) beside a prompt."""
+    positions = loading.max_positions(cfg.model.student, "model.student")
+    if positions is not None and sampling.max_new_tokens >= positions:
+        raise ConfigError(as_typed(cfg,
+            f"rollout.sampling.max_new_tokens={sampling.max_new_tokens}: model.student={cfg.model.student} has "
+            f"{positions} positions for prompt and completion together; use fewer new tokens (at most {positions - 1})"
+        ))
+
+
+def load_teachers(cfg: DictConfig) -> TeacherEnsemble:
+    """Every teacher of model.teachers (`check_tokenizers` has compared their tokenizers with the student's)."""
     models = []
     for i, item in enumerate(cfg.model.teachers):
         name, dtype = loading.teacher_entry(item)
-        role = f"model.teachers[{i}]"
-        if name != cfg.model.student:  # the student as its own teacher shares its tokenizer by definition
-            loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(name, role), cfg.model.student, f"{role}={name}")
-        models.append(loading.load_model(name, role, dtype or cfg.model.dtype))
+        models.append(loading.load_model(name, f"model.teachers[{i}]", dtype or cfg.model.dtype))
     names = teacher_names(cfg)
     weighting = instantiate_group(cfg.weighting, "weighting")
     return TeacherEnsemble(models, names, weighting, cfg.model.get("teacher_chunk_prompts"), cfg.model.get("teacher_top_k"))
@@ -413,6 +479,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     With `skip_complete`, a run directory whose results.json says complete is returned as is.
     A SIGTERM or SIGINT ends it with results.json `status: interrupted` and `runtime.Interrupted`.
     """
+    runtime.quiet_libraries()
     run_dir = Path(cfg.run_dir)
     if cfg.get("skip_complete"):
         done = read_results(run_dir)
@@ -432,7 +499,7 @@ def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuSh
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     clock, stop = runtime.RunClock(time.time()), runtime.GracefulStop(run_dir / "checkpoints")
     module = build_module(cfg, prep, run_dir)
-    trainer = build_trainer(cfg, run_dir, [clock, stop, share], prep.resume_step)
+    trainer = build_trainer(cfg, run_dir, [clock, stop, share, runtime.RunIdentity(run_identity(cfg))], prep.resume_step)
     if trainer.world_size > 1:  # Lightning re-seeds each rank with this at every stage: rank r samples with seed + r
         L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     results: dict[str, Any] = {

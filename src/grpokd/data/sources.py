@@ -287,10 +287,10 @@ def _read_rows(file: Path) -> list[_Row]:
 
 
 def _utf8(file: Path) -> str:
-    """The file's text; a non-UTF-8 byte is reported with its line and column."""
+    """The file's text, less a leading byte-order mark (Excel and Notepad write one); a non-UTF-8 byte is reported with its line and column."""
     data = file.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1

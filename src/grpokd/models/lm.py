@@ -16,6 +16,8 @@ a causal model's prompt KV cache is computed on the B prompts and repeated K tim
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -153,8 +155,8 @@ def decoding(model: PreTrainedModel, prompts: Tokens, group_size: int) -> tuple[
 
         def step(tokens: Tensor) -> Tensor:
             nonlocal cache
-            out = model(encoder_outputs=(encoded,), attention_mask=encoder_mask, decoder_input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(encoder_outputs=(encoded,), attention_mask=encoder_mask, decoder_input_ids=tokens[:, None], use_cache=True, **cache_arg(model, cache))
+            cache = cache_of(out)
             return out.logits[:, -1]
 
         return step(torch.full_like(encoder_mask[:, 0], model.config.decoder_start_token_id)), step
@@ -166,8 +168,8 @@ def decoding(model: PreTrainedModel, prompts: Tokens, group_size: int) -> tuple[
         nonlocal cache, mask, position
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         position = position + 1
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, use_cache=True, **cache_arg(model, cache))
+        cache = cache_of(out)
         return out.logits[:, -1]
 
     return logits, step
@@ -179,8 +181,26 @@ def prompt_cache(model: PreTrainedModel, prompts: Tokens, group_size: int) -> tu
     runs on the last position only (`logits_to_keep`): no [B, P, V] logits, which at a real vocabulary and with
     grad would be the prompt's largest tensor."""
     out = model(input_ids=prompts.ids, attention_mask=prompts.mask, position_ids=positions(prompts.mask), use_cache=True, logits_to_keep=1)
-    out.past_key_values.batch_repeat_interleave(group_size)
-    return out.logits[:, -1].repeat_interleave(group_size, 0), out.past_key_values
+    cache = cache_of(out)
+    cache.batch_repeat_interleave(group_size)
+    return out.logits[:, -1].repeat_interleave(group_size, 0), cache
+
+
+def cache_arg(model: PreTrainedModel, cache: Any) -> dict[str, Any]:
+    """The KV cache as the model's forward takes it: `cache` from transformers 5.2x on, `past_key_values` before
+    (the old name warns on every call there and goes in 5.40)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it on
+    return {_cache_key(type(base)): cache}
+
+
+@functools.cache
+def _cache_key(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_of(out: Any) -> Any:
+    """The KV cache a forward returned, under either name (`cache_arg`)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def positions(mask: Tensor) -> Tensor:
@@ -235,7 +255,7 @@ def completion_logits(model: PreTrainedModel, prompts: Tokens, completions: Toke
         first, cache = prompt_cache(model, prompts, group_size)  # [N, V]: the last prompt position predicts token 0
         mask = torch.cat([prompts.mask.repeat_interleave(group_size, 0), completions.mask], 1)  # [N, P+T]
         out = model(input_ids=completions.ids, attention_mask=mask, position_ids=positions(mask)[:, prompts.ids.shape[1] :],
-                    past_key_values=cache, use_cache=False)
+                    use_cache=False, **cache_arg(model, cache))
         logits = torch.cat([first[:, None], out.logits[:, :-1]], 1)  # [N, T, V]: completion position t predicts token t+1
     return logits[..., :vocab_size] if vocab_size is not None else logits
 

@@ -335,6 +335,17 @@ def is_encoder_decoder(name: str, role: str = "model") -> bool:
         raise ConfigError(f"{role}: cannot read the config of {name!r}: {err}".splitlines()[0]) from err
 
 
+def max_positions(name: str, role: str = "model") -> int | None:
+    """The length of `name`'s position table (`max_position_embeddings`), None for a model without one (T5)."""
+    source = resolve(name, role)
+    try:
+        return getattr(_config(source, role), "max_position_embeddings", None)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{role}: cannot read the config of {name!r}: {err}".splitlines()[0]) from err
+
+
 def check_same_family(student: str, other: str, role: str) -> None:
     """Every model scores the same token layout (seq2seq: prompt to encoder; causal: prompt + completion), so one family."""
     kinds = {True: "seq2seq", False: "causal"}
