@@ -9,6 +9,7 @@ with TRL's own code on the same tensors runs when TRL is installed (`pip install
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -226,6 +227,26 @@ def test_bad_values_name_their_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         objective("j3", override)
 
+
+
+def test_cispo_with_sequence_ratios_stops_naming_both_keys():
+    with pytest.raises(ConfigError, match="^objective.surrogate=cispo with objective.ratio_level=sequence: .*keep objective.ratio_level=token"):
+        objective("grpo", "objective.surrogate=cispo", "objective.ratio_level=sequence")
+    objective("grpo", "objective.ratio_level=sequence")  # GSPO with the clipped surrogate
+
+
+def test_cispo_says_an_epsilon_low_it_does_not_use_is_unused():
+    """CISPO bounds the weight from above only (TRL's too): the defaults (epsilon_low = epsilon_high = epsilon) pass
+    silently; an epsilon_low that differs from epsilon_high is named in a warning, and the run goes on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        objective("grpo", "objective.surrogate=cispo")
+        objective("grpo", "objective.surrogate=cispo", "epsilon=0.3")
+        objective("grpo", "objective.epsilon_low=0.1")  # the clipped surrogate uses it
+    with pytest.warns(UserWarning, match=r"^objective.epsilon_low=0.1 is unused with objective.surrogate=cispo: .* 1 \+ objective.epsilon_high = 1.2;"):
+        objective("grpo", "objective.surrogate=cispo", "objective.epsilon_low=0.1")
+    with pytest.warns(UserWarning, match="objective.epsilon_low=0.2 is unused"):
+        assert objective("grpo", "objective.surrogate=cispo", "objective.epsilon_high=4.0").epsilon_high == 4.0  # TRL's recommended 5
 
 def test_the_options_train_end_to_end_and_log_what_they_masked(quick_cfg, tmp_path):
     """J''' with CISPO, the top 50% entropy tokens and the off-policy mask, two updates per rollout (so pi_old differs

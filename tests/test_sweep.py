@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -360,9 +363,139 @@ def test_every_readme_run_command_composes_and_passes_or_names_what_is_missing(a
     from grpokd import network
 
     network.hub_reachable.cache_clear()
-    overrides = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args if a != "-m"]
+    overrides = offline_gsm8k([a.split(",")[0] if "=" in a and "[" not in a else a for a in args if a != "-m"])
     try:
         prepare(compose(overrides, tmp_path))
     except ConfigError as err:
-        assert any(p in str(err) for p in ("hf download", "/data/gsm8k", "my.jsonl", "/models/my-t5")), err
+        assert any(p in str(err) for p in ("hf download", "openai/gsm8k", "data/gsm8k", "my.jsonl", "/models/my-t5")), err
     network.hub_reachable.cache_clear()
+
+
+SHARED_GSM8K = Path(os.environ.get("GRPOKD_SHARED_DATA", REPO.parent / "shared" / "data")) / "gsm8k"
+
+
+def offline_gsm8k(overrides: list[str]) -> list[str]:
+    """A line's overrides with GSM8K read from the tests' offline copy (conftest.shared_data's gsm8k/), when there
+    is one, in place of the hub (no dataset.path) or of the user's own copy that the line names."""
+    if "dataset=gsm8k" not in overrides or not SHARED_GSM8K.is_dir():
+        return overrides
+    return [*(o for o in overrides if not o.startswith("dataset.path=")), f"dataset.path={SHARED_GSM8K}"]
+
+
+# --- the job counts and multiruns the README and docs/*.md state ----------------------------------------------------
+
+
+COMMAND = re.compile(r"(?:^|`)(python (?:run|sweep)\.py\b[^`\n]*)", re.M)  # at a line's start (code) or in inline code
+JOBS = re.compile(r"\b(\d+)\s+jobs\b")
+HEADING_LINE = re.compile(r"^#{1,6} ", re.M)
+
+
+def command_args(text: str) -> tuple[str, list[str]]:
+    """("run.py" | "sweep.py", its arguments) of one command, its shell comment dropped."""
+    words = shlex.split(text, comments=True)
+    return words[1], words[2:]
+
+
+def doc_commands(text: str) -> list[tuple[int, str, list[str]]]:
+    """(offset, program, arguments) of every `python run.py|sweep.py ...` of a page, in code blocks or inline."""
+    return [(m.start(1), *command_args(m.group(1))) for m in COMMAND.finditer(text)]
+
+
+def stated_job_counts() -> list[tuple[str, str, list[str], int]]:
+    """(where, program, arguments, N) for every "N jobs" of the README and docs/*.md. Its command is the last
+    `python sweep.py ...` / `python run.py ...` before it in its section (on its own line: the one it comments)."""
+    found = []
+    for doc in DOCUMENTS:
+        text = doc.read_text()
+        commands, headings = doc_commands(text), [m.start() for m in HEADING_LINE.finditer(text)]
+        for m in JOBS.finditer(text):
+            where = f"{doc.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}"
+            before = [c for c in commands if c[0] < m.start()]
+            section = max((h for h in headings if h < m.start()), default=-1)
+            if not before or before[-1][0] < section:
+                found.append((where, "", [], int(m.group(1))))  # no command to count: the test fails on it
+            else:
+                found.append((where, before[-1][1], before[-1][2], int(m.group(1))))
+    return found
+
+
+def multirun_jobs(args: list[str]) -> int:
+    """The number of jobs of `python run.py -m <args>`: the product of the comma-separated value counts."""
+    counts = [len(a.split("=", 1)[1].split(",")) for a in args if "=" in a and not any(c in a for c in "[]{}'\"")]
+    return math.prod(counts)
+
+
+@functools.cache
+def planned_jobs(args: tuple[str, ...]) -> int:
+    """len(jobs) of `python sweep.py <args>`, planned (every job's start-up checks) as sweep.py plans it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with tempfile.TemporaryDirectory() as out, initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose("sweeps", overrides=list(args))
+        return len(sw.plan(cfg.sweep, Path(out), lambda o: hydra_compose("config", overrides=o))[1])
+
+
+@pytest.mark.parametrize("where,program,args,stated", [pytest.param(*c, id=f"{c[0]} {c[3]} jobs") for c in stated_job_counts()])
+def test_every_job_count_in_the_docs_is_the_planners(where, program, args, stated, monkeypatch):
+    """Each "N jobs" next to a `python sweep.py ...` line is what sweep.py's planner makes of it (evaluation rows
+    run one seed), and next to a `python run.py -m ...` line the product of its value lists."""
+    assert program in ("sweep.py", "run.py"), f"{where}: '{stated} jobs' follows no python sweep.py / run.py command in its section"
+    if program == "run.py":
+        assert "-m" in args, f"{where}: '{stated} jobs' counts `python run.py {' '.join(args)}`, which is one job"
+        assert multirun_jobs(args) == stated, f"{where}: python run.py {' '.join(args)} is {multirun_jobs(args)} jobs, not {stated}"
+        return
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from grpokd import network
+
+    network.hub_reachable.cache_clear()
+    planned = planned_jobs(tuple(args))
+    assert planned == stated, f"{where}: python sweep.py {' '.join(args)} plans {planned} jobs, the page says {stated}"
+
+
+def test_the_job_counts_are_found():
+    """The README's ablation table command, with its count on the same line, and results.md's counts in prose."""
+    found = {(where.split(":")[0], program, tuple(args)) for where, program, args, _ in stated_job_counts()}
+    assert ("README.md", "sweep.py", ()) in found and ("docs/results.md", "sweep.py", ("sweep=stability",)) in found
+    assert ("README.md", "run.py", ("-m", "objective=sft,grpo", "seed=0,1,2")) in found
+    assert multirun_jobs(["-m", "objective=j1,j2,j3", "tau=1.0,2.0", "trainer.max_steps=5"]) == 6
+
+
+def multirun_examples() -> list[list[str]]:
+    """The arguments of every `python run.py -m ...` of the README and docs/*.md, in code blocks or inline (not a
+    placeholder such as `python run.py -m ...`)."""
+    lines = [args for doc in DOCUMENTS for _, program, args in doc_commands(doc.read_text())
+             if program == "run.py" and "-m" in args and "..." not in args]
+    return [list(args) for args in dict.fromkeys(tuple(args) for args in lines)]
+
+
+@pytest.mark.parametrize("args", multirun_examples(), ids=" ".join)
+def test_every_multirun_example_varies_every_job(args):
+    """A multirun over objectives and a paper coefficient (`beta`, `gamma`, `lam`, ...) is only worth its jobs when
+    every objective in it reads that coefficient: otherwise some of its jobs are the same run twice."""
+    from grpokd.loggers import PAPER_KEYS
+
+    values = {a.split("=", 1)[0]: a.split("=", 1)[1].split(",") for a in args if "=" in a}
+    objectives = values.get("objective") or [str(compose_default_objective())]
+    for key in PAPER_KEYS:
+        if len(values.get(key, [])) > 1:
+            ignore = [o for o in objectives if not sw.uses(o, key)]
+            assert not ignore, f"python run.py {' '.join(args)}: {', '.join(ignore)} do(es) not read {key}: duplicate jobs"
+
+
+@functools.cache
+def compose_default_objective() -> str:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("config").objective.name
+
+
+def test_a_multirun_that_repeats_jobs_is_caught():
+    from grpokd.loggers import PAPER_KEYS
+
+    assert "gamma" in PAPER_KEYS and sw.uses("j3", "gamma") and not sw.uses("j1", "gamma")
+    assert not sw.uses("sft", "beta") and sw.uses("kdrl", "beta")
+    with pytest.raises(AssertionError, match="j1, j2 do\\(es\\) not read gamma"):
+        test_every_multirun_example_varies_every_job(["-m", "objective=j1,j2,j3", "gamma=0.1,0.5"])

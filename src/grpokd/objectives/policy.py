@@ -73,6 +73,7 @@ for nothing, so the module computes only what the chosen terms need.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
@@ -186,7 +187,9 @@ class PolicyObjective:
     Args:
         terms: name -> Term (None entries are ignored); names prefix nothing, each term names its metrics.
         reward_weight: weight of the reward's group advantage, >= 0 (0: reward-free, e.g. pure distillation).
-        epsilon_low, epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high].
+        epsilon_low, epsilon_high: clip range [1 - epsilon_low, 1 + epsilon_high]. CISPO uses epsilon_high alone
+            (its weight min(rho, 1 + epsilon_high) has no lower bound, as TRL's); an epsilon_low that differs
+            from epsilon_high is then unused, and a warning says so.
         ratio_level: "token" (DeepSeekMath) | "sequence" (GSPO).
         aggregation: "seq_mean_token_mean" | "token_mean" | "seq_mean_token_sum_norm".
         adv_scale: "group" | "batch" | "none" (Dr. GRPO); the std dividing the advantage.
@@ -194,7 +197,8 @@ class PolicyObjective:
         max_tokens: the constant of "seq_mean_token_sum_norm" (the configs pass the longest completion
             allowed, Dr. GRPO's constant; None: T of the batch).
         surrogate: "clipped" (PPO/GRPO, `functional.clipped_surrogate`) | "cispo" (the clipped, detached
-            importance weight times log pi, `functional.cispo_surrogate`).
+            importance weight times log pi, `functional.cispo_surrogate`; token-level ratios only: a ConfigError
+            with ratio_level="sequence").
         top_entropy_quantile: in (0, 1]; below 1 only the tokens among that fraction of highest entropy get
             policy loss (`functional.high_entropy_mask`; the terms are not masked).
         off_policy_mask_threshold: >= 0, or None (off); a completion with a negative advantage and a mean
@@ -222,6 +226,11 @@ class PolicyObjective:
     ) -> None:
         check_choice("ratio_level", ratio_level, RATIO_LEVELS)
         check_choice("surrogate", surrogate, tuple(SURROGATES))
+        if surrogate == "cispo" and ratio_level != "token":
+            raise ConfigError(
+                f"objective.surrogate=cispo with objective.ratio_level={ratio_level}: CISPO truncates each token's importance weight "
+                "(MiniMax-M1); keep objective.ratio_level=token with cispo, or use objective.surrogate=clipped for GSPO's sequence ratio"
+            )
         check_choice("reward_aggregation", reward_aggregation, REWARD_AGGREGATIONS)
         check_range("top_entropy_quantile", top_entropy_quantile, low=0, high=1, low_open=True)
         if off_policy_mask_threshold is not None:
@@ -251,6 +260,12 @@ class PolicyObjective:
         self.off_policy_mask_threshold = off_policy_mask_threshold
         self.reward_aggregation = reward_aggregation
         self.needs  # fail at construction when terms disagree
+        if surrogate == "cispo" and epsilon_low != epsilon_high:
+            warnings.warn(
+                f"objective.epsilon_low={epsilon_low} is unused with objective.surrogate=cispo: CISPO (as TRL's loss_type=cispo) bounds the "
+                f"importance weight from above only, at 1 + objective.epsilon_high = {1 + epsilon_high:g}; set objective.epsilon_high to move it",
+                stacklevel=2,
+            )
 
     def active(self, placement: str) -> dict[str, Term]:
         return {name: t for name, t in self.terms.items() if t.active and t.placement == placement}

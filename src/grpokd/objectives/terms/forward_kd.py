@@ -5,7 +5,7 @@ J' (conf/objective/j1.yaml, paper Eq. 9) is GRPO with the exact KL anchor plus t
     loss = -L_CL + beta * KL_full(theta || ref) + lam * sum_i w_i D_H(T_i || theta)
 
 D_H is the Hinton divergence at temperature tau (Eq. 7-8), w_i the teachers' weights (detached, sum 1).
-The teachers' mixture comes in `batch.kd` (see `kd.TeacherMixer`), so M teachers cost the memory of one.
+The teachers' mixture comes in `batch.kd` (built by `grpokd.teachers.TeacherMixer`), so M teachers cost the memory of one.
 
 Departure from the paper: Eq. 9 writes "+ lambda * KD" inside an objective that is maximised, which would
 push the student away from the teachers; the text says the student is "encouraged to match" them, so

@@ -6,7 +6,7 @@ J'' (conf/objective/j2.yaml) is GRPO whose KL anchor is the teacher ensemble ins
 
 D_H(theta || T_i) is the reverse Hinton divergence at temperature tau (Eq. 7-8, the student first, as in
 the KL(theta || ref) it replaces), w_i the teachers' weights (detached, sum 1). There is no reference
-model: the reverse-KD mixture lbar = sum_i w_i log p_i comes in `batch.kd` (see `kd.TeacherMixer`). The
+model: the reverse-KD mixture lbar = sum_i w_i log p_i comes in `batch.kd` (built by `grpokd.teachers.TeacherMixer`). The
 paper's "+ beta'" regulariser is a penalty here, as GRPO's KL is: it is minimised. Where it is evaluated
 (`states`: "rollouts", where GRPO's KL is, or "gold") and how it is reduced are as for `forward_kd`.
 """
