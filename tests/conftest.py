@@ -66,11 +66,12 @@ def objective(name: str, *overrides: str, terms: dict | None = None):
     `terms` (name -> Term built by the test) are added after the config's own (a name the config has replaces
     its term), on a PolicyObjective with the same settings, so that the needs check runs on the union.
     """
+    from grpokd.objectives import coefficients
     from grpokd.objectives.policy import PolicyObjective
-    from grpokd.train import check_hyperparameters, instantiate_group
+    from grpokd.train import instantiate_group
 
     cfg = objective_config(name, *overrides)
-    check_hyperparameters(cfg)  # the paper's top-level keys, by the names typed, as `prepare` checks them first
+    coefficients.check(cfg)  # the paper's top-level keys, by the names typed, as `prepare` checks them first
     built = instantiate_group(cfg.objective, "objective")
     if terms is None:
         return built

@@ -182,7 +182,7 @@ OBJECTIVES = {  # every term that reads the student's full distribution, and the
     "j3": ["objective=j3"],
     "kdrl": ["objective=kdrl"],
     "tgpo": ["objective=tgpo"],
-    "tgpo-topk": ["objective=tgpo", "objective.terms.guide.target=topk", "objective.terms.guide.top_k=5"],
+    "tgpo-topk": ["objective=tgpo", "objective.terms.guide.target=topk", "objective.terms.guide.target_k=5"],
     "opd": ["objective=opd"],
     "grpo-full-kl-entropy": ["objective=grpo", "objective.terms.kl.estimator=full", "+term@objective.terms.entropy=entropy_bonus"],
 }

@@ -8,7 +8,7 @@ import sys
 import hydra
 import pytest
 import torch
-from conftest import REPO, compose
+from conftest import REPO, compose, objective_config
 
 from grpokd.errors import ConfigError
 from grpokd.objectives.base import Needs
@@ -73,7 +73,8 @@ def test_jsonl_dataset(tmp_path):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in ("trainer", "model") for o in options(g)])
 def test_trainer_and_model_options_compose(group, option, tmp_path):
-    cfg = compose([f"{group}={option}"], tmp_path)
+    own = ["model.student=tiny-llama-student", "model.teachers=[tiny-llama-teacher-m]"] if option == "base" else []  # models of your own
+    cfg = compose([f"{group}={option}", *own], tmp_path)
     node = cfg[group]
     if group == "trainer":
         assert node._target_ == "lightning.pytorch.Trainer"
@@ -102,14 +103,14 @@ def test_loggers_instantiate_offline(tmp_path, monkeypatch):
         (["model.student=some-org/some-model-that-is-not-here"], "hf download"),
         (["dataset=gsm8k", "dataset.path=/no/such/dir"], "/no/such/dir"),
         (["mode=predict"], "mode"),
-        (["objective=kdrl", "objective.terms.kd.kd_mask=easy"], "kd_mask='easy' is not one of none, incorrect_only, hard_prompts"),
+        (["objective=kdrl", "objective.terms.teacher_kl.kd_mask=easy"], "kd_mask='easy' is not one of none, incorrect_only, hard_prompts"),
         (["objective=tgpo", "objective.terms.guide.target=beam"], "target='beam' is not one of argmax, sampled, topk"),
         (["objective=kdrl", "model.teachers=[]"], "model.teachers is empty"),
         (["+reward.weights.lenght=1"], "reward.weights names lenght"),
         (["updates_per_rollout=0"], "updates_per_rollout=0"),
         (["rollout.minibatches=3"], "rollout.minibatches=3 must divide data.prompts_per_step=16"),
         (["updates_per_rollout=2", "+trainer.accumulate_grad_batches=2"], "accumulate_grad_batches"),
-        (["objective=j3", "+term@objective.terms.rkl=teacher_kl"], "disagree on teacher_logp_tempered"),
+        (["objective=j3", "+term@objective.terms.rkl=teacher_kl"], "disagree on teacher_logp_at_sampling_temperature"),
         # the paper's hyperparameters by the names typed, the terms' own values by their full keys, NaN included
         (["tau=nan"], "^tau=nan must be a number$"),
         (["objective=j3", "gamma=nan"], "^gamma=nan must be a number$"),
@@ -119,8 +120,8 @@ def test_loggers_instantiate_offline(tmp_path, monkeypatch):
         (["objective.terms.kd.tau=0"], "^objective.terms.kd.tau=0 must be > 0$"),
         (["objective.terms.kd.weight=nan"], "^objective.terms.kd.weight=nan must be a number$"),
         (["objective=j3", "objective.terms.ta.delta=nan"], "^objective.terms.ta.delta=nan must be a number$"),
-        (["objective=tgpo", "objective.terms.guide.top_k=0"], "^objective.terms.guide.top_k=0 must be >= 1$"),
-        (["objective=kdrl", "objective.terms.kd.hard_threshold=nan"], "^objective.terms.kd.hard_threshold=nan must be a number$"),
+        (["objective=tgpo", "objective.terms.guide.target_k=0"], "^objective.terms.guide.target_k=0 must be >= 1$"),
+        (["objective=kdrl", "objective.terms.teacher_kl.hard_threshold=nan"], "^objective.terms.teacher_kl.hard_threshold=nan must be a number$"),
         (["objective.adv_delta=0"], "^objective.adv_delta=0 must be > 0$"),
         (["objective.epsilon_high=nan"], "^objective.epsilon_high=nan must be a number$"),
         (["weighting=confidence", "weighting.temperature=nan"], "^weighting.temperature=nan must be a number$"),
@@ -182,3 +183,32 @@ def test_cli_start_up_failures_are_one_line_exit_2_and_leave_no_run_directory(ov
 def test_cli_unknown_group_option_names_the_choices():
     out = subprocess.run([sys.executable, "run.py", "objective=nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "objective/nope" in out.stderr and "grpo" in out.stderr
+
+
+def test_the_coefficient_table_is_what_the_configs_interpolate():
+    """One table of the paper's coefficients (grpokd.objectives.coefficients): every top-level key an objective or
+    term config interpolates is in it, each has a value in conf/config.yaml, and nothing else is in it."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from grpokd.objectives.coefficients import COEFFICIENTS
+
+    texts = [p.read_text() for folder in ("objective", "term") for p in sorted((REPO / "conf" / folder).glob("*.yaml"))]
+    interpolated = {key for text in texts for key in re.findall(r"\$\{(\w+)\}", text)}
+    assert interpolated == set(COEFFICIENTS)
+    top_level = OmegaConf.load(REPO / "conf" / "config.yaml")
+    assert all(isinstance(top_level[key], float) for key in COEFFICIENTS), {key: top_level.get(key) for key in COEFFICIENTS}
+
+
+def test_a_typed_coefficient_the_objective_does_not_read_is_named(recwarn):
+    from grpokd.objectives import coefficients
+    from grpokd.train import warn_unread_coefficients
+
+    cfg = objective_config("tgpo")
+    message = warn_unread_coefficients(cfg, {"lam": "0.3", "beta": "0.1", "data.val_size": "8"})
+    assert message == "lam=0.3: not read by objective tgpo, which reads beta, lam_t, epsilon"
+    assert [str(w.message) for w in recwarn] == [message]
+    assert warn_unread_coefficients(cfg, {"lam_t": "0.3", "beta": "0.1"}) is None
+    assert warn_unread_coefficients(objective_config("sft"), {"beta": "0"}) == "beta=0: not read by objective sft, which reads no coefficient"
+    assert coefficients.read_by({"a": "${gamma}", "b": ["${lam}"]}) == ["gamma", "lam"]

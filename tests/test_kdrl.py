@@ -55,7 +55,7 @@ def test_mixture_logp_is_the_log_of_the_weighted_mixture():
 def test_k2_gradient_is_the_reverse_kl_policy_gradient():
     """With zero advantages (every group's rewards equal) and beta=0, grad = beta_kd * (logp - log pi_T) * token weight."""
     b = make_batch(rewards=torch.ones(N))
-    out = make_kdrl("beta_kd=0.3", "objective.terms.kd.estimator=k2", "beta=0.0")(b)
+    out = make_kdrl("beta_kd=0.3", "objective.terms.teacher_kl.estimator=k2", "beta=0.0")(b)
     (grad,) = torch.autograd.grad(out.loss, b.logp)
     teacher = mixture_logp(b.teacher_logp, None)
     lengths = MASK.sum(-1, keepdim=True)  # seq_mean_token_mean: a token weighs 1 / (N |o_i|)
@@ -65,7 +65,7 @@ def test_k2_gradient_is_the_reverse_kl_policy_gradient():
 
 def test_k3_loss_value():
     b = make_batch(rewards=torch.ones(N))
-    out = make_kdrl("beta_kd=0.5", "objective.terms.kd.estimator=k3", "beta=0.0")(b)
+    out = make_kdrl("beta_kd=0.5", "objective.terms.teacher_kl.estimator=k3", "beta=0.0")(b)
     d = b.logp.detach() - mixture_logp(b.teacher_logp, None)
     k3 = torch.exp(-d) + d - 1
     expected = 0.5 * ((k3 * MASK).sum(-1) / MASK.sum(-1)).mean()
@@ -75,7 +75,7 @@ def test_k3_loss_value():
 def test_k1_is_a_per_token_advantage_term():
     """k1 adds -beta_kd * d_t to each token's advantage: the loss gradient is -(A - beta_kd d_t) grad logp."""
     b = make_batch()
-    out = make_kdrl("beta_kd=0.2", "objective.terms.kd.estimator=k1", "beta=0.0")(b)
+    out = make_kdrl("beta_kd=0.2", "objective.terms.teacher_kl.estimator=k1", "beta=0.0")(b)
     (grad,) = torch.autograd.grad(out.loss, b.logp)
     adv = make_grpo("beta=0.0").advantages(b)[:, None]  # [N, 1]
     d = b.logp.detach() - mixture_logp(b.teacher_logp, None)
@@ -94,7 +94,7 @@ def test_masks_select_the_right_completions():
 
 def test_masked_completions_get_no_kd_gradient():
     b = make_batch(rewards=torch.tensor([1.0, 0.0, 1.0, 1.0]))  # only row 1 is incorrect; groups 0 and 1
-    out = make_kdrl("beta_kd=1.0", "objective.terms.kd.estimator=k2", "objective.terms.kd.kd_mask=incorrect_only", "beta=0.0")(b)
+    out = make_kdrl("beta_kd=1.0", "objective.terms.teacher_kl.estimator=k2", "objective.terms.teacher_kl.kd_mask=incorrect_only", "beta=0.0")(b)
     (grad,) = torch.autograd.grad(out.loss, b.logp)
     plain = make_grpo("beta=0.0")(b)
     (grpo_grad,) = torch.autograd.grad(plain.loss, b.logp)
@@ -105,13 +105,13 @@ def test_masked_completions_get_no_kd_gradient():
 
 
 def test_linear_schedule_values():
-    kdrl = make_kdrl("beta_kd=0.1", "objective.terms.kd.schedule=linear", "objective.terms.kd.decay=1e-3", "objective.terms.kd.floor=0.02", "beta=0.0")
-    kd = kdrl.terms["kd"]  # beta_kd at a step is the KD term's coefficient
+    kdrl = make_kdrl("beta_kd=0.1", "objective.terms.teacher_kl.schedule=linear", "objective.terms.teacher_kl.decay=1e-3", "objective.terms.teacher_kl.floor=0.02", "beta=0.0")
+    kd = kdrl.terms["teacher_kl"]  # beta_kd at a step is the KD term's coefficient
     assert kd.coefficient(0) == pytest.approx(0.1)
     assert kd.coefficient(40) == pytest.approx(0.06)
     assert kd.coefficient(80) == pytest.approx(0.02)
     assert kd.coefficient(1000) == pytest.approx(0.02)
-    assert make_kdrl("beta_kd=0.1").terms["kd"].coefficient(10**6) == pytest.approx(0.1)
+    assert make_kdrl("beta_kd=0.1").terms["teacher_kl"].coefficient(10**6) == pytest.approx(0.1)
     out = kdrl(make_batch(step=40))
     assert out.metrics["beta_kd"] == pytest.approx(0.06)
 
@@ -119,7 +119,7 @@ def test_linear_schedule_values():
 def test_teacher_weights_change_the_target():
     w = torch.tensor([1.0, 0.0])[:, None, None].expand(M, N, T).clone()
     b = make_batch(rewards=torch.ones(N), weights=w)
-    out = make_kdrl("beta_kd=1.0", "objective.terms.kd.estimator=k2", "beta=0.0")(b)
+    out = make_kdrl("beta_kd=1.0", "objective.terms.teacher_kl.estimator=k2", "beta=0.0")(b)
     d = b.logp.detach() - b.teacher_logp[0]  # all the weight on teacher 0
     assert math.isclose(float(out.loss.detach()), float((0.5 * d**2 * MASK).sum(-1).div(MASK.sum(-1)).mean()), rel_tol=1e-5)
 
@@ -127,12 +127,12 @@ def test_teacher_weights_change_the_target():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["objective.terms.kd.estimator=full"], "estimator='full' is not one of k1, k2, k3"),
-        (["objective.terms.kd.kd_mask=wrong"], "kd_mask='wrong' is not one of none, incorrect_only, hard_prompts"),
-        (["objective.terms.kd.schedule=cosine"], "objective.terms.kd.schedule='cosine' is not one of constant, linear"),
-        (["objective.terms.kd.decay=0.01"], "objective.terms.kd.schedule=constant with decay=0.01: set schedule=linear"),
+        (["objective.terms.teacher_kl.estimator=full"], "estimator='full' is not one of k1, k2, k3"),
+        (["objective.terms.teacher_kl.kd_mask=wrong"], "kd_mask='wrong' is not one of none, incorrect_only, hard_prompts"),
+        (["objective.terms.teacher_kl.schedule=cosine"], "objective.terms.teacher_kl.schedule='cosine' is not one of constant, linear"),
+        (["objective.terms.teacher_kl.decay=0.01"], "objective.terms.teacher_kl.schedule=constant with decay=0.01: set schedule=linear"),
         (["beta_kd=-1.0"], "must be >= 0"),
-        (["objective.terms.kd.schedule=linear", "objective.terms.kd.floor=0.5"], "below its floor"),
+        (["objective.terms.teacher_kl.schedule=linear", "objective.terms.teacher_kl.floor=0.5"], "below its floor"),
     ],
 )
 def test_bad_arguments(overrides, message):

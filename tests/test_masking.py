@@ -43,9 +43,9 @@ OBJECTIVES = {
     "grpo-k3": objective("grpo", "beta=0.1", "objective.terms.kl.estimator=k3", NULL),
     "grpo-sequence-ratio": objective("grpo", "beta=0.1", "objective.ratio_level=sequence", NULL),
     "j3-ta": objective("j3", "gamma=0.5", "lam=0.0", "tau=1.0", "beta=0.1", "objective.terms.kl.estimator=k3", NULL),
-    "kdrl-k2": objective("kdrl", "beta_kd=0.5", "objective.terms.kd.estimator=k2", NULL),
-    "kdrl-k3": objective("kdrl", "beta_kd=0.5", "objective.terms.kd.estimator=k3", NULL),
-    "kdrl-k1": objective("kdrl", "beta_kd=0.5", "objective.terms.kd.estimator=k1", NULL),
+    "kdrl-k2": objective("kdrl", "beta_kd=0.5", "objective.terms.teacher_kl.estimator=k2", NULL),
+    "kdrl-k3": objective("kdrl", "beta_kd=0.5", "objective.terms.teacher_kl.estimator=k3", NULL),
+    "kdrl-k1": objective("kdrl", "beta_kd=0.5", "objective.terms.teacher_kl.estimator=k1", NULL),
 }
 
 

@@ -72,10 +72,10 @@ def test_needs_are_the_union_of_the_active_terms():
 
 
 def test_terms_that_disagree_on_the_teacher_scores_fail_at_construction():
-    with pytest.raises(ValueError, match="'ta' and 'rkl' disagree on teacher_logp_tempered"):
+    with pytest.raises(ValueError, match="'ta' and 'rkl' disagree on teacher_logp_at_sampling_temperature"):
         make_objective("j3", "gamma=0.1", "lam=0.1", "tau=1.0", NULL, terms={"rkl": TeacherKL(0.1)})
-    ok = make_objective("j3", "gamma=0.1", "lam=0.1", "tau=1.0", NULL, terms={"ta": TeacherAgreement(0.1, tempered=True), "rkl": TeacherKL(0.1)})
-    assert ok.needs.teacher_logp_tempered
+    ok = make_objective("j3", "gamma=0.1", "lam=0.1", "tau=1.0", NULL, terms={"ta": TeacherAgreement(0.1, at_sampling_temperature=True), "rkl": TeacherKL(0.1)})
+    assert ok.needs.teacher_logp_at_sampling_temperature
     from grpokd.objectives.terms.forward_kd import ForwardKD
 
     with pytest.raises(ValueError, match="kd_tau"):
@@ -95,7 +95,7 @@ def test_on_policy_distillation_by_hand():
     """Reward-free OPD with k1: A_t = -(logp_t - log pi_T(o_t)); on-policy the loss value is the aggregate of d_t."""
     batch, _ = full_batch()
     batch = Batch(logp=batch.logp, mask=MASK, group_size=2, rewards=REWARDS, teacher_logp=batch.teacher_logp[:1])
-    opd = PolicyObjective(terms={"kd": TeacherKL(1.0, estimator="k1")}, reward_weight=0.0)
+    opd = PolicyObjective(terms={"teacher_kl": TeacherKL(1.0, estimator="k1")}, reward_weight=0.0)
     out = opd(batch)
     d = (batch.logp - batch.teacher_logp[0]).detach()  # one teacher: the mixture is that teacher
     torch.testing.assert_close(out.loss, aggregate(d, MASK, "seq_mean_token_mean"))
@@ -108,15 +108,15 @@ def test_on_policy_distillation_from_a_copy_of_the_student_is_zero():
     batch, _ = full_batch()
     copy = Batch(logp=batch.logp, mask=MASK, group_size=2, rewards=REWARDS, teacher_logp=batch.logp.detach()[None])
     for estimator in ("k1", "k2"):
-        out = PolicyObjective(terms={"kd": TeacherKL(1.0, estimator=estimator)}, reward_weight=0.0)(copy)
+        out = PolicyObjective(terms={"teacher_kl": TeacherKL(1.0, estimator=estimator)}, reward_weight=0.0)(copy)
         (grad,) = torch.autograd.grad(out.loss, batch.logp, retain_graph=True)
         assert torch.allclose(grad, torch.zeros_like(grad), atol=1e-7)
 
 
 def test_opd_with_the_reward_adds_the_group_advantage():
     batch, _ = full_batch()
-    base = PolicyObjective(terms={"kd": TeacherKL(1.0, estimator="k1")}, reward_weight=0.0)(batch)
-    both = PolicyObjective(terms={"kd": TeacherKL(1.0, estimator="k1")}, reward_weight=1.0)(batch)
+    base = PolicyObjective(terms={"teacher_kl": TeacherKL(1.0, estimator="k1")}, reward_weight=0.0)(batch)
+    both = PolicyObjective(terms={"teacher_kl": TeacherKL(1.0, estimator="k1")}, reward_weight=1.0)(batch)
     grpo = make_objective("grpo", "beta=0.0", NULL)(batch)
     torch.testing.assert_close(both.loss, base.loss + grpo.loss)  # on-policy the surrogate is linear in A
 

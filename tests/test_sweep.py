@@ -473,11 +473,11 @@ def multirun_examples() -> list[list[str]]:
 def test_every_multirun_example_varies_every_job(args):
     """A multirun over objectives and a paper coefficient (`beta`, `gamma`, `lam`, ...) is only worth its jobs when
     every objective in it reads that coefficient: otherwise some of its jobs are the same run twice."""
-    from grpokd.loggers import PAPER_KEYS
+    from grpokd.objectives.coefficients import COEFFICIENTS
 
     values = {a.split("=", 1)[0]: a.split("=", 1)[1].split(",") for a in args if "=" in a}
     objectives = values.get("objective") or [str(compose_default_objective())]
-    for key in PAPER_KEYS:
+    for key in COEFFICIENTS:
         if len(values.get(key, [])) > 1:
             ignore = [o for o in objectives if not sw.uses(o, key)]
             assert not ignore, f"python run.py {' '.join(args)}: {', '.join(ignore)} do(es) not read {key}: duplicate jobs"
@@ -493,9 +493,9 @@ def compose_default_objective() -> str:
 
 
 def test_a_multirun_that_repeats_jobs_is_caught():
-    from grpokd.loggers import PAPER_KEYS
+    from grpokd.objectives.coefficients import COEFFICIENTS
 
-    assert "gamma" in PAPER_KEYS and sw.uses("j3", "gamma") and not sw.uses("j1", "gamma")
+    assert "gamma" in COEFFICIENTS and sw.uses("j3", "gamma") and not sw.uses("j1", "gamma")
     assert not sw.uses("sft", "beta") and sw.uses("kdrl", "beta")
     with pytest.raises(AssertionError, match="j1, j2 do\\(es\\) not read gamma"):
         test_every_multirun_example_varies_every_job(["-m", "objective=j1,j2,j3", "gamma=0.1,0.5"])

@@ -43,7 +43,7 @@ def loglik_of_teacher_answers(student, prompts: list[str]) -> float:
         ("j1", ["beta=0"]),
         ("j3", ["beta=0", "gamma=0.5", "weighting=competence"]),
         ("j1", ["beta=0.04", "objective.terms.kd.states=gold", "objective.terms.kl.estimator=k3", "weighting=static", "weighting.weights=[0.25,0.75]"]),
-        ("tgpo", ["beta=0"]),
+        ("tgpo", ["beta=0", "lam_t=5"]),  # TGPO weighs its guide with lam_t, not KD's lam
     ],
 )
 def test_kd_objectives_move_the_student_towards_the_teachers(objective, extra, quick_cfg, tmp_path):

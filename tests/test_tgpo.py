@@ -39,15 +39,15 @@ def make_batch(seed: int = 0, step: int = 0, teachers: list[torch.Tensor] | None
                  kd=mixer.kd_states(logits, MASK), step=step)
 
 
-def test_lam_zero_is_grpo():
+def test_lam_t_zero_is_grpo():
     b = make_batch()
-    out = make_tgpo("lam=0.0", "beta=0.0", "objective.aggregation=token_mean")(b)
+    out = make_tgpo("lam_t=0.0", "beta=0.0", "objective.aggregation=token_mean")(b)
     ref = make_grpo("beta=0.0", "objective.aggregation=token_mean")(b)
     assert torch.equal(out.loss, ref.loss)
     (g1,) = torch.autograd.grad(out.loss, b.logits, retain_graph=True)
     (g2,) = torch.autograd.grad(ref.loss, b.logits)
     assert torch.equal(g1, g2)
-    assert not make_tgpo("lam=0.0").needs.teacher_forward
+    assert not make_tgpo("lam_t=0.0").needs.teacher_forward
 
 
 def test_target_is_the_mixture_argmax_not_either_teachers():
@@ -61,9 +61,9 @@ def test_target_is_the_mixture_argmax_not_either_teachers():
     assert torch.all(teacher_targets(skewed.kd.pbar, "argmax") == 0)  # the weights move the choice
 
 
-def test_loss_adds_lam_times_token_mean_cross_entropy():
+def test_loss_adds_lam_t_times_token_mean_cross_entropy():
     b = make_batch()
-    out = make_tgpo("lam=0.7", "beta=0.0")(b)
+    out = make_tgpo("lam_t=0.7", "beta=0.0")(b)
     targets = b.kd.pbar.argmax(-1)
     ce = -torch.log_softmax(b.logits.detach(), -1).gather(-1, targets[..., None]).squeeze(-1)
     grpo = make_grpo("beta=0.0", "objective.aggregation=token_mean")(b).loss
@@ -75,7 +75,7 @@ def test_guidance_is_not_gated_by_reward_or_ratio():
     """The CE gradient is the same whatever the rewards: every completion token is guided."""
     b = make_batch()
     constant = Batch(**{**b.__dict__, "rewards": torch.ones(N)})  # zero advantages: only the guidance remains
-    out = make_tgpo("lam=1.0", "beta=0.0")(constant)
+    out = make_tgpo("lam_t=1.0", "beta=0.0")(constant)
     (grad,) = torch.autograd.grad(out.loss, b.logits)
     targets = b.kd.pbar.argmax(-1)
     q = torch.softmax(b.logits.detach(), -1)
@@ -105,19 +105,19 @@ def test_topk_guidance_is_the_renormalised_forward_kl():
 
 
 def test_linear_lambda_schedule_values():
-    tgpo = make_tgpo("lam=1.0", "objective.terms.guide.schedule=linear", "objective.terms.guide.decay=0.01", "beta=0.0")
+    tgpo = make_tgpo("lam_t=1.0", "objective.terms.guide.schedule=linear", "objective.terms.guide.decay=0.01", "beta=0.0")
     guide = tgpo.terms["guide"]  # lam_t is the guide term's coefficient
     assert guide.coefficient(0) == pytest.approx(1.0)
     assert guide.coefficient(50) == pytest.approx(0.5)
     assert guide.coefficient(100) == pytest.approx(0.0)
     assert guide.coefficient(150) == pytest.approx(0.0)
-    assert tgpo(make_batch(step=50)).metrics["lam"] == pytest.approx(0.5)
+    assert tgpo(make_batch(step=50)).metrics["lam_t"] == pytest.approx(0.5)
 
 
 def test_entropy_bonus_lowers_the_loss_by_the_entropy():
     b = make_batch()
-    plain = make_tgpo("lam=0.5", "beta=0.0")(b).loss
-    bonus = make_tgpo("lam=0.5", "beta=0.0", "+term@objective.terms.entropy=entropy_bonus", "objective.terms.entropy.weight=0.1")(b)
+    plain = make_tgpo("lam_t=0.5", "beta=0.0")(b).loss
+    bonus = make_tgpo("lam_t=0.5", "beta=0.0", "+term@objective.terms.entropy=entropy_bonus", "objective.terms.entropy.weight=0.1")(b)
     log_q = torch.log_softmax(b.logits.detach(), -1)
     ent = -(log_q.exp() * log_q).sum(-1)
     assert torch.allclose(bonus.loss, plain - 0.1 * (ent * MASK).sum() / MASK.sum(), atol=1e-6)
@@ -129,7 +129,7 @@ def test_entropy_bonus_lowers_the_loss_by_the_entropy():
     [
         (["objective.terms.guide.target=beam"], "target='beam' is not one of argmax, sampled, topk"),
         (["objective.terms.guide.schedule=step"], "objective.terms.guide.schedule='step' is not one of constant, linear"),
-        (["objective.terms.guide.top_k=0"], "top_k=0 must be >= 1"),
+        (["objective.terms.guide.target_k=0"], "target_k=0 must be >= 1"),
         (["+term@objective.terms.entropy=entropy_bonus", "objective.terms.entropy.weight=-0.1"], "objective.terms.entropy.weight=-0.1 must be >= 0"),
     ],
 )

@@ -132,7 +132,7 @@ def test_sparse_mixture_sums_a_token_kept_by_several_teachers_once():
 def test_the_tgpo_guide_with_top_k_equal_to_the_vocabulary_is_the_full_guide(target):
     teachers, student, log_weights = teachers_and_student(2)
     mask = torch.ones(N, T)
-    guide = TeacherGuide(weight=1.0, target=target, top_k=3)
+    guide = TeacherGuide(weight=1.0, target=target, target_k=3)
     out = {}
     for name, mixer in (("full", TeacherMixer(1.0)), ("sparse", TopKMixer(1.0, V))):
         batch = Batch(logp=torch.zeros(N, T), mask=mask, kd=KDStates(student, mask, 1.0, *mixed(mixer, teachers, log_weights)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import netrc
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from grpokd import runtime
 from grpokd.network import wandb_reachable
+from grpokd.objectives import coefficients
 
 runtime.register_resolvers()  # conf/logger/wandb.yaml's group is ${grpokd_multirun:}
 
@@ -63,13 +63,7 @@ def wandb_logger(save_dir: str, project: str = "grpokd", name: str | None = None
     return logger
 
 
-PAPER_KEYS = ("beta", "beta_prime", "gamma", "lam", "tau", "beta_kd", "epsilon")  # top-level keys objective configs interpolate
 UNLOGGED = ("hydra", "run_dir", "logger", "callbacks", "paths", "debug", "hparams_search")  # where, not what
-
-
-def interpolates(node: Any, key: str) -> bool:
-    """Whether an unresolved config node (a container) interpolates the top-level key `key` (`${key}`)."""
-    return "${" + key + "}" in json.dumps(node)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -90,9 +84,8 @@ def logged_config(cfg: DictConfig, choices: dict[str, str | None] | None = None,
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in UNLOGGED:
         container.pop(key, None)
-    for key in PAPER_KEYS:
-        if not interpolates(objective, key):
-            container.pop(key, None)
+    for key in set(coefficients.COEFFICIENTS) - set(coefficients.read_by(objective)):
+        container.pop(key, None)
     flat = flatten(container)
     flat |= {f"choices/{group}": option for group, option in (hydra_choices() if choices is None else choices).items()}
     return flat | (git if git is not None else runtime.git_state())

@@ -44,7 +44,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from grpokd.errors import ConfigError
-from grpokd.loggers import interpolates
+from grpokd.objectives.coefficients import interpolates
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"

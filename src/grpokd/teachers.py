@@ -273,7 +273,7 @@ class Static:
         return torch.full(logits.shape[:-1], self.weights[index], device=logits.device).log()  # [N, T]
 
 
-class _Tempered:
+class _TemperatureWeighting:
     """A weighting whose scores are divided by a temperature > 0 before the softmax over teachers."""
 
     needs_gold = False
@@ -284,7 +284,7 @@ class _Tempered:
         self.temperature = temperature
 
 
-class Confidence(_Tempered):
+class Confidence(_TemperatureWeighting):
     """w_i proportional to exp(-H(p_i) / temperature) at each position: confident teachers weigh more."""
 
     uses_logits = True  # known only once the teacher has run: mixed with online-softmax log-weights
@@ -293,7 +293,7 @@ class Confidence(_Tempered):
         return -entropy(logits) / self.temperature  # [N, T]
 
 
-class Competence(_Tempered):
+class Competence(_TemperatureWeighting):
     """w_i(s) proportional to exp(mean token log-likelihood of s's gold solution under teacher i / temperature)."""
 
     needs_gold = True
@@ -513,8 +513,8 @@ def score_teachers(
     `needs.teacher_logp`), the KD mixture at the KD states (the rollout, or the gold solutions with the student's
     `gold_raw` logits), and the per-teacher metrics teacher/<kl_fwd|kl_rev|weight>/<name>.
 
-    `raw`: the student's untempered logits on the rollout (detached; they feed the KL metrics only); the
-    teachers' log-probs are taken at `temperature` when `needs.teacher_logp_tempered`, else at 1.
+    `raw`: the student's raw (temperature 1) logits on the rollout (detached; they feed the KL metrics only); the
+    teachers' log-probs are taken at `temperature` when `needs.teacher_logp_at_sampling_temperature`, else at 1.
     """
     on_gold = needs.kd_on_gold
     gold_scores = teachers.gold_scores(gold.prompts, gold.completions, vocab_size) if teachers.weighting.needs_gold else None  # [M, B]
@@ -526,7 +526,7 @@ def score_teachers(
         scores = teachers.score(
             rollout.prompts, rollout.completions, raw, vocab_size, needs.kd_tau,
             forward=needs.teacher_forward and not on_gold, reverse=needs.teacher_reverse and not on_gold,
-            logp=needs.teacher_logp, logp_temperature=temperature if needs.teacher_logp_tempered else 1.0, gold_scores=gold_scores, route=route,
+            logp=needs.teacher_logp, logp_temperature=temperature if needs.teacher_logp_at_sampling_temperature else 1.0, gold_scores=gold_scores, route=route,
         )
         mixture = scores.mixture if needs.mixture and not on_gold else None
     if on_gold:

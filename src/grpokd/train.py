@@ -13,6 +13,7 @@ import json
 import re
 import signal
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from grpokd.loggers import continue_csv, csv_logger, logged_config
 from grpokd.models import coverage, loading
 from grpokd.models.student import LoRA, add_lora, enable_checkpointing, lora_config, save_student
 from grpokd.module import GRPOKDModule, Optim
+from grpokd.objectives import coefficients
 from grpokd.rollout import Sampling
 from grpokd.teachers import TeacherEnsemble
 
@@ -139,7 +141,8 @@ def check_all(cfg: DictConfig) -> Prepared:
             f" (also missing: {', '.join(missing[1:])})" if missing[1:] else ""))
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r}: allowed values are {', '.join(MODES)}")
-    check_hyperparameters(cfg)
+    coefficients.check(cfg)
+    warn_unread_coefficients(cfg, typed_overrides())
     sampling = Sampling(**cfg.rollout.sampling)
     optim = build_optim(cfg)
     objective = instantiate_group(cfg.objective, "objective")
@@ -226,19 +229,26 @@ def teacher_names(cfg: DictConfig) -> list[str]:
     return [Path(loading.teacher_entry(item)[0]).name for item in cfg.model.teachers]
 
 
-# The paper's top-level hyperparameters (conf/config.yaml), which the objective and term configs interpolate:
-# checked here, by the names the user typed, before anything is built. key -> check_range bounds.
-HYPERPARAMETERS = {
-    "beta": dict(low=0), "beta_prime": dict(low=0), "gamma": dict(low=0), "lam": dict(low=0), "beta_kd": dict(low=0),
-    "tau": dict(low=0, low_open=True), "epsilon": dict(low=0, high=1, low_open=True, high_open=True),
-}
+def warn_unread_coefficients(cfg: DictConfig, typed: dict[str, str]) -> str | None:
+    """One warning for the paper's coefficients typed on the command line (`typed`: key -> value) that the
+    objective does not read (`gamma=0.5` with objective=j1 changes nothing); returns its text, None if none."""
+    reads = coefficients.read_by(OmegaConf.to_container(cfg.objective, resolve=False))
+    unread = [f"{key}={value}" for key, value in typed.items() if key in coefficients.COEFFICIENTS and key not in reads]
+    if not unread:
+        return None
+    message = f"{', '.join(unread)}: not read by objective {cfg.objective.name}, which reads {', '.join(reads) or 'no coefficient'}"
+    warnings.warn(message, stacklevel=2)
+    return message
 
 
-def check_hyperparameters(cfg: DictConfig) -> None:
-    """Each top-level hyperparameter the config holds is a finite number within its range."""
-    for key, bounds in HYPERPARAMETERS.items():
-        if key in cfg:
-            check_range(key, cfg[key], **bounds)
+def typed_overrides() -> dict[str, str]:
+    """key -> value of this Hydra job's command-line overrides; {} outside a Hydra job (a test's composed config)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    pairs = (override.lstrip("+~").split("=", 1) for override in HydraConfig.get().overrides.task)
+    return {pair[0]: pair[1] for pair in pairs if len(pair) == 2}
 
 
 def student_lora(cfg: DictConfig) -> LoRA | None:

@@ -28,7 +28,7 @@ class Needs:
     entropy: bool = False  # the student's per-token entropy [N, T] at the sampling temperature, detached
     reward_parts: bool = False  # each reward function's value [F, N] and weight [F], not only their weighted sum
     teacher_logp: bool = False  # each teacher's log-probs of the scored tokens [M, N, T] and the weights [M, N, T]
-    teacher_logp_tempered: bool = False  # those log-probs at the sampling temperature (as the reference's), not 1
+    teacher_logp_at_sampling_temperature: bool = False  # those log-probs at the sampling temperature (as the reference's), not 1
     teacher_forward: bool = False  # forward-KD mixture at the KD states: pbar and the teachers' mean neg-entropy
     teacher_reverse: bool = False  # reverse-KD mixture at the KD states: lbar
     kd_tau: float = 1.0  # temperature of the teachers' (and student's) distributions in the mixtures

@@ -57,14 +57,14 @@ maximised objective is a penalty here (minimised), see terms.forward_kd.
   anchor (terms.reverse_kd), weighted by the top-level beta_prime.
 - j3, J''' (Eq. 12-14): j1 + the advantage term "ta": A' = A + gamma *
   norm_G(TA), TA = log sum_i w_i pi_Ti(o | s) (terms.teacher_agreement).
-- kdrl (Xu et al. 2025): grpo + "kd" = beta_kd(step) * KL(theta || pi_T) on
+- kdrl (Xu et al. 2025): grpo + "teacher_kl" = beta_kd(step) * KL(theta || pi_T) on
   the rollouts, from the sampled tokens, reward-masked (terms.teacher_kl: k2 or
   k3 in the loss, k1 in the advantage).
 - tgpo (2026): grpo with aggregation "token_mean" + "guide" = lam_t * CE to
   the teachers' next-token choice along the rollout (terms.teacher_guide); the
   paper's entropy bonus is `+term@objective.terms.entropy=entropy_bonus`.
-- opd (on-policy distillation): grpo without "kl", reward_weight 0, "kd" =
-  teacher_kl at k1: each token's advantage is -(logp - log pi_T).
+- opd (on-policy distillation): grpo without "kl", reward_weight 0,
+  "teacher_kl" at k1: each token's advantage is -(logp - log pi_T).
 conf/term/ holds one YAML per term, so a run can add one from the command line:
 `python run.py objective=j3 +term@objective.terms.rkl=teacher_kl`.
 A term whose coefficient is 0 (or that is set to null) is skipped and asks
@@ -167,7 +167,7 @@ def merge_needs(base: Needs, named: Mapping[str, Needs]) -> Needs:
         if needs.teacher_forward or needs.teacher_reverse:
             shared |= {key: getattr(needs, key) for key in _MIXTURE_KEYS}
         if needs.teacher_logp:
-            shared["teacher_logp_tempered"] = needs.teacher_logp_tempered
+            shared["teacher_logp_at_sampling_temperature"] = needs.teacher_logp_at_sampling_temperature
         for key, value in shared.items():
             if key in owner and owner[key][1] != value:
                 raise ConfigError(
@@ -175,8 +175,8 @@ def merge_needs(base: Needs, named: Mapping[str, Needs]) -> Needs:
                     "the teachers are scored once per step; give both terms the same setting"
                 )
             owner.setdefault(key, (name, value))
-        flags |= {key: value for key, value in shared.items() if key != "teacher_logp_tempered"}
-        flags["teacher_logp_tempered"] = out.teacher_logp_tempered or (needs.teacher_logp and needs.teacher_logp_tempered)
+        flags |= {key: value for key, value in shared.items() if key != "teacher_logp_at_sampling_temperature"}
+        flags["teacher_logp_at_sampling_temperature"] = out.teacher_logp_at_sampling_temperature or (needs.teacher_logp and needs.teacher_logp_at_sampling_temperature)
         out = replace(out, **flags)
     return out
 

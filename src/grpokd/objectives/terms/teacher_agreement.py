@@ -32,26 +32,26 @@ class TeacherAgreement(Term):
         weight: gamma, >= 0.
         length_normalize: TA from token-mean log-probs (a departure; the paper sums).
         delta: added to the group std.
-        tempered: score the teachers at the sampling temperature (as KDRL's term does) instead of 1;
-            needed only to combine this term with `teacher_kl` at a sampling temperature other than 1.
+        at_sampling_temperature: score the teachers at the sampling temperature (as KDRL's term does) instead of
+            1; needed only to combine this term with `teacher_kl` at a sampling temperature other than 1.
     """
 
     placement = "advantage"
 
     def __init__(
-        self, weight: float = 0.1, length_normalize: bool = False, delta: float = 1e-4, tempered: bool = False,
-        **schedule,
+        self, weight: float = 0.1, length_normalize: bool = False, delta: float = 1e-4,
+        at_sampling_temperature: bool = False, **schedule,
     ) -> None:
         super().__init__(weight, **schedule)
-        for name, flag in (("length_normalize", length_normalize), ("tempered", tempered)):
+        for name, flag in (("length_normalize", length_normalize), ("at_sampling_temperature", at_sampling_temperature)):
             if not isinstance(flag, bool):
                 raise ConfigError(f"{name}={flag!r} must be true or false")
         check_range("delta", delta, low=0, low_open=True)
-        self.length_normalize, self.delta, self.tempered = length_normalize, delta, tempered
+        self.length_normalize, self.delta, self.at_sampling_temperature = length_normalize, delta, at_sampling_temperature
 
     @property
     def needs(self) -> Needs:
-        return Needs(teacher_logp=True, teacher_logp_tempered=self.tempered)
+        return Needs(teacher_logp=True, teacher_logp_at_sampling_temperature=self.at_sampling_temperature)
 
     def __call__(self, batch: Batch) -> TermOut:
         if batch.teacher_logp is None:

@@ -7,11 +7,11 @@ with token-mean aggregation plus this term, "guide", and optionally the paper's 
     loss = GRPO loss (clipped surrogate, token mean) + lam_t * token-mean of -log pi_theta(y_t | prompt, o_<t)
            - entropy_coef * token-mean entropy of pi_theta
 
-with lam_t = lam (schedule "constant") or max(lam - decay * step, 0) ("linear").
+with lam_t the weight (schedule "constant") or max(lam_t - decay * step, 0) ("linear").
 The teachers score the rollout by teacher forcing; at each completion position the target is the
 mixture's choice given the student's prefix, y_t = argmax_a pbar(a | prompt, o_<t) ("argmax"; pbar =
 sum_i w_i pi_Ti, one teacher: that teacher), a sample from pbar ("sampled", global torch RNG, so seeded
-runs repeat), or soft targets from pbar's top k ("topk": the forward KL from the renormalised top-k
+runs repeat), or soft targets from pbar's top `target_k` ("topk": the forward KL from the renormalised top-k
 mixture to the student). Plain cross-entropy on every completion token: not multiplied by the
 importance ratio, not clipped, not gated by the reward. With sparse teacher signals (`model.teacher_top_k`)
 pbar is the mixture on the union of the teachers' top-k tokens (`kd.sparse_mixture`). Teachers and the student's guide use
@@ -80,20 +80,20 @@ def topk_guidance(logits: Tensor, pbar: Tensor, tokens: Tensor | None = None, *,
 
 
 class TeacherGuide(Term):
-    """weight * CE to the teachers' choice at each rollout token. Metrics: guide, guide_agree (hard targets), lam.
+    """weight * CE to the teachers' choice at each rollout token. Metrics: guide, guide_agree (hard targets), lam_t.
 
     Args:
-        weight: lam, >= 0.
+        weight: lam_t, >= 0.
         target: "argmax" | "sampled" | "topk".
-        top_k: k of the "topk" target (the paper tries 5, 20, 100).
+        target_k: k of the "topk" target (the paper tries 5, 20, 100).
         schedule, decay: the coefficient's schedule (see `Term`).
     """
 
-    def __init__(self, weight: float = 0.5, target: str = "argmax", top_k: int = 20, **schedule) -> None:
+    def __init__(self, weight: float = 0.5, target: str = "argmax", target_k: int = 20, **schedule) -> None:
         super().__init__(weight, **schedule)
         check_choice("target", target, TARGETS)
-        check_range("top_k", top_k, low=1, integer=True)
-        self.target, self.top_k = target, top_k
+        check_range("target_k", target_k, low=1, integer=True)
+        self.target, self.target_k = target, target_k
 
     @property
     def needs(self) -> Needs:
@@ -106,12 +106,12 @@ class TeacherGuide(Term):
         tokens, pbar = (None, kd.pbar) if kd.top_k is None else sparse_mixture(kd.top_k)  # [N, T, J], [N, T, J or V]
         metrics = {}
         if self.target == "topk":
-            guide = per_position(student, partial(topk_guidance, k=self.top_k), pbar, *(() if tokens is None else (tokens,)))  # [N, T]
+            guide = per_position(student, partial(topk_guidance, k=self.target_k), pbar, *(() if tokens is None else (tokens,)))  # [N, T]
         else:
             targets = teacher_targets(pbar, self.target)  # [N, T]
             if tokens is not None:
                 targets = tokens.gather(-1, targets[..., None]).squeeze(-1)  # [N, T] token ids
             guide = per_position(student, hard_guidance, targets)  # [N, T]
             metrics["guide_agree"] = masked_mean(per_position(student.detach(), agrees, targets), batch.mask)
-        metrics |= {"guide": masked_mean(guide.detach(), batch.mask), "lam": torch.tensor(self.coefficient(batch.step))}
+        metrics |= {"guide": masked_mean(guide.detach(), batch.mask), "lam_t": torch.tensor(self.coefficient(batch.step))}
         return TermOut(guide, batch.mask, metrics=metrics)

@@ -1,7 +1,7 @@
 """Reverse KL to the teacher mixture on the student's own rollout, from the sampled tokens (KDRL; on-policy distillation).
 
 KDRL (Xu et al. 2025, "KDRL: Post-Training Reasoning LLMs via Unified Knowledge Distillation and RL";
-conf/objective/kdrl.yaml) is GRPO plus this term, "kd":
+conf/objective/kdrl.yaml) is GRPO plus this term, "teacher_kl":
 
     J = J_GRPO - beta_kd(step) * D_KL(pi_theta || pi_T),   minimised as   loss = GRPO loss + beta_kd * KD
 
@@ -18,8 +18,8 @@ A reward-guided mask picks the completions: "none", "incorrect_only" (reward <= 
 reward cannot teach) or "hard_prompts" (every completion of a group whose mean reward is below
 `hard_threshold`). Schedule: constant beta_kd, or linear, max(beta_kd - decay * step, floor).
 
-Temperatures: the KL is between the tempered policies, as GRPO's KL to the reference: logp is the
-student's sampling policy (softmax(z / temperature)) and the teachers are scored at the same
+Temperatures: the KL is between the policies at the sampling temperature, as GRPO's KL to the reference:
+logp is the student's sampling policy (softmax(z / temperature)) and the teachers are scored at the same
 temperature, so a student equal to its teacher has zero KD at any temperature (with temperature 1, the
 KDRL paper's setting, it is the models' own KL). The loss is reduced with the objective's aggregation
 over the completion mask.
@@ -97,7 +97,7 @@ class TeacherKL(Term):
 
     @property
     def needs(self) -> Needs:
-        return Needs(teacher_logp=True, teacher_logp_tempered=True)
+        return Needs(teacher_logp=True, teacher_logp_at_sampling_temperature=True)
 
     def __call__(self, batch: Batch) -> TermOut:
         if batch.teacher_logp is None:
