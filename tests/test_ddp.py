@@ -92,12 +92,12 @@ def test_ddp_on_two_cpu_processes_splits_prompts_keeps_groups_reduces_accuracy_a
     assert checkpoint["global_step"] == 4 and all(k.startswith("student.") for k in checkpoint["state_dict"])
     assert len(checkpoint["rng"]) == 2 and not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
 
-    # (d) resuming continues in the same directory from step 4, each rank on its own stream
-    run_cli(*DDP, "trainer.max_steps=6", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
-    resumed = json.loads((run_dir / "results.json").read_text())
-    assert resumed["status"] == "complete" and resumed["steps"] == 6
-    rows = samples_by_step_and_rank(run_dir)
-    assert set(rows) == {(s, r) for s in range(6) for r in range(2)}
+    # (d) resuming continues from step 4, each rank on its own stream; the run finished, so in a new directory
+    run_cli(*DDP, "trainer.max_steps=6", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'more'}")
+    resumed = json.loads((tmp_path / "more" / "results.json").read_text())
+    assert resumed["status"] == "complete" and resumed["steps"] == 6 and results == json.loads((run_dir / "results.json").read_text())
+    rows = samples_by_step_and_rank(tmp_path / "more")
+    assert set(rows) == {(s, r) for s in range(4, 6) for r in range(2)}
     check_ranks_draw_their_own_stream_in_whole_groups(rows, range(4, 6), streams)
 
 

@@ -154,7 +154,7 @@ def test_killed_and_finished_runs_are_never_removed_or_overwritten(tmp_path):
 
 
 def test_a_dataset_the_tokenizer_does_not_cover_stops_with_the_share_and_an_override_exists(shared_data, tmp_path):
-    gsm8k = ["dataset=gsm8k", f"dataset.path={shared_data / 'gsm8k'}"]
+    gsm8k = ["dataset=gsm8k", f"dataset.path={shared_data / 'gsm8k'}", "dataset.sampling.max_new_tokens=64"]  # 120 positions
     out = run_cli(*TINY, *gsm8k, "mode=eval", f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 2, out.stderr[-3000:]
     error = out.stderr.strip().splitlines()[-1]
