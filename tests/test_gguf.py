@@ -189,3 +189,18 @@ def test_convert_cli_bad_input_is_exit_2_and_one_line(smol, tmp_path, capsys):
         assert stop.value.code == 2 and errors[-1].startswith("error: ") and re.search(message, errors[-1])
     assert not (tmp_path / "out").exists() and not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
+
+
+def test_the_static_kv_cache_decodes_smollm2_as_the_growing_one_does(smol_model, smol_tokenizer):
+    """The decoder writes a real model's keys and values into a preallocated cache (transformers' StaticCache):
+    greedy completions of real prompts, K per prompt, are the growing cache's token for token."""
+    from grpokd.models import lm
+
+    assert lm.transformers_major() < 5 or lm.static_cache(smol_model, 16) is not None  # the static path is the one taken
+    texts = [smol_tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in ("What is 2+3?", "A farmer has 12 cows and sells 5. How many are left? Work it out step by step.")]
+    prompts = lm.tokenize_prompts(smol_tokenizer, texts, 128, special_tokens=False)
+    static = lm.generate(smol_model, smol_tokenizer, prompts, 2, 40, do_sample=False)
+    growing = lm.generate(smol_model, smol_tokenizer, prompts, 2, 40, do_sample=False, static_cache=False)
+    assert torch.equal(static.ids, growing.ids) and torch.equal(static.mask, growing.mask)
+    assert static.mask.sum(-1).max() > 10  # worked answers, not an immediate end token

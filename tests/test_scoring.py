@@ -152,17 +152,19 @@ SAMPLINGS = {
 }
 
 
+@pytest.mark.parametrize("static_cache", [True, False], ids=["static-cache", "growing-cache"])
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=list(SAMPLINGS))
 @pytest.mark.parametrize("name", ["tiny-t5-student", "tiny-llama-student"])
-def test_generate_draws_the_tokens_transformers_generate_draws_under_the_same_seed(name, sampling):
+def test_generate_draws_the_tokens_transformers_generate_draws_under_the_same_seed(name, sampling, static_cache):
     """The decoding loop is transformers' sampling step for step (same warpers, same random draws), on the shipped
-    students, whose completions end at EOS at different lengths."""
+    students, whose completions end at EOS at different lengths; the causal student's with its static KV cache
+    and with the growing one (the seq2seq one grows its cache either way)."""
     model, tokenizer = loading.load_model(name).train(), loading.load_tokenizer(name)
     prompts = tokenize_prompts(tokenizer, [ex.prompt for ex in make_arith(5, seed=8)], 64)
     group = 4 if SAMPLINGS[sampling]["do_sample"] else 1  # transformers has no K greedy completions
     for seed in range(3):
         torch.manual_seed(seed)
-        ours = generate(model, tokenizer, prompts, group, 24, **SAMPLINGS[sampling])
+        ours = generate(model, tokenizer, prompts, group, 24, **SAMPLINGS[sampling], static_cache=static_cache)
         torch.manual_seed(seed)
         theirs = hf_generate(model, tokenizer, prompts, group, 24, **SAMPLINGS[sampling])
         assert group == 1 or ours.mask.sum(-1).min() < ours.mask.sum(-1).max()  # ragged: rows stop at their own EOS
