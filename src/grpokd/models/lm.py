@@ -225,7 +225,7 @@ def static_decoding(model: PreTrainedModel, prompts: Tokens, group_size: int, ca
         nonlocal position, length
         mask[:, length] = 1
         length, position = length + 1, position + 1
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, use_cache=True, **cache_arg(model, cache))
+        out = model(input_ids=tokens[:, None], attention_mask=mask[:, :length], position_ids=position, use_cache=True, **cache_arg(model, cache))
         return out.logits[:, -1]
 
     return out.logits[:, -1].repeat_interleave(group_size, 0), step
