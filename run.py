@@ -42,6 +42,8 @@ def main(cfg: DictConfig) -> float | None:
             raise
         if run_dir.absolute() in runtime.CREATED_HERE:  # leave nothing that looks like a run; never another run's directory
             shutil.rmtree(run_dir, ignore_errors=True)
+        else:  # a run's own directory (a resume): its config as it was
+            runtime.restore_hydra_files(run_dir)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print("\n".join(headline(results)))

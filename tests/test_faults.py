@@ -125,13 +125,15 @@ def test_killed_and_finished_runs_are_never_removed_or_overwritten(tmp_path):
     job.kill()
     job.communicate(timeout=60)
     assert checkpoint.is_file() and not (run_dir / "results.json").exists()
-    saved = checkpoint.read_bytes()
+    saved, config = checkpoint.read_bytes(), (run_dir / ".hydra" / "overrides.yaml").read_text()
 
     def refused(*more: str) -> str:
         out = run_cli(*args, *more)
         errors = [line for line in out.stderr.splitlines() if line.strip()]
         assert out.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), out.stderr[-3000:]
         assert checkpoint.read_bytes() == saved or (run_dir / "results.json").is_file()  # the checkpoint is still there
+        assert (run_dir / ".hydra" / "overrides.yaml").read_text() == config or (run_dir / "results.json").is_file()
+        assert not list((run_dir / ".hydra").glob("before-*")) or (run_dir / "results.json").is_file()  # put back
         return errors[0]
 
     assert "optim.lr='fast' must be a number" in refused(f"ckpt_path={checkpoint}", "optim.lr=fast")
@@ -143,6 +145,8 @@ def test_killed_and_finished_runs_are_never_removed_or_overwritten(tmp_path):
     assert done.returncode == 0 and f"run directory: {run_dir}" in done.stdout, done.stderr[-3000:]
     results = (run_dir / "results.json").read_text()
     assert json.loads(results)["status"] == "complete" and "test accuracy (16 problems, 95% intervals):" in done.stdout
+    kept = list((run_dir / ".hydra").glob("before-*"))  # the resume keeps the killed part's config beside its own
+    assert len(kept) == 1 and (kept[0] / "overrides.yaml").read_text() == config
 
     assert "holds a finished run" in refused(f"hydra.run.dir={run_dir}", "objective=j1")
     assert "a checkpoint of a objective=grpo run" in refused(f"ckpt_path={checkpoint}", "objective=j1")

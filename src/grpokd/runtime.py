@@ -414,6 +414,34 @@ def unwritable(path: str | Path) -> str | None:
 # The run directories this process created (`WritableRunDir`): the only ones run.py may remove after a config error.
 # A directory that existed before (a killed run resumed with `ckpt_path=` or `resume=true`) is never removed.
 CREATED_HERE: set[Path] = set()
+# An existing run directory's `.hydra/` files as they were before this job (`WritableRunDir`): run dir -> the copy.
+KEPT_HYDRA: dict[Path, Path] = {}
+
+
+def keep_hydra_files(run_dir: Path) -> Path | None:
+    """Copy `<run_dir>/.hydra/*.yaml` (the config an earlier part of the run was started with) to
+    `<run_dir>/.hydra/before-<stamp>/` before Hydra writes this job's over them; the copy, or None if none."""
+    files = sorted((run_dir / ".hydra").glob("*.yaml"))
+    if not files:
+        return None
+    kept = run_dir / ".hydra" / f"before-{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
+    kept.mkdir()
+    for file in files:
+        atomic_write(kept / file.name, file.read_bytes())
+    return kept
+
+
+def restore_hydra_files(run_dir: Path) -> None:
+    """Put back the `.hydra/` files `keep_hydra_files` kept in this process (a job that stopped at start-up leaves
+    the run's config as it was)."""
+    kept = KEPT_HYDRA.pop(run_dir.absolute(), None)
+    if kept is None or not kept.is_dir():
+        return
+    for file in kept.glob("*.yaml"):
+        atomic_write(run_dir / ".hydra" / file.name, file.read_bytes())
+    for file in kept.iterdir():
+        file.unlink()
+    kept.rmdir()
 
 
 class WritableRunDir(HydraCallback):
@@ -421,7 +449,9 @@ class WritableRunDir(HydraCallback):
     created ends the job with one `error:` line and exit status 2 (Hydra's own attempt ends in a traceback).
 
     It also refuses a run directory that holds a finished run (before Hydra writes its `.hydra/` there), unless
-    `skip_complete` returns that run's results as they are; and records the directories it created (`CREATED_HERE`).
+    `skip_complete` returns that run's results as they are; records the directories it created (`CREATED_HERE`);
+    and in a directory that existed, keeps the `.hydra/` files there (`keep_hydra_files`): a resume keeps the
+    config of the part before it, and one that stops at start-up puts it back (run.py, `restore_hydra_files`).
     """
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
@@ -431,10 +461,15 @@ class WritableRunDir(HydraCallback):
                 f"hydra.run.dir={path} holds a finished run (its results.json says complete), which this job would overwrite; "
                 "leave hydra.run.dir out for a new directory (ckpt_path=<its checkpoint> continues it in a new one)"
             )
-        new = not Path(path).expanduser().exists()
+        run_dir = Path(path).expanduser().absolute()
+        new = not run_dir.exists()
         self._check("hydra.run.dir", path)
         if new:
-            CREATED_HERE.add(Path(path).expanduser().absolute())
+            CREATED_HERE.add(run_dir)
+        elif os.environ.get("LOCAL_RANK", "0") == "0":  # a DDP rank > 0 re-runs the command in its launcher's directory
+            kept = keep_hydra_files(run_dir)
+            if kept is not None:
+                KEPT_HYDRA[run_dir] = kept
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         self._check("hydra.sweep.dir", OmegaConf.select(config, "hydra.sweep.dir"))
