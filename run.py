@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from grpokd import cli, runtime
 from grpokd.errors import ConfigError
-from grpokd.train import read_results, train, write_json
+from grpokd.train import train, write_json
 
 runtime.register_resolvers()
 
@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> float | None:
         run_dir = Path(cfg.run_dir)
         if multirun:
             # one job of a sweep: leave a failure record for the sweep's table; Hydra runs the other jobs
-            if read_results(run_dir).get("status") != "complete":
+            if not runtime.finished(run_dir):
                 write_json(run_dir / "results.json", failure(cfg, err))
             raise
         if not isinstance(err, ConfigError):

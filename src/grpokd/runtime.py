@@ -152,12 +152,18 @@ def resumed_run_dir(ckpt_path: str | None) -> str | None:
     return str(run) if ours and not finished(run) else None
 
 
+def read_results(run_dir: str | Path) -> dict[str, Any]:
+    """The run's results.json, or {} when there is none (or it cannot be read)."""
+    try:
+        results = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
 def finished(run_dir: str | Path) -> bool:
     """Whether `run_dir` holds a finished job: its results.json says `status: complete`."""
-    try:
-        return json.loads((Path(run_dir) / "results.json").read_text()).get("status") == "complete"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return read_results(run_dir).get("status") == "complete"
 
 
 def slurm_job() -> str | None:

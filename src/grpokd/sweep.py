@@ -264,7 +264,7 @@ def multirun_command(spec: DictConfig, row: Row, out: Path, launcher: list[str],
 
 
 def status(job: Job) -> dict[str, Any]:
-    from grpokd.train import read_results
+    from grpokd.runtime import read_results
 
     results = read_results(job.dir)
     return results or {"status": "missing", "error": "no results.json (the job did not run or was killed)"}

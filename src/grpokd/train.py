@@ -475,14 +475,6 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     runtime.atomic_write(path, json.dumps(payload, indent=2, default=str).encode())
 
 
-def read_results(run_dir: str | Path) -> dict[str, Any]:
-    """The run's results.json, or {} when there is none (or it cannot be read)."""
-    try:
-        return json.loads((Path(run_dir) / "results.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job (train or eval) described by `cfg`; returns what results.json holds.
 
@@ -492,7 +484,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     runtime.quiet_libraries()
     run_dir = Path(cfg.run_dir)
     if cfg.get("skip_complete"):
-        done = read_results(run_dir)
+        done = runtime.read_results(run_dir)
         if done.get("status") == "complete":
             return done
     prep = prepare(cfg)
@@ -559,7 +551,7 @@ def run_stages(cfg: DictConfig, prep: Prepared, module: GRPOKDModule, trainer: L
     if cfg.mode == "eval":
         return evaluate(trainer, module, prep.data, "accuracy")
     results: dict[str, Any] = {}
-    earlier = read_results(run_dir) if prep.ckpt_path else {}  # a resumed run keeps the first part's "before"
+    earlier = runtime.read_results(run_dir) if prep.ckpt_path else {}  # a resumed run keeps the first part's "before"
     if "test/accuracy_before" in earlier:
         results |= {key: earlier[key] for key in ("test/accuracy_before", "test/accuracy_before_ci95") if key in earlier}
     elif cfg.eval_before and cfg.eval_test and prep.ckpt_path is None:

@@ -116,7 +116,7 @@ def generate(
 
     A causal model decodes into a static KV cache (`static_cache`, where transformers has one: 5.0 and later),
     allocated once for the prompt and `max_new_tokens`; each step writes its keys and values in place instead of
-    growing the cache by concatenation (SmolLM2-135M, 32 rows: 1.08x the decoding speed; `bench/decoding.py`).
+    growing the cache by concatenation (SmolLM2-135M, 32 rows: 1.10x the decoding speed; `bench/decoding.py`).
     `static_cache=False` keeps the growing cache (a seq2seq model always does).
 
     Gradient checkpointing is suspended meanwhile: its layers would drop the KV cache that decoding reads. The loop
@@ -168,18 +168,21 @@ def decoding(model: PreTrainedModel, prompts: Tokens, group_size: int, static_le
             return out.logits[:, -1]
 
         return step(torch.full_like(encoder_mask[:, 0], model.config.decoder_start_token_id)), step
-    cache = static_cache(model, prompts.ids.shape[1] + static_len) if static_len is not None else None
-    if cache is not None:
-        return static_decoding(model, prompts, group_size, cache)
-    logits, cache = prompt_cache(model, prompts, group_size)  # [N, V]
-    mask = prompts.mask.repeat_interleave(group_size, 0)  # [N, P+t]: grows by one column per step
-    position = mask.sum(-1, keepdim=True) - 1  # [N, 1]: the last prompt token's position
+    static = static_cache(model, prompts.ids.shape[1] + static_len) if static_len is not None else None
+    logits, cache = prompt_cache(model, prompts, group_size, static)  # [N, V]
+    mask = prompts.mask.repeat_interleave(group_size, 0)  # [N, P]; grows by a column per step, or preallocated [N, P+T]
+    length, position = mask.shape[1], mask.sum(-1, keepdim=True) - 1  # [N, 1]: the last prompt token's position
+    if static is not None:
+        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], static_len)], 1)
 
     def step(tokens: Tensor) -> Tensor:
-        nonlocal cache, mask, position
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        position = position + 1
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, use_cache=True, **cache_arg(model, cache))
+        nonlocal cache, mask, position, length
+        if static is None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        else:
+            mask[:, length] = 1
+        length, position = length + 1, position + 1
+        out = model(input_ids=tokens[:, None], attention_mask=mask[:, :length], position_ids=position, use_cache=True, **cache_arg(model, cache))
         cache = cache_of(out)
         return out.logits[:, -1]
 
@@ -188,14 +191,12 @@ def decoding(model: PreTrainedModel, prompts: Tokens, group_size: int, static_le
 
 def static_cache(model: PreTrainedModel, length: int) -> Any:
     """An empty static KV cache of `length` positions for `model` (transformers' StaticCache, every layer a full
-    attention one), or None where this transformers has none of that kind (before 5.0) or the model's layers
-    are not all of it (sliding-window or hybrid models keep the growing cache)."""
-    try:
-        from transformers.cache_utils import StaticCache, StaticLayer
-    except ImportError:
-        return None
+    attention one, written in place), or None before transformers 5 or where the model's layers are not all of
+    that kind (sliding-window or hybrid models keep the growing cache)."""
     if transformers_major() < 5:
         return None
+    from transformers.cache_utils import StaticCache, StaticLayer
+
     cache = StaticCache(config=model.config, max_cache_len=length)
     return cache if all(type(layer) is StaticLayer for layer in cache.layers) else None
 
@@ -207,38 +208,21 @@ def transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
-def static_decoding(model: PreTrainedModel, prompts: Tokens, group_size: int, cache: Any) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """`decoding` of a causal model into the preallocated `cache` ([N, heads, P+T, D] per layer), with the
-    attention mask preallocated too: a step writes one column of each, nothing is concatenated."""
-    B, P = prompts.ids.shape
-    out = model(input_ids=prompts.ids, attention_mask=prompts.mask, position_ids=positions(prompts.mask), use_cache=True, logits_to_keep=1,
-                **cache_arg(model, cache))
-    for layer in cache.layers:  # the B prompts' keys and values, each repeated K times: N rows
-        layer.keys, layer.values = layer.keys.repeat_interleave(group_size, 0), layer.values.repeat_interleave(group_size, 0)
-        layer.batch_size *= group_size
-    mask = torch.zeros(B * group_size, cache.layers[0].max_cache_len, dtype=prompts.mask.dtype, device=prompts.mask.device)  # [N, P+T]
-    mask[:, :P] = prompts.mask.repeat_interleave(group_size, 0)
-    position = mask.sum(-1, keepdim=True) - 1  # [N, 1]: the last prompt token's position
-    length = P
-
-    def step(tokens: Tensor) -> Tensor:
-        nonlocal position, length
-        mask[:, length] = 1
-        length, position = length + 1, position + 1
-        out = model(input_ids=tokens[:, None], attention_mask=mask[:, :length], position_ids=position, use_cache=True, **cache_arg(model, cache))
-        return out.logits[:, -1]
-
-    return out.logits[:, -1].repeat_interleave(group_size, 0), step
-
-
-def prompt_cache(model: PreTrainedModel, prompts: Tokens, group_size: int) -> tuple[Tensor, Any]:
+def prompt_cache(model: PreTrainedModel, prompts: Tokens, group_size: int, static: Any = None) -> tuple[Tensor, Any]:
     """A causal model on the B left-padded prompts once: the last position's logits, repeated K times [N, V], and
     the prompts' KV cache, each row repeated K times (N rows), for K continuations of each prompt. The output head
     runs on the last position only (`logits_to_keep`): no [B, P, V] logits, which at a real vocabulary and with
-    grad would be the prompt's largest tensor."""
-    out = model(input_ids=prompts.ids, attention_mask=prompts.mask, position_ids=positions(prompts.mask), use_cache=True, logits_to_keep=1)
+    grad would be the prompt's largest tensor. `static`: an empty static cache to fill (`static_cache`); None, a
+    new growing one."""
+    out = model(input_ids=prompts.ids, attention_mask=prompts.mask, position_ids=positions(prompts.mask), use_cache=True, logits_to_keep=1,
+                **cache_arg(model, static))
     cache = cache_of(out)
-    cache.batch_repeat_interleave(group_size)
+    if static is None:
+        cache.batch_repeat_interleave(group_size)
+    else:  # transformers' static layers have no batch_repeat_interleave
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.repeat_interleave(group_size, 0), layer.values.repeat_interleave(group_size, 0)
+            layer.batch_size *= group_size
     return out.logits[:, -1].repeat_interleave(group_size, 0), cache
 
 
