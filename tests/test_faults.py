@@ -326,6 +326,10 @@ def test_cpu_share_splits_the_cores_among_live_jobs_on_them(tmp_path):
         assert runtime.CpuShare(3, registry=tmp_path).threads() == 3
         share.close()
         assert not (tmp_path / str(os.getpid())).exists()
+        squeezed = runtime.CpuShare(registry=tmp_path)  # alone: all the cores; closed, the threads it found
+        torch.set_num_threads(1)
+        squeezed.close()
+        assert torch.get_num_threads() == squeezed.before
     finally:
         other.kill()
         torch.set_num_threads(before)

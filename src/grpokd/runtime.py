@@ -304,6 +304,7 @@ class CpuShare(Callback):
         if threads is not None:
             check_range("threads", threads, low=1, integer=True)
         self.fixed, self.registry, self.cores = threads, registry, cpus()
+        self.before = torch.get_num_threads()  # given back by `close`: a job leaves the process's threads as it found them
         registry.mkdir(parents=True, exist_ok=True)
         self.entry = registry / str(os.getpid())
         atomic_write(self.entry, " ".join(map(str, sorted(self.cores))).encode())
@@ -345,6 +346,7 @@ class CpuShare(Callback):
 
     def close(self) -> None:
         self.entry.unlink(missing_ok=True)
+        torch.set_num_threads(self.before)
 
 
 class Interrupted(Exception):
