@@ -28,7 +28,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from grpokd.data.datamodule import collate
 from grpokd.data.example import Example
 from grpokd.data.rewards import for_component
-from grpokd.models.lm import decode, end_token_ids, ended, generate, tokenize_prompts
+from grpokd.models.engines import Decoding, RolloutEngine
+from grpokd.models.engines.builtin import Builtin
+from grpokd.models.lm import decode, end_token_ids, ended, tokenize_prompts
 from grpokd.rollout import Sampling, origins, sample
 
 
@@ -44,12 +46,14 @@ class Greedy:
 @torch.no_grad()
 def greedy(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]],
-    reward: Callable[[str, str], float], sampling: Sampling,
+    reward: Callable[[str, str], float], sampling: Sampling, engine: RolloutEngine | None = None,
 ) -> Greedy:
-    """The greedy completion of each prompt at the rollout's lengths, its reward and whether it ended."""
+    """The greedy completion of each prompt at the rollout's lengths (decoded by `engine`; None: the built-in
+    decoder), its reward and whether it ended."""
     device = next(model.parameters()).device
     prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len, sampling.prompt_special_tokens).to(device)  # [B, P]
-    completions = generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=sampling.max_new_tokens)  # [B, T]
+    decoding = Decoding(1, sampling.max_new_tokens, do_sample=False)
+    completions = (engine or Builtin()).generate(model, tokenizer, prompts, decoding).tokens  # [B, T]
     texts = decode(tokenizer, completions)
     components, _ = origins(examples)
     scores = [for_component(reward, c)(t, a) for t, a, c in zip(texts, examples["answer"], components)]
@@ -70,7 +74,7 @@ def accuracy(
 @torch.no_grad()
 def sampled_rewards(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]],
-    reward: Callable[[str, str], float], sampling: Sampling, k: int, seed: int,
+    reward: Callable[[str, str], float], sampling: Sampling, k: int, seed: int, engine: RolloutEngine | None = None,
 ) -> Tensor:
     """[B, k]: the reward of each of k completions sampled per prompt at the rollout settings.
 
@@ -80,16 +84,16 @@ def sampled_rewards(
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        rollout = sample(model, tokenizer, examples, replace(sampling, group_size=k), reward)
+        rollout = sample(model, tokenizer, examples, replace(sampling, group_size=k), reward, engine)
     return rollout.rewards.view(-1, k)
 
 
 def pass_at_k(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]],
-    reward: Callable[[str, str], float], sampling: Sampling, k: int, seed: int,
+    reward: Callable[[str, str], float], sampling: Sampling, k: int, seed: int, engine: RolloutEngine | None = None,
 ) -> Tensor:
     """[B]: 1 where any of k completions sampled at the rollout settings earns `reward` (pass@k from n = k samples)."""
-    return solved(sampled_rewards(model, tokenizer, examples, reward, sampling, k, seed))
+    return solved(sampled_rewards(model, tokenizer, examples, reward, sampling, k, seed, engine))
 
 
 def solved(rewards: Tensor) -> Tensor:

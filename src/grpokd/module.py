@@ -42,6 +42,8 @@ from grpokd import evaluation, parallel, runtime
 from grpokd import rollout as ro
 from grpokd.data.rewards import WeightedRewards
 from grpokd.errors import check_range
+from grpokd.models.engines import RolloutEngine
+from grpokd.models.engines.builtin import Builtin
 from grpokd.scoring import FrozenModels, ScoreRequest, policy_logp, score
 from grpokd.teachers import TeacherEnsemble
 
@@ -98,6 +100,11 @@ class GRPOKDModule(L.LightningModule):
             their [N, T, V] logits (`scoring.score`); None: whole.
         components: the datasets of a `dataset=mix` run: each gets train/<name>/reward_mean,
             val/<name>/accuracy and test/<name>/accuracy (nothing extra for one dataset).
+        engine: what samples rollouts and evaluations (`models.engines`; None: the built-in decoder).
+        sync_every: the engine takes the student's weights before it samples, when this many optimiser steps
+            have passed since it last took them (1: every rollout samples the current policy).
+        importance_cap: weight each token's policy loss by min(pi_old / pi_engine, cap), truncated importance
+            sampling for an engine whose log-probs differ from the trainer's (None: no correction).
     """
 
     flops_per_batch = None  # for ThroughputMonitor: a step's FLOPs depend on the sampled lengths, so none are claimed
@@ -122,6 +129,9 @@ class GRPOKDModule(L.LightningModule):
         logit_chunk: int | None = None,
         reference_adapters_off: bool = False,
         components: list[str] = (),
+        engine: RolloutEngine | None = None,
+        sync_every: int = 1,
+        importance_cap: float | None = None,
     ) -> None:
         super().__init__()
         if updates_per_rollout < 1 or minibatches < 1:
@@ -157,6 +167,9 @@ class GRPOKDModule(L.LightningModule):
         self.val_by_component = torch.nn.ModuleDict({name: MeanMetric() for name in self.components})
         self.test_by_component = torch.nn.ModuleDict({name: MeanMetric() for name in self.components})
         self._predictions: list[dict[str, Any]] = []  # the current test evaluation's prediction rows on this rank
+        self.engine = engine or Builtin()
+        self.sync_every, self.importance_cap = sync_every, importance_cap
+        self._synced_at = 0  # the optimiser step whose weights the engine holds (it starts from the weights it first samples with)
 
     # --- training -------------------------------------------------------------------------------
 
@@ -184,13 +197,20 @@ class GRPOKDModule(L.LightningModule):
         teachers = self.frozen.teachers
         with_gold = needs.gold(teachers is not None and teachers.weighting.needs_gold)
         gold = ro.gold(self.tokenizer, examples, self.sampling, self.device) if with_gold else None
-        rollout = ro.sample(self.student, self.tokenizer, examples, self.sampling, self.train_reward) if needs.rollouts else gold
+        rollout = ro.sample(self.student, self.tokenizer, examples, self.sampling, self.train_reward, self.synced_engine()) if needs.rollouts else gold
         if self.mask_truncated_completions and needs.rollouts:
             rollout = ro.mask_truncated(rollout)
         old_logp = None
         if self.steps_per_rollout > 1:
             old_logp = policy_logp(self.student, rollout, self.vocab_size, self.temperature(needs), self.logit_chunk)
         return ro.RolloutBuffer(rollout, gold, old_logp)
+
+    def synced_engine(self) -> RolloutEngine:
+        """The rollout engine, given the student's weights first when `sync_every` steps have passed since it took them."""
+        if self.global_step - self._synced_at >= self.sync_every:
+            self.engine.sync(self.student)
+            self._synced_at = self.global_step
+        return self.engine
 
     def temperature(self, needs) -> float:
         """Rollouts are scored at the sampling temperature, gold solutions at 1."""
@@ -203,7 +223,7 @@ class GRPOKDModule(L.LightningModule):
             self.buffer = self.new_rollout(examples)
         part = phase % self.minibatches
         rollout, gold, old_logp = self.buffer.minibatch(part, self.minibatches)
-        request = ScoreRequest(rollout, needs, self.global_step, self.temperature(needs), gold, old_logp, self.buffer.scores.get(part))
+        request = ScoreRequest(rollout, needs, self.global_step, self.temperature(needs), gold, old_logp, self.buffer.scores.get(part), self.importance_cap)
         batch, score_metrics, self.buffer.scores[part] = score(self.student, request, self.frozen, self.vocab_size, self.logit_chunk)
         out = self.objective(batch)
         self._step_tokens = float(rollout.completions.mask.sum() + rollout.prompts.mask.sum() * rollout.group_size)
@@ -274,7 +294,7 @@ class GRPOKDModule(L.LightningModule):
     # --- evaluation -----------------------------------------------------------------------------
 
     def greedy(self, examples: dict[str, list[str]]) -> evaluation.Greedy:
-        return evaluation.greedy(self.student, self.tokenizer, examples, self.reward, self.sampling)
+        return evaluation.greedy(self.student, self.tokenizer, examples, self.reward, self.sampling, self.synced_engine())
 
     def validation_step(self, examples: dict[str, list[str]], batch_idx: int) -> None:
         rewards = self.greedy(examples).rewards
@@ -283,7 +303,8 @@ class GRPOKDModule(L.LightningModule):
         self.log_by_component("val", "accuracy", self.val_by_component, examples, rewards)
         if self.eval_pass_k:
             seed = 7919 * self.global_step + batch_idx  # the same samples for the same checkpoint
-            self.val_pass.update(evaluation.pass_at_k(self.student, self.tokenizer, examples, self.reward, self.sampling, self.eval_pass_k, seed))
+            self.val_pass.update(evaluation.pass_at_k(self.student, self.tokenizer, examples, self.reward, self.sampling, self.eval_pass_k, seed,
+                                                      self.synced_engine()))
             self.log(f"val/pass@{self.eval_pass_k}", self.val_pass, batch_size=len(examples["prompt"]))
 
     def log_by_component(self, split: str, tag: str, metrics: torch.nn.ModuleDict, examples: dict[str, list], rewards: Tensor) -> None:

@@ -19,7 +19,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd.data.rewards import FORMAT_STYLES, WeightedRewards, answer_style
 from grpokd.errors import check_range
-from grpokd.models.lm import Tokens, decode, end_token_ids, ended, generate, tokenize_prompts, tokenize_targets
+from grpokd.models.engines import Decoding, RolloutEngine
+from grpokd.models.engines.builtin import Builtin
+from grpokd.models.lm import Tokens, decode, end_token_ids, ended, tokenize_prompts, tokenize_targets
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Rollout:
     reward_weights: dict[str, float] = field(default_factory=dict)  # name -> the weight of reward_parts[name] in rewards
     components: list[str] = field(default_factory=list)  # B: the dataset each prompt comes from (`dataset=mix`'s component)
     teachers: list[str | None] = field(default_factory=list)  # B: the teacher each prompt's data names (`weighting=route`), or None
+    engine_logp: Tensor | None = None  # [N, T] the rollout engine's log-probs of its sampled tokens (None: the engine reports none)
 
 
 def origins(examples: dict[str, list]) -> tuple[list[str], list[str | None]]:
@@ -79,17 +82,17 @@ def sample(
     examples: dict[str, list[str]],
     sampling: Sampling,
     reward: Callable[[str, str], float] | WeightedRewards,
+    engine: RolloutEngine | None = None,
 ) -> Rollout:
     """K sampled completions per prompt, each rewarded against the prompt's gold answer.
 
     `reward`: one function (the rollout's reward), or `WeightedRewards` (their weighted sum, each kept in `reward_parts`).
+    `engine`: what samples (`models.engines`; None: the built-in decoder on `model`).
     """
     device = next(model.parameters()).device
     prompts = tokenize_prompts(tokenizer, examples["prompt"], sampling.max_prompt_len, sampling.prompt_special_tokens).to(device)  # [B, P]
-    completions = generate(
-        model, tokenizer, prompts, sampling.group_size, sampling.max_new_tokens,
-        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-    )  # [N, T]
+    decoding = Decoding(sampling.group_size, sampling.max_new_tokens, True, sampling.temperature, sampling.top_p, sampling.top_k)
+    completions, engine_logp = (engine or Builtin()).generate(model, tokenizer, prompts, decoding)  # [N, T] each
     texts = decode(tokenizer, completions)
     answers = [a for a in examples["answer"] for _ in range(sampling.group_size)]
     components, teachers = origins(examples)
@@ -100,7 +103,7 @@ def sample(
     truncated = ~ended(completions, end_token_ids(model, tokenizer))  # [N]
     return Rollout(
         prompts, completions, texts, answers, rewards, sampling.group_size, truncated, parts, list(examples["prompt"]), dict(weighted.weights),
-        components, teachers,
+        components, teachers, engine_logp,
     )
 
 
@@ -119,7 +122,7 @@ def select(rollout: Rollout, start: int, stop: int) -> Rollout:
         Tokens(rollout.completions.ids[rows], rollout.completions.mask[rows]),
         rollout.texts[rows], rollout.answers[rows], None if rollout.rewards is None else rollout.rewards[rows], k, rollout.truncated[rows],
         {name: v[rows] for name, v in rollout.reward_parts.items()}, rollout.prompt_texts[start:stop], dict(rollout.reward_weights),
-        rollout.components[start:stop], rollout.teachers[start:stop],
+        rollout.components[start:stop], rollout.teachers[start:stop], None if rollout.engine_logp is None else rollout.engine_logp[rows],
     )
 
 
@@ -130,7 +133,7 @@ def to_state(rollout: Rollout) -> dict:
         "texts": list(rollout.texts), "answers": list(rollout.answers), "rewards": rollout.rewards,
         "group_size": rollout.group_size, "truncated": rollout.truncated, "reward_parts": dict(rollout.reward_parts),
         "prompt_texts": list(rollout.prompt_texts), "reward_weights": dict(rollout.reward_weights),
-        "components": list(rollout.components), "teachers": list(rollout.teachers),
+        "components": list(rollout.components), "teachers": list(rollout.teachers), "engine_logp": rollout.engine_logp,
     }
 
 
@@ -141,7 +144,7 @@ def from_state(state: dict, device: torch.device | str = "cpu") -> Rollout:
         Tokens(*map(move, state["prompts"])), Tokens(*map(move, state["completions"])), state["texts"], state["answers"],
         move(state["rewards"]), state["group_size"], move(state["truncated"]),
         {name: move(v) for name, v in state["reward_parts"].items()}, state.get("prompt_texts", []), state.get("reward_weights", {}),
-        state.get("components", []), state.get("teachers", []),
+        state.get("components", []), state.get("teachers", []), move(state.get("engine_logp")),
     )
 
 

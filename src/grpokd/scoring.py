@@ -103,6 +103,8 @@ class ScoreRequest:
     student's raw logits, tempered by their own tau. `gold`: the prompts' gold solutions, when KD is evaluated
     on them or the weighting needs them. `old_logp` [N, T]: the behaviour policy's log-probs (None: on-policy).
     `frozen_scores`: what an earlier update on the same rollout got from the frozen models (None: score them now).
+    `importance_cap`: with a rollout engine that reports its log-probs, weight each token's policy loss by
+    min(pi_old / pi_engine, cap) (truncated importance sampling; None: no weight).
     """
 
     rollout: Rollout
@@ -112,6 +114,7 @@ class ScoreRequest:
     gold: Rollout | None = None
     old_logp: Tensor | None = None
     frozen_scores: FrozenScores | None = None
+    importance_cap: float | None = None
 
 
 def score(
@@ -136,8 +139,9 @@ def score(
     frozen_scores = request.frozen_scores
     if frozen_scores is None:
         frozen_scores = score_frozen(raw.detach(), request, frozen or FrozenModels(), vocab_size, gold_raw, logit_chunk)
+    behaviour_weight, engine_metrics = engine_correction(request, logp, mask)
     with torch.no_grad():
-        metrics = {"entropy": masked_mean(token_entropy, mask)} | frozen_scores.metrics
+        metrics = {"entropy": masked_mean(token_entropy, mask)} | frozen_scores.metrics | engine_metrics
     parts = weights = None
     if needs.reward_parts:  # in reward_weights' order: the names every part has a weight under
         names = list(rollout.reward_weights)
@@ -155,6 +159,7 @@ def score(
         reward_parts=parts,
         reward_weights=weights,
         old_logp=request.old_logp,
+        behaviour_weight=behaviour_weight,
         logits=logits if needs.logits else None,
         entropy=token_entropy if needs.entropy else None,
         ref_logp=frozen_scores.ref_logp,
@@ -165,6 +170,26 @@ def score(
         step=request.step,
     )
     return batch, metrics, frozen_scores
+
+
+@torch.no_grad()
+def engine_correction(request: ScoreRequest, logp: Tensor, mask: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """How far the rollout engine's log-probs of its samples are from the trainer's pi_old (the request's
+    old_logp, or the student's own on the first update), and the truncated importance weights
+    min(exp(old - engine), cap) [N, T] when `importance_cap` is set (TRL's vLLM importance-sampling correction).
+
+    Metrics (train/engine/...): logp_gap, the mean |log pi_old - log pi_engine| over the completion tokens, and
+    logp_gap_max; is_weight_mean with a cap. Nothing when the engine reports no log-probs."""
+    engine_logp = request.rollout.engine_logp
+    if engine_logp is None:
+        return None, {}
+    old = request.old_logp if request.old_logp is not None else logp.detach()  # [N, T]
+    gap = (old - engine_logp) * mask  # [N, T]
+    metrics = {"engine/logp_gap": masked_mean(gap.abs(), mask), "engine/logp_gap_max": gap.abs().max()}
+    if request.importance_cap is None:
+        return None, metrics
+    weight = gap.exp().clamp(max=request.importance_cap) * mask  # [N, T]
+    return weight, metrics | {"engine/is_weight_mean": masked_mean(weight, mask)}
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from grpokd.data.sources import Splits
 from grpokd.errors import ConfigError, check_range
 from grpokd.evaluation import binomial_interval
 from grpokd.loggers import continue_csv, csv_logger, logged_config
-from grpokd.models import coverage, loading
+from grpokd.models import coverage, engines, loading
 from grpokd.models.student import LoRA, add_lora, enable_checkpointing, lora_config, save_student
 from grpokd.module import GRPOKDModule, Optim
 from grpokd.objectives import coefficients
@@ -159,6 +159,7 @@ def check_all(cfg: DictConfig) -> Prepared:
     check_updates(cfg)
     loading.check_name(cfg.model.student, "model.student")
     lora = student_lora(cfg)
+    check_engine(cfg, lora is not None)
     if not isinstance(cfg.model.get("gradient_checkpointing", False), bool):
         raise ConfigError(f"model.gradient_checkpointing={cfg.model.gradient_checkpointing!r} must be true or false")
     if cfg.model.get("reference"):
@@ -190,6 +191,14 @@ def check_all(cfg: DictConfig) -> Prepared:
         resume_step = checkpoint.step
     formats = {c.name: c.prompt_format for c in components}
     return Prepared(objective, data, reward, train_reward, sampling, formats, optim, ckpt_path, resume_step, lora)
+
+
+def check_engine(cfg: DictConfig, lora: bool) -> None:
+    """rollout.engine names an engine that can sample this student; its sync and correction settings are in range."""
+    engines.engine_class(cfg.rollout.engine).check(cfg.model.student, lora)
+    check_range("rollout.sync_every", cfg.rollout.sync_every, low=1, integer=True)
+    if cfg.rollout.importance_cap is not None:
+        check_range("rollout.importance_cap", cfg.rollout.importance_cap, low=0, low_open=True)
 
 
 def run_identity(cfg: DictConfig) -> dict[str, str]:
@@ -372,6 +381,8 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
         train_reward=prep.train_reward, mask_truncated_completions=cfg.rollout.mask_truncated_completions,
         eval_pass_k=cfg.eval_pass_k, logit_chunk=cfg.model.get("logit_chunk"),
         reference_adapters_off=reference_adapters_off, components=prep.data.components,
+        engine=engines.build(cfg.rollout.engine, **(cfg.rollout.get(cfg.rollout.engine) or {})),
+        sync_every=cfg.rollout.sync_every, importance_cap=cfg.rollout.importance_cap,
     )
 
 
@@ -522,6 +533,7 @@ def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuSh
         stop.signum = stop.signum or (signal.SIGTERM if isinstance(exit_, SIGTERMException) else signal.SIGINT)
     finally:
         finish_wandb(trainer)  # also when the job fails: the next job of a multirun must not log into this run
+        module.engine.close()  # a vLLM engine's memory and its copy of the weights
     results |= {
         "steps": trainer.global_step,
         "wall_time_s": round(clock.elapsed(), 1),

@@ -107,6 +107,7 @@ class Batch:
     reward_parts: Tensor | None = None  # [F, N] each reward function's value (their weighted sum is `rewards`)
     reward_weights: Tensor | None = None  # [F] their weights
     old_logp: Tensor | None = None  # [N, T] behaviour-policy log-probs; None means on-policy (logp.detach())
+    behaviour_weight: Tensor | None = None  # [N, T] truncated importance weight of each token's policy loss (pi_old / pi_engine, capped), detached
     logits: Logits | None = None  # [N, T, V] student logits, with grad (whole or chunked: read them with `per_position`)
     entropy: Tensor | None = None  # [N, T] the student's entropy at each position (of the scored distribution), detached
     ref_logp: Tensor | None = None  # [N, T]

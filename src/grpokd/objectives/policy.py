@@ -360,6 +360,8 @@ class PolicyObjective:
             keep = off_policy_mask(adv, batch.logp, old_logp, mask, self.off_policy_mask_threshold)  # [N, 1] or [N, T]
             per_token = per_token * keep
             metrics["off_policy_masked"] = masked_mean(1 - keep.expand_as(mask), mask).detach()
+        if batch.behaviour_weight is not None:  # the rollout engine's samples reweighted to pi_old (truncated IS), as TRL does
+            per_token = per_token * batch.behaviour_weight
         return per_token, {
             "policy_loss": self.reduce(per_token, mask).detach(),
             "clip_low": masked_mean(is_low.float(), mask).detach(),
