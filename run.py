@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> float | None:
         results = train(cfg)
     except runtime.Interrupted as stop:
         print(f"{stop}; resume with ckpt_path={stop.checkpoint}" if stop.checkpoint else str(stop), file=sys.stderr)
-        sys.exit(128 + stop.signum)
+        sys.exit(1 if stop.signum is None else 128 + stop.signum)
     except Exception as err:
         run_dir = Path(cfg.run_dir)
         if multirun:

@@ -164,6 +164,7 @@ def measure(objective_name: str, args: argparse.Namespace) -> dict:
     from grpokd.models.student import enable_checkpointing
     from grpokd.scoring import FrozenModels, ScoreRequest, score
     from grpokd.teachers import TeacherEnsemble, Uniform
+    from grpokd.teachers.sources import in_process
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -179,7 +180,7 @@ def measure(objective_name: str, args: argparse.Namespace) -> dict:
         enable_checkpointing(student)
     reference = build(student_cfg).requires_grad_(False).eval() if needs.reference else None
     teachers = [build(teacher_cfg).requires_grad_(False).eval() for _ in range(args.teachers)] if needs.teachers else []
-    ensemble = TeacherEnsemble(teachers, [f"t{i}" for i in range(len(teachers))], Uniform(), top_k=args.top_k or None) if teachers else None
+    ensemble = TeacherEnsemble(in_process(teachers, [f"t{i}" for i in range(len(teachers))]), Uniform(), top_k=args.top_k or None) if teachers else None
     frozen = FrozenModels(reference, ensemble)
     vocab = student_cfg.vocab_size
     gsm8k = Path(args.gsm8k) if args.gsm8k else REPO.parent / "shared" / "data" / "gsm8k"

@@ -48,6 +48,7 @@ def measure(objective: str, teachers: int, args: argparse.Namespace) -> dict:
     from grpokd.models import loading
     from grpokd.scoring import FrozenModels, ScoreRequest, score
     from grpokd.teachers import TeacherEnsemble, Uniform
+    from grpokd.teachers.sources import in_process
 
     device = torch.device(args.device)
     dtype = None if args.dtype == "float32" else args.dtype
@@ -57,7 +58,7 @@ def measure(objective: str, teachers: int, args: argparse.Namespace) -> dict:
     reference = loading.load_model("tiny-t5-student", dtype=dtype).to(device)
     names = [("tiny-t5-teacher-s", "tiny-t5-teacher-m")[i % 2] for i in range(teachers)]
     models = [loading.load_model(n, dtype=dtype).to(device) for n in names]
-    ensemble = TeacherEnsemble(models, names, Uniform()) if models else None
+    ensemble = TeacherEnsemble(in_process(models, names), Uniform()) if models else None
     teacher_bytes = sum(p.numel() * p.element_size() for t in models for p in t.parameters())
     objective_fn = objective_of(objective, *OVERRIDES[objective])
     frozen = FrozenModels(reference, ensemble)

@@ -9,6 +9,7 @@ from grpokd.models import loading
 from grpokd.models.lm import completion_logits, generate, token_logp, tokenize_prompts
 from grpokd.objectives.functional import hinton_kd, masked_mean
 from grpokd.teachers import Confidence, Static, TeacherEnsemble, Uniform
+from grpokd.teachers.sources import in_process
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def scored():
 
 def test_per_teacher_metrics_are_the_kls_to_the_student(scored):
     tokenizer, prompts, completions, student_logits, teacher_logits = scored
-    ensemble = TeacherEnsemble([loading.load_model(n) for n in NAMES], NAMES, Uniform())
+    ensemble = TeacherEnsemble(in_process([loading.load_model(n) for n in NAMES], NAMES), Uniform())
     scores = ensemble.score(prompts, completions, student_logits, len(tokenizer), logp=True)
     mask = completions.mask.float()
     for i, z in enumerate(teacher_logits):
@@ -48,9 +49,9 @@ def test_chunked_scoring_equals_one_pass(scored, top_k):
     full mixtures or with each teacher's top-k signals."""
     tokenizer, prompts, completions, student_logits, _ = scored
     teachers = [loading.load_model(n) for n in NAMES]
-    whole = TeacherEnsemble(teachers, NAMES, Confidence(), top_k=top_k).score(
+    whole = TeacherEnsemble(in_process(teachers, NAMES), Confidence(), top_k=top_k).score(
         prompts, completions, student_logits, len(tokenizer), tau=2.0, forward=True, reverse=True, logp=True)
-    chunked = TeacherEnsemble(teachers, NAMES, Confidence(), chunk_prompts=2, top_k=top_k).score(
+    chunked = TeacherEnsemble(in_process(teachers, NAMES), Confidence(), chunk_prompts=2, top_k=top_k).score(
         prompts, completions, student_logits, len(tokenizer), tau=2.0, forward=True, reverse=True, logp=True)
     mixtures = [t for t in (*whole.mixture[:3], *(whole.mixture.top_k or ())) if t is not None]
     chunked_mixtures = [t for t in (*chunked.mixture[:3], *(chunked.mixture.top_k or ())) if t is not None]
@@ -66,7 +67,7 @@ def test_mixture_equals_the_naive_weighted_sum(scored, weighting):
     """Confidence weights (per position, online softmax) and static ones (mixed directly) against a naive sum."""
     tokenizer, prompts, completions, student_logits, teacher_logits = scored
     scheme = Confidence(temperature=0.5) if weighting == "confidence" else Static([1.0, 3.0])
-    ensemble = TeacherEnsemble([loading.load_model(n) for n in NAMES], NAMES, scheme)
+    ensemble = TeacherEnsemble(in_process([loading.load_model(n) for n in NAMES], NAMES), scheme)
     scores = ensemble.score(prompts, completions, student_logits, len(tokenizer), tau=2.0, forward=True, reverse=True)
     log_p = torch.stack([z.log_softmax(-1) for z in teacher_logits])  # [M, N, T, V]
     if weighting == "confidence":
@@ -94,7 +95,7 @@ def test_kdrl_kd_is_zero_when_the_teacher_is_the_student(temperature):
     torch.manual_seed(0)
     tokenizer = loading.load_tokenizer("tiny-t5-student")
     student = loading.load_model("tiny-t5-student")
-    ensemble = TeacherEnsemble([loading.load_model("tiny-t5-student")], ["copy"], Uniform())
+    ensemble = TeacherEnsemble(in_process([loading.load_model("tiny-t5-student")], ["copy"]), Uniform())
     sampling = ro.Sampling(group_size=4, max_new_tokens=24, temperature=temperature)
     rollout = ro.sample(student, tokenizer, collate(arith(test_size=4).test), sampling, NumericReward())
     kdrl = objective("kdrl", "beta_kd=1.0", "beta=0.0", "objective.max_tokens=null")

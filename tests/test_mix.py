@@ -16,6 +16,7 @@ from grpokd.data.rewards import ChoiceReward, NumericReward
 from grpokd.data.sources import Splits
 from grpokd.errors import ConfigError
 from grpokd.teachers import Route
+from grpokd.teachers.sources import in_process
 
 
 def examples(name: str, count: int, teacher: str | None = None) -> list[Example]:
@@ -97,7 +98,7 @@ def test_the_routed_mixture_is_each_rows_own_teacher():
     prompts = tokenize_prompts(tokenizer, ["What is 6 times 7?", "Tom has 3 apples and buys 4 more. How many?"], 64)
     completions = tokenize_targets(tokenizer, ["6 * 7 = 42\n#### 42", "#### 41", "3 + 4 = 7\n#### 7", "#### 8"], 16)  # K = 2
     vocab = len(tokenizer)
-    ensemble = TeacherEnsemble(teachers, names, Route({"x": names[0], "y": names[1]}))
+    ensemble = TeacherEnsemble(in_process(teachers, names), Route({"x": names[0], "y": names[1]}))
     route = torch.tensor(ensemble.weighting.assign(names, ["x", "y"], [None, None]))  # prompt 0 -> teacher-s, prompt 1 -> teacher-m
     scores = ensemble.score(prompts, completions, torch.zeros(4, completions.ids.shape[1], vocab), vocab, forward=True, route=route)
     own = [completion_logits(t, prompts, completions, vocab).softmax(-1) for t in teachers]  # [N, T, V] each

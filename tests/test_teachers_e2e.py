@@ -13,6 +13,7 @@ from grpokd.objectives.base import KDStates
 from grpokd.objectives.functional import masked_mean
 from grpokd.objectives.kd import reverse_kd
 from grpokd.teachers import TeacherEnsemble, Uniform
+from grpokd.teachers.sources import in_process
 from grpokd.train import prepare, train
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,7 @@ def reverse_kd_on_gold(student, examples) -> float:
     """sum_i w_i KL(student || T_i) (uniform w, tau 1) on the gold solutions of `examples`: what J'' minimises."""
     tokenizer = loading.load_tokenizer("tiny-llama-student")
     names = ["tiny-llama-teacher-s", "tiny-llama-teacher-m"]
-    ensemble = TeacherEnsemble([loading.load_model(n) for n in names], names, Uniform())
+    ensemble = TeacherEnsemble(in_process([loading.load_model(n) for n in names], names), Uniform())
     prompts = tokenize_prompts(tokenizer, [ex.prompt for ex in examples], 64)
     gold = tokenize_targets(tokenizer, [ex.solution for ex in examples], 48)
     logits = completion_logits(student.eval(), prompts, gold)  # [B, T, V]

@@ -17,6 +17,7 @@ from grpokd.objectives.kd import forward_kd, reverse_kd, sparse_mixture
 from grpokd.objectives.logits import ChunkedLogits
 from grpokd.objectives.terms.teacher_guide import TeacherGuide
 from grpokd.teachers import TeacherMixer, TopKMixer
+from grpokd.teachers.sources import in_process
 
 N, T, V, M = 3, 4, 7, 2
 
@@ -175,7 +176,7 @@ def test_the_ensemble_keeps_top_k_mass_and_the_scored_tokens_exact_log_probs(cau
         logits = completion_logits(student, prompts, completions, vocab)  # [N, T, V]
     scores = {}
     for k in (None, vocab, 4):
-        ensemble = TeacherEnsemble(teachers, ["a", "b"], Confidence(), top_k=k)
+        ensemble = TeacherEnsemble(in_process(teachers, ["a", "b"]), Confidence(), top_k=k)
         scores[k] = ensemble.score(prompts, completions, logits.detach(), vocab, tau=2.0, forward=True, logp=True)
     mask = completions.mask.float()
     full = forward_kd(KDStates(logits, mask, 2.0, *scores[None].mixture))

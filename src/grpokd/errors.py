@@ -26,3 +26,8 @@ def check_range(
         raise ConfigError(f"{key}={value!r} must be {'>' if low_open else '>='} {low}")
     if high is not None and (value >= high if high_open else value > high):
         raise ConfigError(f"{key}={value!r} must be {'<' if high_open else '<='} {high}")
+
+
+class Unavailable(RuntimeError):
+    """A service the run depends on (a served teacher) stopped answering mid-run, after its retries: the run ends
+    with a checkpoint of its last whole step (`runtime.GracefulStop`), to be resumed once the service is back."""

@@ -45,7 +45,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from omegaconf import OmegaConf
 
-from grpokd.errors import ConfigError, check_range
+from grpokd.errors import ConfigError, Unavailable, check_range
 
 LAST = "last.ckpt"
 
@@ -350,11 +350,13 @@ class CpuShare(Callback):
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal (checkpoint None: a second Ctrl-C, nothing saved); run.py exits with 128 + signal."""
+    """Training stopped on a signal, or on a lost service (`lost`: what was lost; `signum` None), with a checkpoint
+    (None: a second Ctrl-C, nothing saved); run.py exits with 128 + signal, or 1 for a lost service."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}")
+    def __init__(self, signum: int | None, step: int, checkpoint: Path | None, lost: str | None = None) -> None:
+        self.signum, self.step, self.checkpoint, self.lost = signum, step, checkpoint, lost
+        cause = lost if lost is not None else f"interrupted by {signal.Signals(signum).name}"
+        super().__init__(f"{cause} at step {step}; checkpoint {checkpoint}")
 
 
 class GracefulStop(Callback):
@@ -375,6 +377,7 @@ class GracefulStop(Callback):
         self.dirpath = Path(dirpath)
         self.signum: int | None = None
         self.checkpoint: Path | None = None
+        self.lost: str | None = None  # a service the run needs stopped answering (`errors.Unavailable`)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for signum in self.SIGNALS:
@@ -384,6 +387,14 @@ class GracefulStop(Callback):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C
         self.signum = self.signum or signum
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A served teacher lost mid-run (`errors.Unavailable`): save the last whole step, as on a signal. The step
+        that failed had not updated the weights (teachers score before the loss), so a resume redoes it."""
+        if isinstance(exception, Unavailable) and self.checkpoint is None:
+            self.lost = str(exception)
+            self.checkpoint = self.dirpath / LAST
+            trainer.save_checkpoint(self.checkpoint)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False) and self.checkpoint is None:

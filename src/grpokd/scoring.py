@@ -61,8 +61,9 @@ class FrozenModels(torch.nn.Module):
         return adapters_off(self.reference) if self.reference_adapters_off else contextlib.nullcontext()
 
     def models(self) -> list[torch.nn.Module]:
-        """The frozen models, each a unit that FSDP may shard: the reference (unless it is the student), then each teacher."""
-        teachers = list(self.teachers.teachers) if self.teachers is not None else []
+        """The frozen models, each a unit that FSDP may shard: the reference (unless it is the student), then each
+        teacher held in this process."""
+        teachers = [t for t in self.teachers.teachers if any(True for _ in t.parameters())] if self.teachers is not None else []  # served ones hold none
         own_reference = self.reference is not None and not self.reference_adapters_off
         return ([self.reference] if own_reference else []) + teachers
 

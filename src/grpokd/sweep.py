@@ -230,9 +230,9 @@ def check(spec: DictConfig, rows: list[Row], compose: Callable[[list[str]], Dict
 
 def plan(spec: DictConfig, out: Path, compose: Callable[[list[str]], DictConfig]) -> tuple[list[Row], list[Job]]:
     """The sweep's rows and jobs, every job's config checked first (ConfigError: nothing may run)."""
-    from grpokd.models.loading import teacher_entry
+    from grpokd.teachers.sources import entry, source_name
 
-    rows = plan_rows(spec, [teacher_entry(t)[0] for t in compose([f"model={spec.model}"]).model.teachers or []])
+    rows = plan_rows(spec, [entry(t).get("name") or source_name(t) for t in compose([f"model={spec.model}"]).model.teachers or []])
     metric_overrides(spec)
     baseline = spec.get("baseline")
     if baseline is not None and not any(baseline in (r.label, r.key) for r in rows):

@@ -32,7 +32,7 @@ from grpokd.data.datamodule import TaskData
 from grpokd.data.mix import Component, mix, tagged
 from grpokd.data.rewards import ComponentRewards, WeightedRewards
 from grpokd.data.sources import Splits
-from grpokd.errors import ConfigError, check_range
+from grpokd.errors import ConfigError, Unavailable, check_range
 from grpokd.evaluation import binomial_interval
 from grpokd.loggers import continue_csv, csv_logger, logged_config
 from grpokd.models import coverage, engines, loading
@@ -40,7 +40,7 @@ from grpokd.models.student import LoRA, add_lora, enable_checkpointing, lora_con
 from grpokd.module import GRPOKDModule, Optim
 from grpokd.objectives import coefficients
 from grpokd.rollout import Sampling
-from grpokd.teachers import TeacherEnsemble
+from grpokd.teachers import TeacherEnsemble, sources
 
 MODES = ("train", "eval")
 
@@ -167,9 +167,15 @@ def check_all(cfg: DictConfig) -> Prepared:
     if cfg.mode == "train" and objective.needs.teachers:
         if not cfg.model.teachers:
             raise ConfigError(f"model.teachers is empty; objective {cfg.objective.name} needs at least one teacher (e.g. model.teachers=[tiny-t5-teacher-s])")
-        for i, teacher in enumerate(cfg.model.teachers):
-            loading.check_name(loading.teacher_entry(teacher)[0], f"model.teachers[{i}]")
         weighting = instantiate_group(cfg.weighting, "weighting")
+        for i, teacher in enumerate(cfg.model.teachers):
+            role = f"model.teachers[{i}]"
+            if sources.is_served(teacher):  # what its top-k signal can give this run
+                served = sources.build(teacher, role, None)  # nothing is asked of its server yet
+                sources.check_sparse(role, served.top_k, objective.needs, cfg.model.get("teacher_top_k"), objective.needs.kd_tau,
+                                             sampling.temperature, weighting.uses_logits)
+            else:
+                loading.check_name(sources.entry(teacher)["name"], role)
         getattr(weighting, "check", lambda m: None)(len(cfg.model.teachers))
     components = dataset_components(cfg)
     splits = mix(components, cfg.seed)
@@ -235,7 +241,7 @@ def dataset_components(cfg: DictConfig) -> list[Component]:
 
 def teacher_names(cfg: DictConfig) -> list[str]:
     """The names the teachers go by (in metrics and in routes): each model.teachers entry's last path part."""
-    return [Path(loading.teacher_entry(item)[0]).name for item in cfg.model.teachers]
+    return [sources.source_name(item) for item in cfg.model.teachers]
 
 
 def warn_unread_coefficients(cfg: DictConfig, typed: dict[str, str]) -> str | None:
@@ -355,9 +361,10 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
     top_k = cfg.model.get("teacher_top_k")
     if use_teachers and top_k is not None and top_k > len(tokenizer):
         raise ConfigError(f"model.teacher_top_k={top_k} is larger than the vocabulary of model.student ({len(tokenizer)}); use at most {len(tokenizer)}")
-    for i, item in enumerate(cfg.model.teachers if use_teachers else ()):
-        loading.check_same_family(cfg.model.student, loading.teacher_entry(item)[0], f"model.teachers[{i}]")
-    check_tokenizers(cfg, tokenizer, ref_name, use_teachers)  # before any weights load: a mismatch ends in seconds
+    for i, spec in (in_process_teachers(cfg) if use_teachers else {}).items():
+        loading.check_same_family(cfg.model.student, spec["name"], f"model.teachers[{i}]")
+    probe = [ex.prompt for ex in prep.data.train_set[:2]] + [tokenizer.eos_token or ""]  # what a served teacher must tokenize as the student does
+    check_tokenizers(cfg, tokenizer, ref_name, use_teachers, probe)  # before any weights load: a mismatch ends in seconds
     check_positions(cfg, sampling)
     student = loading.load_model(cfg.model.student, "model.student", cfg.model.dtype)
     reference_adapters_off = prep.lora is not None and ref_name == cfg.model.student
@@ -403,11 +410,20 @@ def render_prompts(prep: Prepared, tokenizer, student: str) -> Sampling:
     return sampling
 
 
-def check_tokenizers(cfg: DictConfig, tokenizer, ref_name: str | None, use_teachers: bool) -> None:
-    """The reference and every teacher share the student's tokenizer (the student itself does by definition)."""
+def in_process_teachers(cfg: DictConfig) -> dict[int, dict]:
+    """The model.teachers entries loaded in this process (not served), by their index, as dicts."""
+    return {i: sources.entry(item) for i, item in enumerate(cfg.model.teachers) if not sources.is_served(item)}
+
+
+def check_tokenizers(cfg: DictConfig, tokenizer, ref_name: str | None, use_teachers: bool, texts: list[str] = ()) -> None:
+    """The reference and every teacher share the student's tokenizer (the student itself does by definition); a
+    served teacher's server answers and tokenizes `texts` (some of the run's prompts) as the student does."""
     others = [("model.reference", ref_name)] if ref_name else []
     if use_teachers:
-        others += [(f"model.teachers[{i}]", loading.teacher_entry(item)[0]) for i, item in enumerate(cfg.model.teachers)]
+        others += [(f"model.teachers[{i}]", spec["name"]) for i, spec in in_process_teachers(cfg).items()]
+        for i, item in enumerate(cfg.model.teachers):
+            if sources.is_served(item):
+                sources.build(item, f"model.teachers[{i}]", None).check(tokenizer, texts, f"model.teachers[{i}]")
     for role, name in others:
         if name != cfg.model.student:
             shown = role if role == "model.reference" else f"{role}={name}"
@@ -425,14 +441,11 @@ def check_positions(cfg: DictConfig, sampling: Sampling) -> None:
 
 
 def load_teachers(cfg: DictConfig) -> TeacherEnsemble:
-    """Every teacher of model.teachers (`check_tokenizers` has compared their tokenizers with the student's)."""
-    models = []
-    for i, item in enumerate(cfg.model.teachers):
-        name, dtype = loading.teacher_entry(item)
-        models.append(loading.load_model(name, f"model.teachers[{i}]", dtype or cfg.model.dtype))
-    names = teacher_names(cfg)
+    """Every teacher of model.teachers, in process or served (`check_tokenizers` has compared their tokenizers with the student's)."""
+    load = lambda name, role, dtype: loading.load_model(name, role, dtype or cfg.model.dtype)  # noqa: E731
+    teachers = [sources.build(item, f"model.teachers[{i}]", load) for i, item in enumerate(cfg.model.teachers)]
     weighting = instantiate_group(cfg.weighting, "weighting")
-    return TeacherEnsemble(models, names, weighting, cfg.model.get("teacher_chunk_prompts"), cfg.model.get("teacher_top_k"))
+    return TeacherEnsemble(teachers, weighting, cfg.model.get("teacher_chunk_prompts"), cfg.model.get("teacher_top_k"))
 
 
 def disable_dropout(model: torch.nn.Module | None) -> None:
@@ -525,6 +538,9 @@ def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuSh
     }
     try:
         results |= run_stages(cfg, prep, module, trainer, stop, run_dir)
+    except Unavailable:  # a served teacher lost mid-run: GracefulStop saved the last whole step
+        if stop.lost is None:
+            raise
     except SystemExit as exit_:
         # Lightning ends an evaluation on SIGTERM with SIGTERMException and a Ctrl-C outside the training
         # loop (or a second one inside it) with sys.exit(1); GracefulStop covers the training loop itself.
@@ -539,14 +555,18 @@ def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuSh
         "wall_time_s": round(clock.elapsed(), 1),
         "test_size": len(prep.data.test_set),
         "run_dir": str(run_dir),
-        "status": "complete" if stop.signum is None else "interrupted",
+        "status": "complete" if stop.signum is None and stop.lost is None else "interrupted",
     }
     if stop.signum is not None:
-        results |= {"signal": signal.Signals(stop.signum).name, "checkpoint": str(stop.checkpoint) if stop.checkpoint else None}
+        results["signal"] = signal.Signals(stop.signum).name
+    if stop.lost is not None:
+        results["error"] = stop.lost
+    if results["status"] == "interrupted":
+        results["checkpoint"] = str(stop.checkpoint) if stop.checkpoint else None
     if trainer.is_global_zero:
         write_json(run_dir / "results.json", results)
-    if stop.signum is not None:
-        raise runtime.Interrupted(stop.signum, trainer.global_step, stop.checkpoint)
+    if results["status"] == "interrupted":
+        raise runtime.Interrupted(stop.signum, trainer.global_step, stop.checkpoint, stop.lost)
     return results
 
 

@@ -216,13 +216,6 @@ def _gguf_problem(path: Path, role: str, err: Exception) -> str:
     ).splitlines()[0]
 
 
-def teacher_entry(item: Any) -> tuple[str, str | None]:
-    """A `model.teachers` entry is a name, or {name: ..., dtype: ...} for per-teacher options: (name, dtype or None)."""
-    if isinstance(item, str):
-        return item, None
-    return item["name"], item.get("dtype")
-
-
 def resolve(name: str, role: str = "model") -> Source:
     """Where to load `name` from (an embedded name without a build for its recipe: a ConfigError naming the build command)."""
     check_name(name, role)

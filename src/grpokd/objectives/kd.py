@@ -47,7 +47,7 @@ def forward_kd(kd: KDStates) -> Tensor:
         [N, T].
     """
     if kd.top_k is not None:
-        return kd.tau**2 * per_position(kd.logits, partial(_sparse_divergences, tau=kd.tau, reverse=False), *kd.top_k)  # [N, T]
+        return kd.tau**2 * per_position(kd.logits, partial(sparse_divergences, tau=kd.tau, reverse=False), *kd.top_k)  # [N, T]
     if kd.pbar is None or kd.neg_entropy is None:
         raise ValueError("forward_kd needs kd.pbar and kd.neg_entropy (a forward TeacherMixer)")
     cross = per_position(kd.logits, partial(_cross_entropy_sum, tau=kd.tau), kd.pbar.detach())  # [N, T]
@@ -73,7 +73,7 @@ def reverse_kd(kd: KDStates) -> Tensor:
         [N, T].
     """
     if kd.top_k is not None:
-        return kd.tau**2 * per_position(kd.logits, partial(_sparse_divergences, tau=kd.tau, reverse=True), *kd.top_k)  # [N, T]
+        return kd.tau**2 * per_position(kd.logits, partial(sparse_divergences, tau=kd.tau, reverse=True), *kd.top_k)  # [N, T]
     if kd.lbar is None:
         raise ValueError("reverse_kd needs kd.lbar (a reverse TeacherMixer)")
     return kd.tau**2 * per_position(kd.logits, partial(_reverse_divergence, tau=kd.tau), kd.lbar.detach())  # [N, T]
@@ -85,7 +85,7 @@ def _reverse_divergence(logits: Tensor, lbar: Tensor, tau: float) -> Tensor:
     return (log_q.exp() * (log_q - lbar)).sum(-1)
 
 
-def _sparse_divergences(
+def sparse_divergences(
     logits: Tensor, index: Tensor, logp: Tensor, tail: Tensor, weight: Tensor, tau: float, reverse: bool
 ) -> Tensor:
     """sum_i w_i KL(p_i || q) (or KL(q || p_i) with `reverse`) on each teacher's k + 1 outcomes: its top-k tokens

@@ -17,7 +17,6 @@ is `kv_cache_gb` GiB (VLLM_CPU_KVCACHE_SPACE), and the weights travel in process
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -112,13 +111,10 @@ class VLLMEngine:
 
 
 def save_for_vllm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
-    """The model and tokenizer in Hugging Face format at `path`, as vLLM loads them: a model dequantised from a
-    GGUF file keeps a `quantization_config` that vLLM would try to honour, so it is dropped."""
+    """The model and tokenizer in Hugging Face format at `path`, as vLLM loads them (a student loaded from a GGUF
+    file is saved dequantised, as `python -m grpokd.models.convert` saves it)."""
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    config = json.loads((path / "config.json").read_text())
-    if config.pop("quantization_config", None) is not None:
-        (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def pack(completions: list[Any], pad_id: int, end_ids: list[int], device: torch.device) -> Generated:

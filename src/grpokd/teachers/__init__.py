@@ -41,14 +41,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from grpokd.errors import ConfigError, check_range
-from grpokd.models.lm import Tokens, completion_logits, token_logp
+from grpokd.models.lm import Tokens
 from grpokd.objectives.base import KDStates, Needs, TopK
-from grpokd.objectives.functional import entropy, masked_mean
-from grpokd.objectives.logits import Logits, per_position
+from grpokd.objectives.functional import masked_mean
+from grpokd.objectives.logits import Logits
 from grpokd.rollout import Rollout
+from grpokd.teachers.sources import Dense, Signal, TeacherSource
 
 
 class Mixture(NamedTuple):
@@ -104,13 +104,11 @@ class TeacherMixer:
         self._norm: Tensor | None = None  # [N, T] running sum of exp(log_weight - max) (unnormalised mode)
 
     @torch.no_grad()
-    def add(
-        self, teacher_logits: Tensor, weight: Tensor | float | None = None, log_weight: Tensor | None = None
-    ) -> None:
+    def add(self, teacher: Signal | Tensor, weight: Tensor | float | None = None, log_weight: Tensor | None = None) -> None:
         """Add one teacher with weight `weight` (normalised) or `log_weight` (unnormalised); give exactly one.
 
         Args:
-            teacher_logits: [N, T, V] the teacher's untempered logits.
+            teacher: its signal, whose full [N, T, V] logits are read (`Signal.mixable`), or those logits.
             weight: [N, T] or broadcastable (a float, [N, 1], ...), sum 1 over the teachers.
             log_weight: [N, T] or broadcastable, log of an unnormalised weight.
         """
@@ -121,7 +119,7 @@ class TeacherMixer:
             self._unnormalised = unnormalised
         elif self._unnormalised != unnormalised:
             raise ValueError("a TeacherMixer takes either weight or log_weight for every teacher, not both")
-        log_p = F.log_softmax(teacher_logits.detach().float() / self.tau, dim=-1)  # [N, T, V]
+        log_p = F.log_softmax(as_signal(teacher).mixable().detach().float() / self.tau, dim=-1)  # [N, T, V]
         position_shape = log_p.shape[:-1]  # (N, T)
         given = log_weight if unnormalised else weight
         given = torch.as_tensor(given).detach().float().to(log_p.device).expand(position_shape)  # [N, T]
@@ -177,6 +175,11 @@ class TeacherMixer:
         return KDStates(logits, mask, self.tau, *self.result())
 
 
+def as_signal(teacher: Signal | Tensor) -> Signal:
+    """A teacher's signal, or its [N, T, V] logits taken as one (`Dense`)."""
+    return Dense(teacher) if isinstance(teacher, Tensor) else teacher
+
+
 def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
     """total + term, in place into total; the first term becomes the total (terms are freshly computed tensors)."""
     if total is None:
@@ -208,23 +211,15 @@ class TopKMixer:
         self._weight: list[Tensor] = []  # [N, T] weight or log-weight
 
     @torch.no_grad()
-    def add(
-        self, teacher_logits: Tensor, weight: Tensor | float | None = None, log_weight: Tensor | None = None
-    ) -> None:
-        """Add one teacher ([N, T, V] untempered logits) with `weight` (normalised) or `log_weight`; give exactly one."""
+    def add(self, teacher: Signal | Tensor, weight: Tensor | float | None = None, log_weight: Tensor | None = None) -> None:
+        """Add one teacher (its signal, or [N, T, V] untempered logits) with `weight` (normalised) or `log_weight`; give exactly one."""
         if (weight is None) == (log_weight is None):
             raise ValueError("give exactly one of weight (normalised) and log_weight (unnormalised)")
         unnormalised = log_weight is not None
         if self._unnormalised not in (None, unnormalised):
             raise ValueError("a TopKMixer takes either weight or log_weight for every teacher, not both")
         self._unnormalised = unnormalised
-        vocab = teacher_logits.shape[-1]
-        if self.k > vocab:
-            raise ConfigError(f"model.teacher_top_k={self.k} is larger than the vocabulary ({vocab}); use at most {vocab}")
-        log_p = F.log_softmax(teacher_logits.detach().float() / self.tau, dim=-1)  # [N, T, V]
-        values, index = log_p.topk(self.k, dim=-1)  # [N, T, k]
-        # the tail's log-mass over the tokens left out, exactly (not log(1 - sum), which rounds to -inf near 1)
-        tail = log_p.scatter_(-1, index, -math.inf).logsumexp(-1) if self.k < vocab else torch.full_like(values[..., 0], -math.inf)
+        index, values, tail = as_signal(teacher).top_k(self.k, self.tau)  # [N, T, k] twice, [N, T]
         self._index.append(index)
         self._logp.append(values)
         self._tail.append(tail)
@@ -287,10 +282,10 @@ class _TemperatureWeighting:
 class Confidence(_TemperatureWeighting):
     """w_i proportional to exp(-H(p_i) / temperature) at each position: confident teachers weigh more."""
 
-    uses_logits = True  # known only once the teacher has run: mixed with online-softmax log-weights
+    uses_logits = True  # known only once the teacher has run (from its signal): mixed with online-softmax log-weights
 
-    def log_weight(self, index: int, logits: Tensor, gold_score: Tensor | None = None, route: Tensor | None = None) -> Tensor:
-        return -entropy(logits) / self.temperature  # [N, T]
+    def log_weight(self, index: int, logits: Signal | Tensor, gold_score: Tensor | None = None, route: Tensor | None = None) -> Tensor:
+        return as_signal(logits).confidence() / self.temperature  # [N, T]
 
 
 class Competence(_TemperatureWeighting):
@@ -372,21 +367,21 @@ class _Chunk(NamedTuple):
 class TeacherEnsemble(torch.nn.Module):
     """M frozen teachers sharing the student's tokenizer, with a weighting scheme.
 
-    A module (the teachers in a ModuleList), so that the LightningModule holds the teachers as submodules:
-    Lightning moves them with the student and FSDP can shard each one (see `grpokd.scoring.FrozenModels`).
+    Each teacher is a source (`teachers.sources`): a model in this process or a served one; the ensemble
+    reads their signals through one interface. A module (the sources in a ModuleList), so that the LightningModule
+    holds the in-process teachers as submodules: Lightning moves them with the student and FSDP can shard each one
+    (see `grpokd.scoring.FrozenModels`).
     """
 
-    def __init__(
-        self, teachers: list[PreTrainedModel], names: list[str], weighting, chunk_prompts: int | None = None, top_k: int | None = None,
-    ) -> None:
+    def __init__(self, sources: list[TeacherSource], weighting, chunk_prompts: int | None = None, top_k: int | None = None) -> None:
         super().__init__()
-        if not teachers:
+        if not sources:
             raise ConfigError("model.teachers is empty; this objective needs at least one teacher")
         if top_k is not None:
             check_range("model.teacher_top_k", top_k, low=1, integer=True)
-        getattr(weighting, "check", lambda m: None)(len(teachers))
-        self.teachers = torch.nn.ModuleList(t.eval().requires_grad_(False) for t in teachers)
-        self.names = names
+        getattr(weighting, "check", lambda m: None)(len(sources))
+        self.teachers = torch.nn.ModuleList(sources)
+        self.names = [source.name for source in sources]
         self.weighting = weighting
         self.chunk_prompts = chunk_prompts
         self.top_k = top_k  # keep each teacher's top-k log-probs and a tail bucket for the KD terms (`TopK`); None: full
@@ -401,7 +396,7 @@ class TeacherEnsemble(torch.nn.Module):
     def gold_scores(self, prompts: Tokens, gold: Tokens, vocab_size: int) -> Tensor:
         """Each teacher's mean token log-likelihood of each prompt's gold solution: [M, B]."""
         mask = gold.mask.float()  # [B, T']
-        return torch.stack([masked_mean(token_logp(completion_logits(t, prompts, gold, vocab_size), gold.ids), mask, dim=-1) for t in self.teachers])
+        return torch.stack([masked_mean(t.signal(prompts, gold, vocab_size).token_logp(gold.ids, 1.0), mask, dim=-1) for t in self.teachers])
 
     @torch.no_grad()
     def score(
@@ -451,19 +446,19 @@ class TeacherEnsemble(torch.nn.Module):
             positions = completions.mask.new_empty(*completions.mask.shape, 0)  # [n, T, 0]: carries the shape only
             fixed = torch.stack([self.weighting.log_weight(i, positions, gold_score, route) for i in range(len(self.teachers))]).softmax(0)
         for i, teacher in enumerate(self.teachers):
-            logits = completion_logits(teacher, prompts, completions, vocab_size)  # [n, T, V]
+            signal = teacher.signal(prompts, completions, vocab_size)  # [n, T, ...]
             if fixed is None:
-                log_weights.append(self.weighting.log_weight(i, logits.float(), gold_score, route))  # [n, T]
+                log_weights.append(self.weighting.log_weight(i, signal, gold_score, route))  # [n, T]
             if mixer is not None and fixed is None:
-                mixer.add(logits, log_weight=log_weights[-1])
+                mixer.add(signal, log_weight=log_weights[-1])
             elif mixer is not None:
-                mixer.add(logits, weight=fixed[i])
+                mixer.add(signal, weight=fixed[i])
             if logp:
-                logps.append(token_logp(logits / logp_temperature, completions.ids))  # [n, T]
-            forward_kl, reverse_kl = per_position(student_logits, kl_both_ways, logits)  # [n, T] each
+                logps.append(signal.token_logp(completions.ids, logp_temperature))  # [n, T]
+            forward_kl, reverse_kl = signal.kl_both_ways(student_logits)  # [n, T] each
             kl_fwd.append(masked_mean(forward_kl, mask))
             kl_rev.append(masked_mean(reverse_kl, mask))
-            del logits  # one teacher's [n, T, V] at a time
+            del signal  # one teacher's [n, T, V] at a time
         return _Chunk(
             weights=fixed if fixed is not None else torch.stack(log_weights).softmax(0),  # [M, n, T]
             logp=torch.stack(logps) if logp else None,  # [M, n, T]
@@ -472,14 +467,6 @@ class TeacherEnsemble(torch.nn.Module):
             kl_fwd=torch.stack(kl_fwd),  # [M]
             kl_rev=torch.stack(kl_rev),  # [M]
         )
-
-
-def kl_both_ways(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
-    """KL(T || theta) and KL(theta || T) at each position, from the two models' logits: [.., V] -> [..], [..]."""
-    log_q = student_logits.float().log_softmax(-1)
-    log_p = teacher_logits.float().log_softmax(-1)
-    diff = log_p - log_q
-    return torch.linalg.vecdot(log_p.exp(), diff), -torch.linalg.vecdot(log_q.exp(), diff)
 
 
 def _concat(chunks: list[_Chunk], mask: Tensor) -> TeacherScores:

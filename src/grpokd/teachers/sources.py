@@ -1,0 +1,198 @@
+"""Teacher sources: where a teacher's view of (prompt, completion) pairs comes from, behind one interface.
+
+A source scores completions [N, T] of prompts [B, P] and returns a teacher signal, one of two kinds with the
+same four readings (`Signal`): `Dense`, the full next-token logits [N, T, V] of a model held in this process
+(`InProcess`); `Sparse`, each position's top-k log-probs and the scored token's log-prob, all a served model
+returns (`grpokd.teachers.served.Served`: vLLM's OpenAI server). The ensemble (`grpokd.teachers`) reads a signal
+only through those readings, so it never asks which kind of teacher it holds; a source of another kind (an
+SGLang server, say) is one more class with a `signal` method and one more case in `build`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from grpokd.errors import ConfigError
+from grpokd.models.lm import Tokens, completion_logits, token_logp
+from grpokd.objectives.functional import entropy
+from grpokd.objectives.kd import sparse_divergences
+from grpokd.objectives.logits import Logits, per_position
+
+
+class Signal(Protocol):
+    """What the ensemble reads of one teacher's signal at N x T positions."""
+
+    def confidence(self) -> Tensor:
+        """[N, T] the teacher's negative entropy at each position (`weighting=confidence`)."""
+
+    def top_k(self, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Its k most likely tokens at temperature tau: (index [N, T, k], log-probs [N, T, k], log tail mass [N, T])."""
+
+    def token_logp(self, ids: Tensor, temperature: float) -> Tensor:
+        """[N, T] log-probs of the scored tokens `ids` at `temperature`."""
+
+    def kl_both_ways(self, student_logits: Logits) -> tuple[Tensor, Tensor]:
+        """KL(teacher || student) and KL(student || teacher) at each position, [N, T] each (logging)."""
+
+    def mixable(self) -> Tensor:
+        """[N, T, V] logits for the full-vocabulary mixtures (`teachers.TeacherMixer`)."""
+
+
+class Dense(NamedTuple):
+    """A teacher's full next-token logits [N, T, V]: every reading is exact."""
+
+    logits: Tensor
+
+    def confidence(self) -> Tensor:
+        return -entropy(self.logits.float())
+
+    def top_k(self, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+        vocab = self.logits.shape[-1]
+        if k > vocab:
+            raise ConfigError(f"model.teacher_top_k={k} is larger than the vocabulary ({vocab}); use at most {vocab}")
+        log_p = torch.log_softmax(self.logits.detach().float() / tau, dim=-1)  # [N, T, V]
+        values, index = log_p.topk(k, dim=-1)  # [N, T, k]
+        # the tail's log-mass over the tokens left out, exactly (not log(1 - sum), which rounds to -inf near 1)
+        tail = log_p.scatter_(-1, index, -math.inf).logsumexp(-1) if k < vocab else torch.full_like(values[..., 0], -math.inf)
+        return index, values, tail
+
+    def token_logp(self, ids: Tensor, temperature: float) -> Tensor:
+        return token_logp(self.logits / temperature, ids)
+
+    def kl_both_ways(self, student_logits: Logits) -> tuple[Tensor, Tensor]:
+        return per_position(student_logits, kl_both_ways, self.logits)
+
+    def mixable(self) -> Tensor:
+        return self.logits
+
+
+class Sparse(NamedTuple):
+    """A served teacher's top-k log-probs at temperature 1 (sorted, most likely first) and the scored token's.
+
+    Readings at temperature 1 only (a top-k list cannot be re-tempered: the tail's tempered mass is unknown), at
+    most k tokens, and no full-vocabulary mixture or entropy; `check_sparse` refuses other settings at start-up.
+    """
+
+    index: Tensor  # [N, T, k] long
+    logp: Tensor  # [N, T, k] float32
+    scored: Tensor  # [N, T] float32, the log-prob of the completion token at each position
+
+    def confidence(self) -> Tensor:
+        raise ConfigError("weighting=confidence needs each teacher's full distribution; a served teacher gives its top-k log-probs only")
+
+    def top_k(self, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+        if tau != 1 or k > self.index.shape[-1]:
+            raise ConfigError(f"a served teacher gives {self.index.shape[-1]} log-probs per position at temperature 1; asked for {k} at {tau}")
+        values = self.logp[..., :k]  # [N, T, k]
+        return self.index[..., :k], values, tail_mass(values)
+
+    def token_logp(self, ids: Tensor, temperature: float) -> Tensor:
+        if temperature != 1:
+            raise ConfigError(f"a served teacher gives log-probs at temperature 1, not {temperature}")
+        return self.scored
+
+    def kl_both_ways(self, student_logits: Logits) -> tuple[Tensor, Tensor]:
+        """On the teacher's k + 1 outcomes, its top k and the tail (`objectives.kd.sparse_divergences`)."""
+        index, logp, tail = self.index[..., None, :], self.logp[..., None, :], tail_mass(self.logp)[..., None]  # one teacher
+        weight = torch.ones_like(tail)
+        forward = per_position(student_logits, lambda z, *sig: sparse_divergences(z, *sig, tau=1.0, reverse=False), index, logp, tail, weight)
+        reverse = per_position(student_logits, lambda z, *sig: sparse_divergences(z, *sig, tau=1.0, reverse=True), index, logp, tail, weight)
+        return forward, reverse
+
+    def mixable(self) -> Tensor:
+        raise ConfigError("a served teacher gives its top-k log-probs only: set model.teacher_top_k (at most the server's top_k)")
+
+
+def tail_mass(logp: Tensor) -> Tensor:
+    """log(1 - sum exp(logp)) over the last dim: the log-mass outside the listed tokens (-inf when they hold it all)."""
+    return torch.log((1 - logp.float().exp().sum(-1)).clamp(min=0))
+
+
+def kl_both_ways(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(T || theta) and KL(theta || T) at each position, from the two models' logits: [.., V] -> [..], [..]."""
+    log_q = student_logits.float().log_softmax(-1)
+    log_p = teacher_logits.float().log_softmax(-1)
+    diff = log_p - log_q
+    return torch.linalg.vecdot(log_p.exp(), diff), -torch.linalg.vecdot(log_q.exp(), diff)
+
+
+class TeacherSource(Protocol):
+    """One teacher: scores completions of prompts."""
+
+    name: str
+
+    def signal(self, prompts: Tokens, completions: Tokens, vocab_size: int) -> Signal:
+        """The teacher's signal at every completion position of `completions` [N, T] (prompts [B, P], N = B*K)."""
+
+
+class InProcess(torch.nn.Module):
+    """A Hugging Face model held in this process (a submodule: Lightning places it, FSDP may shard it)."""
+
+    def __init__(self, model: PreTrainedModel, name: str) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+
+    def signal(self, prompts: Tokens, completions: Tokens, vocab_size: int) -> Dense:
+        return Dense(completion_logits(self.model, prompts, completions, vocab_size))
+
+
+def entry(item: Any) -> dict[str, Any]:
+    """A `model.teachers` entry as a dict: a model name or path (a string, or {name: ..., dtype: ...}), or a
+    served teacher {url: ..., model: ..., top_k: ...} (`grpokd.teachers.served.Served`'s arguments)."""
+    if isinstance(item, str):
+        return {"name": item}
+    return dict(item)
+
+
+def is_served(item: Any) -> bool:
+    """The entry names a server (`url`), not a model to load."""
+    return "url" in entry(item)
+
+
+def in_process(models: list[PreTrainedModel], names: list[str]) -> list[InProcess]:
+    """Models held in this process as teacher sources, named."""
+    return [InProcess(model, name) for model, name in zip(models, names, strict=True)]
+
+
+def source_name(item: Any) -> str:
+    """The name a teacher goes by in metrics and routes: a model's last path part; a served one's `name`, else its `model`, else its url."""
+    spec = entry(item)
+    if is_served(spec):
+        return spec.get("name") or spec.get("model") or spec["url"]
+    return Path(spec["name"]).name
+
+
+def build(item: Any, role: str, load: Any) -> TeacherSource:
+    """The source of one `model.teachers` entry: a served teacher, or `load(name, role, dtype)`'s model in process."""
+    from grpokd.teachers.served import Served  # it reads this module's Sparse
+
+    spec = entry(item)
+    if is_served(spec):
+        spec.setdefault("name", source_name(spec))
+        try:
+            return Served(**spec)
+        except TypeError as err:
+            raise ConfigError(f"{role}: {err}; a served teacher takes url, model, name, top_k, timeout_s, retries") from None
+    return InProcess(load(spec["name"], role, spec.get("dtype")), source_name(spec))
+
+
+def check_sparse(role: str, served_k: int, needs: Any, top_k: int | None, kd_tau: float, temperature: float, confidence: bool) -> None:
+    """A served teacher's top-k signal (`Sparse`) gives what the run reads of it: KD on model.teacher_top_k <= its
+    top_k at temperature 1, log-probs at temperature 1, no entropy-based weighting. ConfigError otherwise."""
+    if needs.mixture and top_k is None:
+        raise ConfigError(f"{role} is served (top-k log-probs only): set model.teacher_top_k (at most its top_k={served_k})")
+    if needs.mixture and top_k > served_k:
+        raise ConfigError(f"model.teacher_top_k={top_k}: {role} serves top_k={served_k} log-probs per position; use at most {served_k}")
+    if needs.mixture and kd_tau != 1:
+        raise ConfigError(f"tau={kd_tau}: {role} is served and gives log-probs at temperature 1 (a top-k list cannot be re-tempered); set tau=1")
+    if needs.teacher_logp and needs.teacher_logp_at_sampling_temperature and temperature != 1:
+        raise ConfigError(f"rollout.sampling.temperature={temperature}: {role} is served and gives log-probs at temperature 1; sample at temperature 1")
+    if confidence:
+        raise ConfigError(f"weighting=confidence needs each teacher's entropy; {role} is served (top-k only): use another weighting")
