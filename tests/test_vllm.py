@@ -129,6 +129,16 @@ def test_the_engines_log_probs_are_the_trainers_and_follow_a_sync(policy, engine
     assert gap <= 1e-4, gap
 
 
+def test_a_batch_whose_prefill_vllm_splits_samples(policy, engine):
+    """32 rows after 8 prompts of about 700 tokens: more prompt tokens than one of vLLM's steps takes, so it
+    splits the prefill (a per-request seed fails there on the CPU backend); every row gets its completion."""
+    tokenizer, model = policy
+    prompts = tokenize_prompts(tokenizer, [" ".join(f"{i} plus {i + n} is {2 * i + n}." for i in range(60)) + " Next:" for n in range(8)], 1024)
+    assert prompts.mask.sum() > 4096
+    sampled = engine.generate(model, tokenizer, prompts, Decoding(4, 8, True, 1.0, 1.0, 0))
+    assert sampled.tokens.ids.shape[0] == 32 and (sampled.tokens.mask.sum(-1) >= 1).all()
+
+
 def test_a_vllm_server_gives_the_in_process_top_k_and_the_same_kd(smollm2, server):
     tokenizer, model = loading.load_tokenizer(str(smollm2)), loading.load_model(str(smollm2), dtype="float32")
     prompts = tokenize_prompts(tokenizer, PROMPTS, 64)

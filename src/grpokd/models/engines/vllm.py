@@ -41,8 +41,10 @@ class VLLMEngine:
         dtype: the engine's weights: "auto" (the student's own dtype) or a torch dtype name.
         enforce_eager: no CUDA graphs / compilation (start-up in seconds; the CPU build wants it).
         max_model_len: prompt + completion positions the engine plans for (None: the model's).
-        seed: the engine's own seed; each request is also seeded from torch's generator, so a run's samples
-            follow its seed.
+        seed: the engine's random seed (`${seed}`): a run samples the same completions as another with its seed,
+            from start to end; a resumed run's engine starts its random stream anew. (Seeding each request from
+            torch's generator would follow the run's stream, but vLLM's CPU backend fails on a seeded request when
+            it splits a long batch's prefill: "CPU Generator does not use offset".)
     """
 
     def __init__(self, gpu_memory_utilization: float = 0.3, kv_cache_gb: float = 2, dtype: str = "auto", enforce_eager: bool = True,
@@ -84,9 +86,8 @@ class VLLMEngine:
         if self.llm is None:
             self.start(model, tokenizer)
         end_ids = end_token_ids(model, tokenizer)
-        params = SamplingParams(
+        params = SamplingParams(  # no per-request seed: vLLM's CPU backend fails on one when it splits a long batch's prefill
             n=decoding.group_size, max_tokens=decoding.max_new_tokens, logprobs=0, stop_token_ids=end_ids, ignore_eos=False, skip_special_tokens=False,
-            seed=int(torch.randint(2**31 - 1, ())),  # from the run's own generator: same seed, same samples
             **(dict(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k) if decoding.do_sample else dict(temperature=0.0)),
         )
         rows = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(prompts.ids.cpu(), prompts.mask.cpu())]
