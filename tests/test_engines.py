@@ -14,6 +14,7 @@ import torch
 from conftest import compose
 from conftest import objective as make_objective
 
+from grpokd.errors import ConfigError
 from grpokd.models import loading
 from grpokd.models.engines import ENGINES, Decoding
 from grpokd.models.engines.builtin import Builtin
@@ -112,3 +113,17 @@ def test_the_engine_takes_the_weights_every_sync_every_steps(every, syncs, tmp_p
                    "eval_test=false", "data.val_size=0", "eval_pass_k=0", "log.samples_every=0", "rollout.engine=recording",
                    f"rollout.sync_every={every}"], tmp_path / "run"))
     assert Recording.syncs == syncs
+
+
+def test_the_builtin_draws_and_a_bad_one():
+    """rollout.builtin.draw: inverse_cdf samples other tokens than multinomial under one seed (same distribution:
+    tests/test_scoring.py), multinomial is transformers' draw; any other name is refused with the choices."""
+    tokenizer, model = loading.load_tokenizer("tiny-llama-student"), loading.load_model("tiny-llama-student")
+    prompts = tokenize_prompts(tokenizer, ["12+7=", "3*4+1="], 32)
+    draws = {}
+    for draw in ("multinomial", "inverse_cdf"):
+        torch.manual_seed(0)
+        draws[draw] = Builtin(draw=draw).generate(model, tokenizer, prompts, Decoding(8, 10)).tokens.ids
+    assert not torch.equal(draws["multinomial"], draws["inverse_cdf"])
+    with pytest.raises(ConfigError, match="rollout.builtin.draw=gumbel: the draws are multinomial, inverse_cdf"):
+        Builtin(draw="gumbel")
