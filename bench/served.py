@@ -14,7 +14,6 @@ while the trainer waits for the server, the server computes.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import socket
 import statistics
@@ -24,6 +23,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from logged import median_logged
 
 REPO = Path(__file__).resolve().parents[1]
 MEASURED = "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
@@ -63,9 +64,7 @@ def run(args: argparse.Namespace, student: str, teacher: str, out: Path) -> tupl
     done = subprocess.run([sys.executable, "-c", MEASURED, *command], capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"run failed:\n{done.stderr[-3000:]}")
-    with open(out / "csv" / "metrics.csv") as f:
-        times = [float(r["train/step_time_s"]) for r in csv.DictReader(f) if r.get("train/step_time_s")]
-    return statistics.median(times[args.warmup :]), int(done.stdout.strip().splitlines()[-1]) / 1024
+    return median_logged(out, "train/step_time_s", args.warmup), int(done.stdout.strip().splitlines()[-1]) / 1024
 
 
 def peak_mb(pid: int) -> float:

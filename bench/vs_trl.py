@@ -25,6 +25,11 @@ step), grpokd's `train/step_time_s` (batch start to after the optimiser step).
 Start-up and evaluation are not in it. Each run is a fresh subprocess; the
 table gives the median over `repeats` runs of those medians, then each repeat's
 ratio (its two runs are back to back, so slow drifts of the machine cancel).
+For grpokd's rows it also gives the sampling part of the step
+(`train/sample_time_s`: weight sync, sampling, rewards) and the ratio TRL's
+step would have to that row's step without it: the most any rollout engine
+could gain on this machine at this shape, since the rest (scoring, backward,
+the update) is the same work in both trainers.
 
 `--model smollm2` is the `model=smollm2` GGUF file, converted once to a plain directory that both trainers load. `--engine` lists
 grpokd's rollout engines to time (`rollout.engine`: builtin, vllm; default builtin), each a row of the table;
@@ -55,14 +60,16 @@ Lightning's loop (cProfile's own overhead inflates every figure alike).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from logged import median_logged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,17 +107,23 @@ def grpokd_command(args: argparse.Namespace, out: Path, repo: Path = REPO, engin
 
 def grpokd_run(args: argparse.Namespace, out: Path, repo: Path = REPO, engine: str = "builtin") -> float:
     """Median `train/step_time_s` of one `run.py` run of the checkout `repo` (its own src/ first on the path)."""
+    return grpokd_times(args, out, repo, engine)[0]
+
+
+def grpokd_times(args: argparse.Namespace, out: Path, repo: Path = REPO, engine: str = "builtin") -> tuple[float, float]:
+    """Medians of `train/step_time_s` and of its sampling part, `train/sample_time_s`, in one `run.py` run of `repo`."""
     env = {**os.environ, "PYTHONPATH": str(repo / "src")}
     done = subprocess.run(grpokd_command(args, out, repo, engine), capture_output=True, text=True, cwd=repo, env=env)
     if done.returncode != 0:
         raise SystemExit(f"grpokd run failed:\n{done.stderr[-3000:]}")
-    with open(out / "csv" / "metrics.csv") as f:
-        times = [float(r["train/step_time_s"]) for r in csv.DictReader(f) if r.get("train/step_time_s")]
-    return statistics.median(times[args.warmup :])
+    sample = median_logged(out, "train/sample_time_s", args.warmup) if repo == REPO else float("nan")  # an older checkout may not log it
+    return median_logged(out, "train/step_time_s", args.warmup), sample
 
 
 PHASES = (  # (label, file suffix, function): cumulative time of each, per step
     ("sampling: generate", "grpokd/models/lm.py", "generate"),
+    ("sampling: vLLM engine", "grpokd/models/engines/vllm.py", "generate"),
+    ("weights into the engine (sync)", "grpokd/models/engines/vllm.py", "sync"),
     ("rewards, decoding (sample - generate)", "grpokd/rollout.py", "sample"),
     ("scoring: student forward (score - frozen)", "grpokd/scoring.py", "score"),
     ("scoring: frozen models (score_frozen)", "grpokd/scoring.py", "score_frozen"),
@@ -127,7 +140,8 @@ def grpokd_profile(args: argparse.Namespace) -> None:
     import pstats
 
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "cProfile", "-o", f"{out}/prof", *grpokd_command(args, Path(out) / "run")[1:]]
+        engine = args.engine.split(",")[0]
+        cmd = [sys.executable, "-m", "cProfile", "-o", f"{out}/prof", *grpokd_command(args, Path(out) / "run", engine=engine)[1:]]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if done.returncode != 0:
             raise SystemExit(f"grpokd run failed:\n{done.stderr[-3000:]}")
@@ -135,11 +149,11 @@ def grpokd_profile(args: argparse.Namespace) -> None:
     cumulative = {}
     for label, suffix, function in PHASES:
         cumulative[label] = sum(v[3] for (f, _, name), v in stats.items() if f.endswith(suffix) and name == function)
-    cumulative["rewards, decoding (sample - generate)"] -= cumulative["sampling: generate"]
+    cumulative["rewards, decoding (sample - generate)"] -= cumulative["sampling: generate"] + cumulative["sampling: vLLM engine"]
     cumulative["scoring: student forward (score - frozen)"] -= cumulative["scoring: frozen models (score_frozen)"]
     total = cumulative.pop("training loop total")
     objective = "opd" if args.distill else args.objective
-    print(f"grpokd objective={objective} under cProfile, {args.steps} steps: {1000 * total / args.steps:.1f} ms per step")
+    print(f"grpokd objective={objective}, rollout.engine={engine} under cProfile, {args.steps} steps: {1000 * total / args.steps:.1f} ms per step")
     print("| phase | ms per step | share |")
     print("|---|---|---|")
     for label, seconds in [*cumulative.items(), ("rest of the loop", total - sum(cumulative.values()))]:
@@ -270,28 +284,33 @@ def main() -> None:
         return json.loads(done.stdout.strip().splitlines()[-1])["step_time"]
 
     theirs_name, ours_name = ("DistillationTrainer (beta=1)", "objective=opd") if args.distill else ("GRPOTrainer", "objective=grpo")
-    rows: dict[str, callable] = {f"TRL {theirs_name}": trl}
+    nothing = float("nan")  # TRL logs no sampling time
+    rows: dict[str, callable] = {f"TRL {theirs_name}": lambda: (trl(), nothing)}
     if args.trl_vllm:
-        rows[f"TRL {theirs_name} use_vllm (colocate)"] = lambda: trl("--trl-vllm-one")
+        rows[f"TRL {theirs_name} use_vllm (colocate)"] = lambda: (trl("--trl-vllm-one"), nothing)
     for engine in args.engine.split(","):
-        def ours(engine: str = engine) -> float:
+        def ours(engine: str = engine) -> tuple[float, float]:
             with tempfile.TemporaryDirectory() as out:
-                return grpokd_run(args, Path(out) / "run", engine=engine)
+                return grpokd_times(args, Path(out) / "run", engine=engine)
         rows[f"grpokd {ours_name}, rollout.engine={engine}"] = ours
-    times: dict[str, list[float]] = {name: [] for name in rows}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}  # (step, sampling) s per repeat
     for repeat in range(args.repeats):  # each repeat's runs back to back: slow drifts of the machine cancel in its ratios
         for name, one in rows.items():
             times[name].append(one())
-        print(f"repeat {repeat}: " + ", ".join(f"{name} {t[-1]:.4f} s/step" for name, t in times.items()), flush=True)
-    baseline = f"TRL {theirs_name}"
+        print(f"repeat {repeat}: " + ", ".join(f"{name} {t[-1][0]:.4f} s/step" for name, t in times.items()), flush=True)
+    baseline = [step for step, _ in times[f"TRL {theirs_name}"]]
     print(f"\nTRL {trl_version()}, {args.model or 'tiny-llama-student'}, {args.prompts} prompts x {args.group} completions, <= {args.tokens} new "
           f"tokens, {args.steps} steps, median of {args.repeats} runs of the in-loop median step time (first {args.warmup} steps left out)"
           + (f", teacher {teacher_name(args)}" if args.distill else ""))
-    print("| trainer | s/step | throughput vs TRL (median of the paired ratios) | paired ratios |")
-    print("|---|---|---|---|")
+    print("| trainer | s/step | throughput vs TRL (median of the paired ratios) | paired ratios | sampling s/step | vs TRL with free sampling |")
+    print("|---|---|---|---|---|---|")
     for name, t in times.items():
-        paired = sorted(b / a for a, b in zip(t, times[baseline]))
-        print(f"| {name} | {statistics.median(t):.4f} | {statistics.median(paired):.2f}x | {', '.join(f'{r:.2f}' for r in paired)} |")
+        paired = sorted(b / step for (step, _), b in zip(t, baseline))
+        sampling = statistics.median(sample for _, sample in t)
+        # the ceiling a faster engine could reach: TRL's step against this row's step without its sampling
+        ceiling = statistics.median(b / (step - sample) for (step, sample), b in zip(t, baseline))
+        more = "| | |" if math.isnan(sampling) else f"| {sampling:.4f} | {ceiling:.2f}x |"
+        print(f"| {name} | {statistics.median(step for step, _ in t):.4f} | {statistics.median(paired):.2f}x | {', '.join(f'{r:.2f}' for r in paired)} {more}")
 
 
 def trl_version() -> str:

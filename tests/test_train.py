@@ -62,6 +62,8 @@ def test_several_updates_per_rollout_clip_and_resume_exactly_mid_rollout(quick_c
     clip = train_column(read_metrics(straight), "train/clip_region")
     assert len(clip) == 6 and clip[0] == 0 and clip[3] == 0  # steps 0 and 3 sample a new rollout
     assert max(clip[1], clip[2]) > 0 and max(clip[4], clip[5]) > 0
+    sampled = train_column(read_metrics(straight), "train/sample_time_s")
+    assert sampled[0] > 0 and sampled[3] > 0 and sampled[1] == sampled[2] == sampled[4] == sampled[5] == 0  # only those steps sample
     first = tmp_path / "first"
     train(quick_cfg(*mu, "trainer.max_steps=2", run_dir=first))
     resumed = tmp_path / "resumed"
@@ -99,8 +101,9 @@ def test_training_metrics_reach_the_loggers_every_n_steps_and_callbacks_that_mon
     logged = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
     assert logged == [1, 3]
     every = [r for r in rows if r.get("train/loss")]
-    keys = ("train/reward_mean", "train/completion_len_max", "train/entropy", "train/grad_norm", "train/step_time_s", "train/tokens_per_s")
+    keys = ("train/reward_mean", "train/completion_len_max", "train/entropy", "train/grad_norm", "train/step_time_s", "train/tokens_per_s", "train/sample_time_s")
     assert all(r.get(key) for r in every for key in keys)
+    assert all(0 < float(r["train/sample_time_s"]) < float(r["train/step_time_s"]) for r in every)  # sampling is part of the step
 
 
 def test_sft_on_the_causal_family_and_eval_mode(quick_cfg, tmp_path):

@@ -219,15 +219,19 @@ class GRPOKDModule(L.LightningModule):
     def training_step(self, examples: dict[str, list[str]], batch_idx: int) -> Tensor:
         needs = self.objective.needs
         phase = self.global_step % self.steps_per_rollout
+        sample_time = 0.0  # on a step that reuses its rollout
         if phase == 0 or self.buffer is None:
+            sampling = time.perf_counter()
             self.buffer = self.new_rollout(examples)
+            sample_time = time.perf_counter() - sampling
         part = phase % self.minibatches
         rollout, gold, old_logp = self.buffer.minibatch(part, self.minibatches)
         request = ScoreRequest(rollout, needs, self.global_step, self.temperature(needs), gold, old_logp, self.buffer.scores.get(part), self.importance_cap)
         batch, score_metrics, self.buffer.scores[part] = score(self.student, request, self.frozen, self.vocab_size, self.logit_chunk)
         out = self.objective(batch)
         self._step_tokens = float(rollout.completions.mask.sum() + rollout.prompts.mask.sum() * rollout.group_size)
-        metrics = {"loss": out.loss.detach(), **score_metrics, **out.metrics, **ro.rollout_metrics(rollout, self.components)}
+        metrics = {"loss": out.loss.detach(), **score_metrics, **out.metrics, **ro.rollout_metrics(rollout, self.components),
+                   "sample_time_s": torch.tensor(sample_time)}
         self._step_metrics, self._step_metrics_at = metrics, self.global_step  # logged once the update is done (`optimizer_step`)
         self.log("reward", metrics.get("reward_mean", out.loss.detach()), prog_bar=True, logger=False, batch_size=1, sync_dist=True)
         if self.samples_every and self.global_step % self.samples_every == 0:
