@@ -9,7 +9,9 @@ checkpoints, resuming and export on a real 49,152-token vocabulary.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -120,3 +122,22 @@ def test_j1_with_the_student_as_its_own_teacher_is_grpo_at_step_0(cfg, tmp_path)
     for name in grads_j1:
         torch.testing.assert_close(grads_j1[name], grads_grpo[name], rtol=1e-4, atol=1e-5, msg=name)  # float32 rounding: the KD and
         # KL gradients are 0 only in exact arithmetic (measured: 74 of 28M embedding entries differ, by at most 9e-6, gradients ~1)
+
+
+@pytest.mark.parametrize("objective", ["j1", "opd"])
+def test_an_embedded_teacher_of_another_tokenizer_teaches_the_real_student(objective, tmp_path):
+    """SmolLM2 (byte-level BPE, 49,152 tokens, chat layout) taught by the embedded word-level teacher (81 tokens, plain
+    layout) on arith, as a user types it: `python run.py objective=j1 model=smollm2 'model.teachers=[tiny-llama-teacher-m]'
+    dataset=arith model.teacher_top_k=8`. The teacher reads the question in its own layout and the completions in its
+    own tokens (`teachers.cross`); its signal is finite and not zero."""
+    run = tmp_path / objective
+    results = train(compose([
+        f"objective={objective}", "model=smollm2", "model.teachers=[tiny-llama-teacher-m]", "dataset=arith", "model.teacher_top_k=8",
+        "logger=none", "log.csv=true", "eval_pass_k=0", "eval_before=false", "data.val_size=1", "data.test_size=1", "data.prompts_per_step=1",
+        "group_size=2", "rollout.sampling.max_new_tokens=16", "trainer.max_steps=2",
+    ], run))
+    assert results["status"] == "complete"
+    rows = [r for r in csv.DictReader((run / "csv" / "metrics.csv").open()) if r.get("train/loss")]
+    key = "train/kd" if objective == "j1" else "train/teacher/kl_rev/tiny-llama-teacher-m"
+    values = [float(r[key]) for r in rows]
+    assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values), values

@@ -164,9 +164,10 @@ def test_validation_switched_off_by_the_trainer_still_completes(quick_cfg, tmp_p
     assert results["status"] == "complete" and "val/accuracy" not in results
 
 
-def test_a_teacher_with_another_tokenizer_is_refused_before_any_weights_load(quick_cfg, tmp_path, monkeypatch):
+def test_kd_from_a_teacher_with_another_tokenizer_without_top_k_is_refused_before_any_weights_load(quick_cfg, tmp_path, monkeypatch):
     """The tokenizers are compared first: a GGUF student with the embedded teachers took 78 s to say so when the
-    student's weights loaded before the check. Here any weight load before the check fails the test."""
+    student's weights loaded before the check. A teacher with its own tokenizer reaches the student as top-k lists
+    (`teachers.cross`), so KD on it needs model.teacher_top_k; any weight load before the check fails the test."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -185,5 +186,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_any_weights_load(qui
 
     monkeypatch.setattr(loading, "load_model", no_weights)
     cfg = quick_cfg("objective=j1", f"model.teachers=[tiny-llama-teacher-s,{teacher}]")
-    with pytest.raises(ConfigError, match=r"model\.teachers\[1\]=.* does not share the student's tokenizer"):
+    with pytest.raises(ConfigError, match=r"^model\.teachers\[1\] has a tokenizer other than the student's.*set model\.teacher_top_k"):
         train(cfg)
+    with pytest.raises(ConfigError, match=r"^model\.reference does not share the student's tokenizer"):
+        train(quick_cfg("objective=grpo", "beta=0.04", f"model.reference={teacher}"))

@@ -68,12 +68,18 @@ class Rollout:
     components: list[str] = field(default_factory=list)  # B: the dataset each prompt comes from (`dataset=mix`'s component)
     teachers: list[str | None] = field(default_factory=list)  # B: the teacher each prompt's data names (`weighting=route`), or None
     engine_logp: Tensor | None = None  # [N, T] the rollout engine's log-probs of its sampled tokens (None: the engine reports none)
+    questions: list[str] = field(default_factory=list)  # B prompts before the chat layout (for teachers with their own tokenizer)
 
 
 def origins(examples: dict[str, list]) -> tuple[list[str], list[str | None]]:
     """Each prompt's component and teacher field in a batch of examples (empty / None where the batch has none)."""
     count = len(examples["prompt"])
     return list(examples.get("component") or [""] * count), list(examples.get("teacher") or [None] * count)
+
+
+def questions(examples: dict[str, list]) -> list[str]:
+    """Each prompt before the chat layout (the prompt itself where the batch says nothing else)."""
+    return list(examples.get("question") or examples["prompt"])
 
 
 def sample(
@@ -103,7 +109,7 @@ def sample(
     truncated = ~ended(completions, end_token_ids(model, tokenizer))  # [N]
     return Rollout(
         prompts, completions, texts, answers, rewards, sampling.group_size, truncated, parts, list(examples["prompt"]), dict(weighted.weights),
-        components, teachers, engine_logp,
+        components, teachers, engine_logp, questions(examples),
     )
 
 
@@ -123,6 +129,7 @@ def select(rollout: Rollout, start: int, stop: int) -> Rollout:
         rollout.texts[rows], rollout.answers[rows], None if rollout.rewards is None else rollout.rewards[rows], k, rollout.truncated[rows],
         {name: v[rows] for name, v in rollout.reward_parts.items()}, rollout.prompt_texts[start:stop], dict(rollout.reward_weights),
         rollout.components[start:stop], rollout.teachers[start:stop], None if rollout.engine_logp is None else rollout.engine_logp[rows],
+        rollout.questions[start:stop],
     )
 
 
@@ -134,6 +141,7 @@ def to_state(rollout: Rollout) -> dict:
         "group_size": rollout.group_size, "truncated": rollout.truncated, "reward_parts": dict(rollout.reward_parts),
         "prompt_texts": list(rollout.prompt_texts), "reward_weights": dict(rollout.reward_weights),
         "components": list(rollout.components), "teachers": list(rollout.teachers), "engine_logp": rollout.engine_logp,
+        "questions": list(rollout.questions),
     }
 
 
@@ -144,7 +152,7 @@ def from_state(state: dict, device: torch.device | str = "cpu") -> Rollout:
         Tokens(*map(move, state["prompts"])), Tokens(*map(move, state["completions"])), state["texts"], state["answers"],
         move(state["rewards"]), state["group_size"], move(state["truncated"]),
         {name: move(v) for name, v in state["reward_parts"].items()}, state.get("prompt_texts", []), state.get("reward_weights", {}),
-        state.get("components", []), state.get("teachers", []), move(state.get("engine_logp")),
+        state.get("components", []), state.get("teachers", []), move(state.get("engine_logp")), state.get("questions", state.get("prompt_texts", [])),
     )
 
 
@@ -156,7 +164,7 @@ def gold(tokenizer: PreTrainedTokenizerBase, examples: dict[str, list[str]], sam
     components, teachers = origins(examples)
     return Rollout(
         prompts, completions, examples["solution"], examples["answer"], None, 1, truncated=none, prompt_texts=list(examples["prompt"]),
-        components=components, teachers=teachers,
+        components=components, teachers=teachers, questions=questions(examples),
     )
 
 

@@ -36,11 +36,13 @@ from grpokd.errors import ConfigError, Unavailable, check_range
 from grpokd.evaluation import binomial_interval
 from grpokd.loggers import continue_csv, csv_logger, logged_config
 from grpokd.models import coverage, engines, loading
+from grpokd.models.lm import end_token_ids
 from grpokd.models.student import LoRA, add_lora, enable_checkpointing, lora_config, save_student
 from grpokd.module import GRPOKDModule, Optim
 from grpokd.objectives import coefficients
 from grpokd.rollout import Sampling
-from grpokd.teachers import TeacherEnsemble, sources
+from grpokd.teachers import TeacherEnsemble, align, sources
+from grpokd.teachers.cross import CrossTokenizer
 
 MODES = ("train", "eval")
 
@@ -364,14 +366,16 @@ def build_module(cfg: DictConfig, prep: Prepared, run_dir: Path) -> GRPOKDModule
     for i, spec in (in_process_teachers(cfg) if use_teachers else {}).items():
         loading.check_same_family(cfg.model.student, spec["name"], f"model.teachers[{i}]")
     probe = [ex.prompt for ex in prep.data.train_set[:2]] + [tokenizer.eos_token or ""]  # what a served teacher must tokenize as the student does
-    check_tokenizers(cfg, tokenizer, ref_name, use_teachers, probe)  # before any weights load: a mismatch ends in seconds
+    solutions = [ex.solution for ex in prep.data.train_set[:8]]  # what a teacher with its own tokenizer must align with the student's
+    own = check_tokenizers(cfg, tokenizer, ref_name, use_teachers, probe, solutions)  # before any weights load: a mismatch ends in seconds
+    check_own_tokenizers(own, needs, top_k)
     check_positions(cfg, sampling)
     student = loading.load_model(cfg.model.student, "model.student", cfg.model.dtype)
     reference_adapters_off = prep.lora is not None and ref_name == cfg.model.student
     reference = None
     if ref_name is not None and not reference_adapters_off:
         reference = loading.load_model(ref_name, "model.reference", cfg.model.dtype).requires_grad_(False)
-    teachers = load_teachers(cfg) if use_teachers else None
+    teachers = load_teachers(cfg, own, tokenizer, end_token_ids(student, tokenizer), prep, sampling) if use_teachers else None
     loading.forget_dequantised()
     if cfg.model.disable_dropout:  # the pretrained models' dropout; LoRA's own is model.lora.dropout
         for model in (student, reference):
@@ -415,19 +419,36 @@ def in_process_teachers(cfg: DictConfig) -> dict[int, dict]:
     return {i: sources.entry(item) for i, item in enumerate(cfg.model.teachers) if not sources.is_served(item)}
 
 
-def check_tokenizers(cfg: DictConfig, tokenizer, ref_name: str | None, use_teachers: bool, texts: list[str] = ()) -> None:
-    """The reference and every teacher share the student's tokenizer (the student itself does by definition); a
-    served teacher's server answers and tokenizes `texts` (some of the run's prompts) as the student does."""
-    others = [("model.reference", ref_name)] if ref_name else []
-    if use_teachers:
-        others += [(f"model.teachers[{i}]", spec["name"]) for i, spec in in_process_teachers(cfg).items()]
-        for i, item in enumerate(cfg.model.teachers):
-            if sources.is_served(item):
-                sources.build(item, f"model.teachers[{i}]", None).check(tokenizer, texts, f"model.teachers[{i}]")
-    for role, name in others:
-        if name != cfg.model.student:
-            shown = role if role == "model.reference" else f"{role}={name}"
-            loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(name, role), cfg.model.student, shown)
+def check_tokenizers(cfg: DictConfig, tokenizer, ref_name: str | None, use_teachers: bool, texts: list[str] = (),
+                     solutions: list[str] = ()) -> dict[int, Any]:
+    """The reference shares the student's tokenizer (the student itself does by definition); a served teacher's
+    server answers and tokenizes `texts` (some of the run's prompts) as the student does; a teacher in process with
+    a tokenizer of its own can be aligned with the student's on `solutions` (some gold solutions). Returns those
+    teachers' tokenizers, by index (`teachers.cross` reads them)."""
+    if ref_name and ref_name != cfg.model.student:
+        loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(ref_name, "model.reference"), cfg.model.student, "model.reference")
+    own = {}
+    for i, item in enumerate(cfg.model.teachers if use_teachers else ()):
+        role = f"model.teachers[{i}]"
+        if sources.is_served(item):
+            sources.build(item, role, None).check(tokenizer, texts, role)
+        elif sources.entry(item)["name"] != cfg.model.student:
+            theirs = loading.load_tokenizer(sources.entry(item)["name"], role)
+            if theirs.get_vocab() != tokenizer.get_vocab():
+                align.check_pair(tokenizer, theirs, solutions, role)
+                own[i] = theirs
+    return own
+
+
+def check_own_tokenizers(own: dict[int, Any], needs, top_k: int | None) -> None:
+    """Teachers with their own tokenizer give next-token views as top-k lists mapped to the student's tokens
+    (`teachers.cross`): KD on them needs model.teacher_top_k."""
+    if own and needs.mixture and top_k is None:
+        i = next(iter(own))
+        raise ConfigError(
+            f"model.teachers[{i}] has a tokenizer other than the student's: its next-token distributions reach the student as top-k "
+            "lists of the tokens both vocabularies share; set model.teacher_top_k (e.g. 20)"
+        )
 
 
 def check_positions(cfg: DictConfig, sampling: Sampling) -> None:
@@ -440,12 +461,29 @@ def check_positions(cfg: DictConfig, sampling: Sampling) -> None:
         ))
 
 
-def load_teachers(cfg: DictConfig) -> TeacherEnsemble:
-    """Every teacher of model.teachers, in process or served (`check_tokenizers` has compared their tokenizers with the student's)."""
+def load_teachers(cfg: DictConfig, own: dict[int, Any], tokenizer, end_ids: list[int], prep: Prepared, sampling: Sampling) -> TeacherEnsemble:
+    """Every teacher of model.teachers, in process or served; those with a tokenizer of their own (`own`, from
+    `check_tokenizers`) read the completions in their tokens (`teachers.cross.CrossTokenizer`)."""
     load = lambda name, role, dtype: loading.load_model(name, role, dtype or cfg.model.dtype)  # noqa: E731
     teachers = [sources.build(item, f"model.teachers[{i}]", load) for i, item in enumerate(cfg.model.teachers)]
+    for i, theirs in own.items():
+        render, special_tokens = teacher_layout(prep.prompt_formats, theirs)
+        teachers[i] = CrossTokenizer(teachers[i], theirs, tokenizer, render, special_tokens, sampling.max_prompt_len, end_ids, f"model.teachers[{i}]")
+        shared, top_k = int((teachers[i].vocabulary >= 0).sum()), cfg.model.get("teacher_top_k")
+        if top_k is not None and top_k > shared:
+            raise ConfigError(f"model.teacher_top_k={top_k}: only {shared} tokens of model.teachers[{i}] have a student token of the same text; use at most {shared}")
     weighting = instantiate_group(cfg.weighting, "weighting")
     return TeacherEnsemble(teachers, weighting, cfg.model.get("teacher_chunk_prompts"), cfg.model.get("teacher_top_k"))
+
+
+def teacher_layout(formats: dict[str, prompts.PromptFormat], tokenizer) -> tuple[Any, bool]:
+    """How a teacher with its own tokenizer reads a question: in its own chat template where it has one (unless
+    dataset.chat=false), with the dataset's system message and instruction, else as the plain text with its own
+    special tokens. Returns (render(question, dataset), whether to add its special tokens)."""
+    first = next(iter(formats.values()))
+    if first.chat is not False and getattr(tokenizer, "chat_template", None):
+        return (lambda question, component: formats.get(component, first).render(tokenizer, question)), False
+    return (lambda question, component: question), True
 
 
 def disable_dropout(model: torch.nn.Module | None) -> None:

@@ -35,6 +35,7 @@ def collate(examples: list[Example]) -> dict[str, list]:
         "answer": [ex.answer for ex in examples],
         "component": [ex.component for ex in examples],
         "teacher": [ex.teacher for ex in examples],
+        "question": [ex.prompt if ex.question is None else ex.question for ex in examples],
     }
 
 
@@ -125,7 +126,7 @@ class TaskData(L.LightningDataModule):
         """Every prompt (train, val, test) replaced by `render(example)`: the chat layout (`data.prompts`), which
         needs the student's tokenizer and so comes after the splits are drawn."""
         self.train_set, self.val_set, self.test_set = (
-            [replace(ex, prompt=render(ex)) for ex in split] for split in (self.train_set, self.val_set, self.test_set)
+            [replace(ex, prompt=render(ex), question=ex.prompt) for ex in split] for split in (self.train_set, self.val_set, self.test_set)
         )
 
     @property

@@ -14,6 +14,8 @@ class Example:
     answer:   the normalised gold final answer ("42", "-3.5", "B")
     component: the dataset it comes from (a `dataset=mix` component's name; the dataset's name otherwise)
     teacher:  the teacher that `weighting=route` sends it to, when its data names one (a jsonl `teacher` field)
+    question: the prompt before the chat layout rendered it (`TaskData.render_prompts`; None: `prompt` is it), for
+              teachers with their own tokenizer, which render it in their own layout
     """
 
     prompt: str
@@ -21,3 +23,4 @@ class Example:
     answer: str
     component: str = ""
     teacher: str | None = None
+    question: str | None = None

@@ -14,7 +14,8 @@ tokenizer has a chat template, as instruct models' do):
   its special tokens, so it is tokenized without adding any.
 
 The rendered prompt is the one string the student samples from and the
-reference and every teacher score (they share the student's tokenizer).
+reference and every teacher of its tokenizer score; a teacher with its own
+tokenizer renders the question in its own layout (`teachers.cross`).
 Without the chat template and an answer-format instruction, an instruct model
 answers a bare question with an empty string or unrelated text (measured with
 SmolLM2-135M-Instruct on GSM8K).

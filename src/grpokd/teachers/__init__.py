@@ -50,7 +50,7 @@ from grpokd.objectives.base import KDStates, Needs, TopK
 from grpokd.objectives.functional import masked_mean
 from grpokd.objectives.logits import Logits
 from grpokd.rollout import Rollout
-from grpokd.teachers.sources import Dense, Signal, TeacherSource
+from grpokd.teachers.sources import Dense, Signal, TeacherSource, Texts
 
 
 class Mixture(NamedTuple):
@@ -211,6 +211,7 @@ class TopKMixer:
         self._logp: list[Tensor] = []  # [N, T, k]
         self._tail: list[Tensor] = []  # [N, T]
         self._weight: list[Tensor] = []  # [N, T] weight or log-weight
+        self._defined: list[Tensor | None] = []  # [N, T] where each teacher has a next-token view (None: everywhere)
 
     @torch.no_grad()
     def add(self, teacher: Signal | Tensor, weight: Tensor | float | None = None, log_weight: Tensor | None = None) -> None:
@@ -221,7 +222,9 @@ class TopKMixer:
         if self._unnormalised not in (None, unnormalised):
             raise ValueError("a TopKMixer takes either weight or log_weight for every teacher, not both")
         self._unnormalised = unnormalised
-        index, values, tail = as_signal(teacher).top_k(self.k, self.tau)  # [N, T, k] twice, [N, T]
+        signal = as_signal(teacher)
+        index, values, tail = signal.top_k(self.k, self.tau)  # [N, T, k] twice, [N, T]
+        self._defined.append(signal.defined())
         self._index.append(index)
         self._logp.append(values)
         self._tail.append(tail)
@@ -236,6 +239,10 @@ class TopKMixer:
         weight = torch.stack(self._weight, -1)  # [N, T, M]
         if self._unnormalised:
             weight = weight.softmax(-1)
+        if any(d is not None for d in self._defined):  # a teacher without a view at a position gets no weight there
+            defined = torch.stack([torch.ones_like(w, dtype=torch.bool) if d is None else d for d, w in zip(self._defined, self._weight)], -1)  # [N, T, M]
+            weight = weight * defined
+            weight = weight / weight.sum(-1, keepdim=True).clamp(min=torch.finfo(weight.dtype).tiny)  # 0 where no teacher has one
         top_k = TopK(torch.stack(self._index, -2), torch.stack(self._logp, -2), torch.stack(self._tail, -1), weight)
         return Mixture(None, None, None, top_k)
 
@@ -367,7 +374,7 @@ class _Chunk(NamedTuple):
 
 
 class TeacherEnsemble(torch.nn.Module):
-    """M frozen teachers sharing the student's tokenizer, with a weighting scheme.
+    """M frozen teachers with a weighting scheme (one with its own tokenizer is read at the student's tokens: `teachers.cross`).
 
     Each teacher is a source (`teachers.sources`): a model in this process or a served one; the ensemble
     reads their signals through one interface. A module (the sources in a ModuleList), so that the LightningModule
@@ -395,10 +402,10 @@ class TeacherEnsemble(torch.nn.Module):
         return TopKMixer(tau, self.top_k) if self.top_k is not None else TeacherMixer(tau, forward=forward, reverse=reverse)
 
     @torch.no_grad()
-    def gold_scores(self, prompts: Tokens, gold: Tokens, vocab_size: int) -> Tensor:
+    def gold_scores(self, prompts: Tokens, gold: Tokens, vocab_size: int, texts: Texts | None = None) -> Tensor:
         """Each teacher's mean token log-likelihood of each prompt's gold solution: [M, B]."""
         mask = gold.mask.float()  # [B, T']
-        return torch.stack([masked_mean(t.signal(prompts, gold, vocab_size).token_logp(gold.ids, 1.0), mask, dim=-1) for t in self.teachers])
+        return torch.stack([masked_mean(t.signal(prompts, gold, vocab_size, texts).token_logp(gold.ids, 1.0), mask, dim=-1) for t in self.teachers])
 
     @torch.no_grad()
     def score(
@@ -414,12 +421,14 @@ class TeacherEnsemble(torch.nn.Module):
         gold_scores: Tensor | None = None,
         logp_temperature: float = 1.0,
         route: Tensor | None = None,
+        texts: Texts | None = None,
     ) -> TeacherScores:
         """Score completions [N, T] of prompts [B, P] (N = B*K) with every teacher, one at a time.
 
         `student_logits` [N, T, V] (detached here; whole or chunked) only feed the per-teacher KL metrics.
         `logp` asks for each teacher's log-probs of the completion tokens at `logp_temperature`.
         `gold_scores` [M, B] are required by competence weighting, `route` [B] (each prompt's teacher index) by routing.
+        `texts`: the prompts' questions, for teachers with their own tokenizer (`teachers.cross`).
         """
         group = completions.ids.shape[0] // prompts.ids.shape[0]
         chunk = self.chunk_prompts or prompts.ids.shape[0]
@@ -431,6 +440,7 @@ class TeacherEnsemble(torch.nn.Module):
                 vocab_size, tau, forward, reverse, logp, logp_temperature,
                 None if gold_scores is None else gold_scores[:, b : b + chunk].repeat_interleave(group, 1),
                 None if route is None else route[b : b + chunk].repeat_interleave(group),
+                None if texts is None else texts.rows(b, b + chunk),
             )
             for b in range(0, prompts.ids.shape[0], chunk)
         ]
@@ -439,6 +449,7 @@ class TeacherEnsemble(torch.nn.Module):
     def _score_rows(
         self, prompts: Tokens, completions: Tokens, student_logits: Logits, vocab_size: int, tau: float,
         forward: bool, reverse: bool, logp: bool, logp_temperature: float, gold_score: Tensor | None, route: Tensor | None,
+        texts: Texts | None = None,
     ) -> _Chunk:
         mixer = self.mixer(tau, forward, reverse)
         mask = completions.mask.float()  # [n, T]
@@ -448,7 +459,7 @@ class TeacherEnsemble(torch.nn.Module):
             positions = completions.mask.new_empty(*completions.mask.shape, 0)  # [n, T, 0]: carries the shape only
             fixed = torch.stack([self.weighting.log_weight(i, positions, gold_score, route) for i in range(len(self.teachers))]).softmax(0)
         for i, teacher in enumerate(self.teachers):
-            signal = teacher.signal(prompts, completions, vocab_size)  # [n, T, ...]
+            signal = teacher.signal(prompts, completions, vocab_size, texts)  # [n, T, ...]
             if fixed is None:
                 log_weights.append(self.weighting.log_weight(i, signal, gold_score, route))  # [n, T]
             if mixer is not None and fixed is None:
@@ -506,7 +517,8 @@ def score_teachers(
     teachers' log-probs are taken at `temperature` when `needs.teacher_logp_at_sampling_temperature`, else at 1.
     """
     on_gold = needs.kd_on_gold
-    gold_scores = teachers.gold_scores(gold.prompts, gold.completions, vocab_size) if teachers.weighting.needs_gold else None  # [M, B]
+    texts = Texts(rollout.questions, rollout.components)  # the rollout's and its gold solutions' prompts are the same
+    gold_scores = teachers.gold_scores(gold.prompts, gold.completions, vocab_size, texts) if teachers.weighting.needs_gold else None  # [M, B]
     route = None
     if hasattr(teachers.weighting, "assign"):  # each prompt's teacher (the rollout's and its gold solutions' prompts are the same)
         route = torch.tensor(teachers.weighting.assign(teachers.names, rollout.components, rollout.teachers), device=rollout.prompts.ids.device)  # [B]
@@ -516,12 +528,13 @@ def score_teachers(
             rollout.prompts, rollout.completions, raw, vocab_size, needs.kd_tau,
             forward=needs.teacher_forward and not on_gold, reverse=needs.teacher_reverse and not on_gold,
             logp=needs.teacher_logp, logp_temperature=temperature if needs.teacher_logp_at_sampling_temperature else 1.0, gold_scores=gold_scores, route=route,
+            texts=texts,
         )
         mixture = scores.mixture if needs.mixture and not on_gold else None
     if on_gold:
         gold_side = teachers.score(
             gold.prompts, gold.completions, gold_raw, vocab_size, needs.kd_tau,
-            forward=needs.teacher_forward, reverse=needs.teacher_reverse, gold_scores=gold_scores, route=route,
+            forward=needs.teacher_forward, reverse=needs.teacher_reverse, gold_scores=gold_scores, route=route, texts=texts,
         )
         mixture = gold_side.mixture
         scores = scores or gold_side

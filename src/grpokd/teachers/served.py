@@ -24,7 +24,7 @@ import torch
 
 from grpokd.errors import ConfigError, Unavailable, check_range
 from grpokd.models.lm import Tokens
-from grpokd.teachers.sources import Sparse
+from grpokd.teachers.sources import Sparse, Texts
 
 
 class Served(torch.nn.Module):
@@ -74,11 +74,11 @@ class Served(torch.nn.Module):
             if theirs != ours:
                 raise ConfigError(
                     f"{role}: the server's tokenizer is not the student's ({text[:40]!r} is {theirs[:8]}... there, {ours[:8]}... here); "
-                    "serve a model with the student's tokenizer"
+                    "serve a model with the student's tokenizer (a served teacher with a tokenizer of its own is not supported yet: load it in process)"
                 )
 
     @torch.no_grad()
-    def signal(self, prompts: Tokens, completions: Tokens, vocab_size: int) -> Sparse:
+    def signal(self, prompts: Tokens, completions: Tokens, vocab_size: int, texts: Texts | None = None) -> Sparse:
         """The server's top-k log-probs and the completion token's log-prob at each completion position [N, T]."""
         group = completions.ids.shape[0] // prompts.ids.shape[0]
         prompt_rows = [ids[mask.bool()].tolist() for ids, mask in zip(prompts.ids.cpu(), prompts.mask.cpu())]

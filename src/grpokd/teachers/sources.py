@@ -31,8 +31,9 @@ class Signal(Protocol):
     def confidence(self) -> Tensor:
         """[N, T] the teacher's negative entropy at each position (`weighting=confidence`)."""
 
-    def top_k(self, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Its k most likely tokens at temperature tau: (index [N, T, k], log-probs [N, T, k], log tail mass [N, T])."""
+    def top_k(self, k: int, tau: float, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Its k most likely tokens at temperature tau: (index [N, T, k], log-probs [N, T, k], log tail mass [N, T]);
+        with `keep` [V] bool, the k most likely of the kept tokens (the others' mass is in the tail)."""
 
     def token_logp(self, ids: Tensor, temperature: float) -> Tensor:
         """[N, T] log-probs of the scored tokens `ids` at `temperature`."""
@@ -43,6 +44,13 @@ class Signal(Protocol):
     def mixable(self) -> Tensor:
         """[N, T, V] logits for the full-vocabulary mixtures (`teachers.TeacherMixer`)."""
 
+    def at(self, positions: Tensor) -> "Signal":
+        """The signal at `positions` [N, T'] of each row (indices into its T positions): [N, T', ...]."""
+
+    def defined(self) -> Tensor | None:
+        """[N, T] where its next-token readings (`top_k`, `confidence`, `mixable`) hold; None: everywhere. A teacher
+        with its own tokenizer has none where a student token starts inside one of its tokens (`teachers.cross`)."""
+
 
 class Dense(NamedTuple):
     """A teacher's full next-token logits [N, T, V]: every reading is exact."""
@@ -52,12 +60,16 @@ class Dense(NamedTuple):
     def confidence(self) -> Tensor:
         return -entropy(self.logits.float())
 
-    def top_k(self, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    def top_k(self, k: int, tau: float, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         vocab = self.logits.shape[-1]
         if k > vocab:
             raise ConfigError(f"model.teacher_top_k={k} is larger than the vocabulary ({vocab}); use at most {vocab}")
+        if keep is not None and k > int(keep.sum()):
+            raise ConfigError(f"model.teacher_top_k={k}: only {int(keep.sum())} of a teacher's tokens have a student token of the same text; use at most that")
         log_p = torch.log_softmax(self.logits.detach().float() / tau, dim=-1)  # [N, T, V]
-        values, index = log_p.topk(k, dim=-1)  # [N, T, k]
+        candidates = log_p if keep is None else log_p.masked_fill(~keep.to(log_p.device), -math.inf)  # [N, T, V]
+        index = candidates.topk(k, dim=-1).indices  # [N, T, k]
+        values = log_p.gather(-1, index)  # [N, T, k]
         # the tail's log-mass over the tokens left out, exactly (not log(1 - sum), which rounds to -inf near 1)
         tail = log_p.scatter_(-1, index, -math.inf).logsumexp(-1) if k < vocab else torch.full_like(values[..., 0], -math.inf)
         return index, values, tail
@@ -70,6 +82,12 @@ class Dense(NamedTuple):
 
     def mixable(self) -> Tensor:
         return self.logits
+
+    def at(self, positions: Tensor) -> "Dense":
+        return Dense(self.logits.gather(1, positions[..., None].expand(-1, -1, self.logits.shape[-1])))
+
+    def defined(self) -> None:
+        return None
 
 
 class Sparse(NamedTuple):
@@ -86,7 +104,9 @@ class Sparse(NamedTuple):
     def confidence(self) -> Tensor:
         raise ConfigError("weighting=confidence needs each teacher's full distribution; a served teacher gives its top-k log-probs only")
 
-    def top_k(self, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    def top_k(self, k: int, tau: float, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        if keep is not None:
+            raise ConfigError("a served teacher with a tokenizer other than the student's gives sampled-token log-probs only, not next-token top-k lists")
         if tau != 1 or k > self.index.shape[-1]:
             raise ConfigError(f"a served teacher gives {self.index.shape[-1]} log-probs per position at temperature 1; asked for {k} at {tau}")
         values = self.logp[..., :k]  # [N, T, k]
@@ -108,6 +128,14 @@ class Sparse(NamedTuple):
     def mixable(self) -> Tensor:
         raise ConfigError("a served teacher gives its top-k log-probs only: set model.teacher_top_k (at most the server's top_k)")
 
+    def at(self, positions: Tensor) -> "Sparse":
+        k = self.index.shape[-1]
+        return Sparse(self.index.gather(1, positions[..., None].expand(-1, -1, k)), self.logp.gather(1, positions[..., None].expand(-1, -1, k)),
+                      self.scored.gather(1, positions))
+
+    def defined(self) -> None:
+        return None
+
 
 def tail_mass(logp: Tensor) -> Tensor:
     """log(1 - sum exp(logp)) over the last dim: the log-mass outside the listed tokens (-inf when they hold it all).
@@ -125,13 +153,25 @@ def kl_both_ways(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor
     return torch.linalg.vecdot(log_p.exp(), diff), -torch.linalg.vecdot(log_q.exp(), diff)
 
 
+class Texts(NamedTuple):
+    """What a teacher with its own tokenizer reads of a batch's prompts (`teachers.cross`): each prompt's question
+    before any chat layout, and the dataset it comes from (whose layout renders it)."""
+
+    questions: list[str]  # B
+    components: list[str]  # B
+
+    def rows(self, start: int, stop: int) -> "Texts":
+        return Texts(self.questions[start:stop], self.components[start:stop])
+
+
 class TeacherSource(Protocol):
     """One teacher: scores completions of prompts."""
 
     name: str
 
-    def signal(self, prompts: Tokens, completions: Tokens, vocab_size: int) -> Signal:
-        """The teacher's signal at every completion position of `completions` [N, T] (prompts [B, P], N = B*K)."""
+    def signal(self, prompts: Tokens, completions: Tokens, vocab_size: int, texts: Texts | None = None) -> Signal:
+        """The teacher's signal at every completion position of `completions` [N, T] (prompts [B, P], N = B*K);
+        `texts`: the prompts' questions, for a teacher that tokenizes them itself."""
 
 
 class InProcess(torch.nn.Module):
@@ -142,7 +182,7 @@ class InProcess(torch.nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.name = name
 
-    def signal(self, prompts: Tokens, completions: Tokens, vocab_size: int) -> Dense:
+    def signal(self, prompts: Tokens, completions: Tokens, vocab_size: int, texts: Texts | None = None) -> Dense:
         return Dense(completion_logits(self.model, prompts, completions, vocab_size))
 
 
