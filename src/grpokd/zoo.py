@@ -48,6 +48,7 @@ from grpokd.models.tokenizer import build_tokenizer
 from grpokd.objectives.base import Batch
 from grpokd.objectives.sft import SFT
 from grpokd.rollout import Sampling
+from grpokd.runtime import cache_dir
 
 EVAL_SAMPLING = Sampling(max_prompt_len=catalogue.PROMPT_LEN, max_new_tokens=catalogue.TARGET_LEN, temperature=1.0)  # greedy ignores the temperature
 PASS_K, PASS_PROMPTS, PASS_SEED = 8, 200, 0
@@ -60,7 +61,7 @@ def build(name: str) -> Path:
     found = catalogue.find(name)
     if found is not None:
         return found
-    target = catalogue.cache_dir() / "zoo" / catalogue.folder_name(name)
+    target = cache_dir() / "zoo" / catalogue.folder_name(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(target.parent / f".{name}.lock"):
         if not (target / "build.json").exists():  # another process may have built it while we waited
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     listing = commands.add_parser("list", help="print each model's build report, one JSON line each (the default command)")
     listing.add_argument("names", nargs="*", metavar="NAME", help=f"models to describe (default: all: {', '.join(catalogue.ZOO)})")
-    building = commands.add_parser("build", help=f"train the models whose recipe has no shipped or cached build, into {catalogue.cache_dir() / 'zoo'}")
+    building = commands.add_parser("build", help=f"train the models whose recipe has no shipped or cached build, into {cache_dir() / 'zoo'}")
     building.add_argument("names", nargs="*", metavar="NAME", help=f"models to build (default: all: {', '.join(catalogue.ZOO)})")
     building.add_argument("--ship", action="store_true", help=f"also copy the builds into {catalogue.EMBEDDED_DIR} (the package's shipped models)")
     args = parser.parse_args(argv)

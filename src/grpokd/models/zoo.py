@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrai
 
 from grpokd.errors import ConfigError
 from grpokd.models.tokenizer import build_tokenizer
+from grpokd.runtime import cache_dir
 
 ZOO_VERSION = 2  # bump when the build code (grpokd/zoo.py, not a recipe) changes what gets built
 EMBEDDED_DIR = Path(__file__).parent / "embedded"  # built models shipped with the package
@@ -82,10 +82,6 @@ ZOO: dict[str, Recipe] = {
     "tiny-llama-teacher-arith": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=1500, seed=3, tasks=("arith",)),
     "tiny-llama-teacher-mc": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=1500, seed=4, tasks=("arith_mc",)),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GRPOKD_CACHE", Path.home() / ".cache" / "grpokd"))
 
 
 def recipe_key(recipe: Recipe) -> str:
