@@ -117,3 +117,15 @@ def test_a_teacher_without_a_view_at_a_position_gets_no_weight_there_and_the_oth
     assert top_k.weight.tolist() == [[[1.0], [0.0], [0.0]]]
     kd = sparse_divergences(torch.randn(1, 3, 10), top_k.index, top_k.logp, top_k.tail, top_k.weight, 1.0, False)
     assert kd[0, 0] > 0 and kd[0, 1:].tolist() == [0.0, 0.0]
+
+
+def test_an_empty_completion_has_no_teacher_tokens_and_zero_log_probs(rollout):
+    """A completion masked out whole (`rollout.mask_truncated_completions`) reads as empty text."""
+    tokenizer, prompts, completions, _ = rollout
+    masked = Tokens(completions.ids, completions.mask.clone())
+    masked.mask[0] = 0
+    source = forced(tokenizer, loading.load_model("tiny-llama-teacher-m"))
+    signal = source.signal(prompts, masked, len(tokenizer), Texts(QUESTIONS, [""] * 3))
+    assert signal.layout.teacher.mask[0].sum() == 0 and not signal.layout.defined[0].any()
+    logp = signal.token_logp(masked.ids, 1.0)
+    assert logp[0].eq(0).all() and logp[1:][masked.mask[1:].bool()].lt(0).all()
