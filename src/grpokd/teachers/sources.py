@@ -1,11 +1,13 @@
 """Teacher sources: where a teacher's view of (prompt, completion) pairs comes from, behind one interface.
 
-A source scores completions [N, T] of prompts [B, P] and returns a teacher signal, one of two kinds with the
-same four readings (`Signal`): `Dense`, the full next-token logits [N, T, V] of a model held in this process
+A source scores completions [N, T] of prompts [B, P] and returns a teacher signal, of kinds with the same
+readings (`Signal`): `Dense`, the full next-token logits [N, T, V] of a model held in this process
 (`InProcess`); `Sparse`, each position's top-k log-probs and the scored token's log-prob, all a served model
-returns (`grpokd.teachers.served.Served`: vLLM's OpenAI server). The ensemble (`grpokd.teachers`) reads a signal
-only through those readings, so it never asks which kind of teacher it holds; a source of another kind (an
-SGLang server, say) is one more class with a `signal` method and one more case in `build`.
+returns (`grpokd.teachers.served.Served`: vLLM's OpenAI server); `teachers.cross.Aligned`, either of them
+read at the student's tokens when the teacher has a tokenizer of its own (`teachers.cross.CrossTokenizer`
+wraps its source). The ensemble (`grpokd.teachers`) reads a signal only through those readings, so it never
+asks which kind of teacher it holds; a source of another kind (an SGLang server, say) is one more class with a
+`signal` method and one more case in `build`.
 """
 
 from __future__ import annotations
