@@ -4,7 +4,6 @@ token and span is written out here, and on SmolLM2's real one."""
 from __future__ import annotations
 
 import pytest
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -15,7 +14,6 @@ from grpokd.teachers.align import (
     AlignmentError,
     align,
     check_pair,
-    chunk_sums,
     cuts,
     decoded_spans,
     encoded_spans,
@@ -100,12 +98,6 @@ def test_split_characters_and_emoji_align_as_whole_characters():
 
 def test_an_empty_completion_has_no_chunks():
     assert align([], [], 0) == Alignment([], [], 0)
-
-
-def test_chunk_sums_add_each_chunks_members():
-    values = torch.tensor([-1.0, -2.0, -0.5, -0.25])
-    assert chunk_sums(values, [0, 0, 1, 1], 2).tolist() == [-3.0, -0.75]
-    assert chunk_sums(values, [0, 1, 1, 2], 4).tolist() == [-1.0, -2.5, -0.25, 0.0]
 
 
 def test_a_tokenizer_without_offsets_is_refused_with_its_role():

@@ -113,11 +113,6 @@ def align(student: list[tuple[int, int]], teacher: list[tuple[int, int]], length
     return Alignment(chunk_of, teacher_of, len(ends))
 
 
-def chunk_sums(values: Tensor, chunk_of: list[int], chunks: int) -> Tensor:
-    """[chunks] the sum of `values` [n] over each chunk's members."""
-    return torch.zeros(chunks, dtype=values.dtype, device=values.device).index_add_(0, torch.tensor(chunk_of, device=values.device), values)
-
-
 def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str | None]:
     """Each token's text where it follows other text (a leading space as such: "Ġx" and "▁x" both read " x"), from
     decoding it after an anchor token; None for special tokens and for bytes that are not a whole character."""
