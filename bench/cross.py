@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from logged import median_logged
+from logged import median_logged, peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
-MEASURED = "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
 
 
 def run(args: argparse.Namespace, model: str, out: Path) -> tuple[float, float, float]:
@@ -32,11 +30,8 @@ def run(args: argparse.Namespace, model: str, out: Path) -> tuple[float, float, 
                f"trainer.max_steps={args.steps}", f"data.prompts_per_step={args.prompts}", f"group_size={args.group}",
                f"rollout.sampling.max_new_tokens={args.tokens}", "tau=1", f"model.teacher_top_k={args.top_k}", "eval_before=false",
                "eval_test=false", "eval_pass_k=0", "data.val_size=0", "logger=none", "log.csv=true", "callbacks=none", f"hydra.run.dir={out}"]
-    done = subprocess.run([sys.executable, "-c", MEASURED, *command], capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:
-        raise SystemExit(f"run failed:\n{done.stderr[-3000:]}")
-    step, sample = median_logged(out, "train/step_time_s", args.warmup), median_logged(out, "train/sample_time_s", args.warmup)
-    return step, sample, int(done.stdout.strip().splitlines()[-1]) / 1024
+    peak = peak_rss_mb(command, REPO)
+    return median_logged(out, "train/step_time_s", args.warmup), median_logged(out, "train/sample_time_s", args.warmup), peak
 
 
 def main() -> None:

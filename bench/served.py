@@ -24,10 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from logged import median_logged
+from logged import median_logged, peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
-MEASURED = "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
 
 
 def free_port() -> int:
@@ -61,10 +60,8 @@ def run(args: argparse.Namespace, student: str, teacher: str, out: Path) -> tupl
                f"group_size={args.group}", f"rollout.sampling.max_new_tokens={args.tokens}", "tau=1", f"model.teacher_top_k={args.top_k}",
                "eval_before=false", "eval_test=false", "eval_pass_k=0", "data.val_size=0", "logger=none", "log.csv=true", "callbacks=none",
                f"hydra.run.dir={out}"]
-    done = subprocess.run([sys.executable, "-c", MEASURED, *command], capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:
-        raise SystemExit(f"run failed:\n{done.stderr[-3000:]}")
-    return median_logged(out, "train/step_time_s", args.warmup), int(done.stdout.strip().splitlines()[-1]) / 1024
+    peak = peak_rss_mb(command, REPO)
+    return median_logged(out, "train/step_time_s", args.warmup), peak
 
 
 def peak_mb(pid: int) -> float:
