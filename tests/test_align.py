@@ -4,7 +4,7 @@ token and span is written out here, and on SmolLM2's real one."""
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from grpokd.errors import ConfigError
@@ -68,6 +68,9 @@ def test_a_teacher_token_that_straddles_two_student_tokens_joins_them_in_one_chu
     assert align([(0, 1), (1, 2), (2, 4)], [(0, 2), (2, 3), (3, 4)], 4) == Alignment([0, 0, 1], [0, 1, 1], 2)
     alignment = align([(0, 1), (1, 2), (2, 4)], [(0, 2), (2, 3), (3, 4)], 4)
     assert alignment.firsts() == [True, False, True]  # where the teacher's next-token view is the student's
+    assert alignment.views() == [0, None, 1]  # the first teacher token of each chunk a student token starts
+    assert alignment.ended() == Alignment([0, 0, 1, 2], [0, 1, 1, 2], 3) and alignment.ended().views() == [0, None, 1, 3]
+    assert Alignment([0, 1], [0], 2).views() == [0, None]  # a chunk with no teacher token gives no view
 
 
 def test_the_same_tokenizer_aligns_token_for_token():
@@ -94,6 +97,33 @@ def test_split_characters_and_emoji_align_as_whole_characters():
     _, teacher = encoded_spans(teacher_tok, text, "t")
     # chunks: ab cd | space | é (2 bytes) | 😀 (4 bytes) | space | x
     assert align(student, teacher, len(text)) == Alignment([0, 0, 1, 2, 2, 3, 3, 3, 3, 4, 5], [0, 0, 0, 1, 2, 2, 3, 3, 3, 3, 4, 5], 6)
+
+
+def sentencepiece_byte_fallback() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE as Llama 2's and Gemma's are: "▁" for a space, and a character it lacks as its
+    UTF-8 bytes, one <0xNN> token each (byte fallback)."""
+    pieces = ["▁", "a", "b", "x", "ab"]
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    core.normalizer = normalizers.Replace(" ", "▁")
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="<unk>")
+
+
+def test_byte_fallback_tokens_align_as_the_whole_character_either_way_round():
+    spm, byte_level = sentencepiece_byte_fallback(), byte_bpe("a b")
+    text = "ab é x😀"
+    ids = spm(text, add_special_tokens=False)["input_ids"]
+    assert spm.convert_ids_to_tokens(ids) == ["ab", "▁", "<0xC3>", "<0xA9>", "▁", "x", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    # chunks: ab | space | é (2 bytes on each side) | space | x | 😀 (4 bytes on each side)
+    expected = Alignment([0, 1, 2, 2, 3, 4, 5, 5, 5, 5], [0, 1, 2, 2, 3, 4, 5, 5, 5, 5], 6)
+    decoded, student = decoded_spans(byte_level, byte_level(text, add_special_tokens=False)["input_ids"])
+    assert decoded == text and align(student, encoded_spans(spm, text, "t")[1], len(text)) == expected  # SentencePiece teacher
+    decoded, student = decoded_spans(spm, ids)
+    assert decoded == text and align(student, encoded_spans(byte_level, text, "t")[1], len(text)) == expected  # SentencePiece student
+    mapped = vocabulary_map(byte_level, spm)
+    assert [int(mapped[i]) >= 0 for i in spm.convert_tokens_to_ids(["▁", "ab", "<0xC3>", "<0x78>", "</s>"])] == [True, True, False, True, False]
+    # a byte that is not a whole character has no text of its own; one that is (0x78, "x") reads as it
 
 
 def test_an_empty_completion_has_no_chunks():
@@ -142,3 +172,15 @@ def test_a_student_tokenizer_that_rewrites_earlier_text_cannot_be_aligned_and_st
     with pytest.raises(ConfigError, match=r"^model.teachers\[0\] has its own tokenizer, and the student's completions cannot be aligned"):
         check_pair(student, byte_bpe("a b"), ["abcd"], "model.teachers[0]")
     check_pair(base, byte_bpe("a b"), ["abcd é"], "model.teachers[0]")
+
+
+def test_a_teacher_whose_tokenizer_changes_the_text_stops_with_one_line():
+    """A normaliser that lower-cases, or a word it reads as <unk>: it would score another text than the student's.
+    Whitespace it skips is no change (the word-level tokenizer reads "3  +\n4" as "3 + 4")."""
+    lower = byte_bpe("a b")
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    with pytest.raises(ConfigError, match=r"^model.teachers\[0\] has its own tokenizer, and it does not read the student's text as it is: 'Abcd' reads back as 'abcd'$"):
+        check_pair(byte_bpe(), lower, ["Abcd"], "model.teachers[0]")
+    with pytest.raises(ConfigError, match="reads back as '3 <unk> 4'"):
+        check_pair(byte_bpe(), build_tokenizer("llama"), ["3 plus 4"], "model.teachers[1]")
+    check_pair(byte_bpe(), build_tokenizer("llama"), ["3  +\n4"], "model.teachers[1]")

@@ -63,14 +63,19 @@ def encoded_spans(tokenizer: PreTrainedTokenizerBase, text: str, role: str) -> t
 
 def check_pair(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, texts: list[str], role: str) -> None:
     """At start-up: `texts` (some of the run's gold solutions), as the student tokenizes them, decode to spans the
-    teacher's tokens can be aligned with. ConfigError naming `role` otherwise."""
+    teacher's tokens can be aligned with, and the teacher reads them as they are: its tokens decode to the same
+    text but for whitespace (which it may skip), so no normaliser or unknown token changes what it scores.
+    ConfigError naming `role` otherwise."""
     check_offsets(teacher, role)
     for text in texts:
         try:
             decoded, _ = decoded_spans(student, student(text, add_special_tokens=False)["input_ids"])
         except AlignmentError as err:
             raise ConfigError(f"{role} has its own tokenizer, and the student's completions cannot be aligned with it: {err}") from None
-        encoded_spans(teacher, decoded, role)
+        ids, _ = encoded_spans(teacher, decoded, role)
+        read = teacher.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if read.split() != decoded.split():
+            raise ConfigError(f"{role} has its own tokenizer, and it does not read the student's text as it is: {decoded[:60]!r} reads back as {read[:60]!r}")
 
 
 def cuts(spans: list[tuple[int, int]], length: int) -> Tensor:
@@ -94,6 +99,18 @@ class Alignment:
     def firsts(self) -> list[bool]:
         """[T_s] whether each student token starts its chunk: where the teacher's next-token view is the student's."""
         return [t == 0 or self.student[t - 1] != c for t, c in enumerate(self.student)]
+
+    def views(self) -> list[int | None]:
+        """[T_s] the teacher token whose next-token view each student token takes: the first of its chunk's where the
+        student token starts the chunk and the chunk has teacher tokens, else None (no view there)."""
+        first: dict[int, int] = {}
+        for u, c in enumerate(self.teacher):
+            first.setdefault(c, u)
+        return [first.get(c) if starts else None for starts, c in zip(self.firsts(), self.student)]
+
+    def ended(self) -> "Alignment":
+        """With one more chunk at the end: the student's end token read as the teacher's."""
+        return Alignment(self.student + [self.chunks], self.teacher + [self.chunks], self.chunks + 1)
 
 
 def align(student: list[tuple[int, int]], teacher: list[tuple[int, int]], length: int) -> Alignment:
@@ -126,11 +143,32 @@ def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str | None]:
     ]
 
 
+class Spellings:
+    """Which student token a teacher token, or two in a row, spell (by their texts, `token_texts`); where several
+    student tokens share a text, the lowest id."""
+
+    def __init__(self, student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+        self.student: dict[str, int] = {}
+        for i, text in enumerate(token_texts(student)):
+            if text is not None:
+                self.student.setdefault(text, i)
+        self.teacher = token_texts(teacher)
+
+    def vocabulary(self) -> Tensor:
+        """[V_teacher] long: the student token with the same text as each teacher token, -1 where none has it."""
+        return torch.tensor([self.student.get(text, -1) if text is not None else -1 for text in self.teacher], dtype=torch.long)
+
+    def pairs(self, first: list[int], seconds: list[list[int]]) -> list[list[int]]:
+        """For each teacher token `first[e]` and each `seconds[e][j]` after it: the student token of the two texts
+        together (" 1" then "8": " 18"), -1 where none is."""
+        out = []
+        for a, row in zip(first, seconds):
+            head = self.teacher[a]
+            out.append([-1 if head is None or self.teacher[b] is None else self.student.get(head + self.teacher[b], -1) for b in row])
+        return out
+
+
 def vocabulary_map(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> Tensor:
     """[V_teacher] long: the student token with the same text as each teacher token (`token_texts`), -1 where none
-    has it. Where several student tokens share a text, the lowest id."""
-    ids: dict[str, int] = {}
-    for i, text in enumerate(token_texts(student)):
-        if text is not None:
-            ids.setdefault(text, i)
-    return torch.tensor([ids.get(text, -1) if text is not None else -1 for text in token_texts(teacher)], dtype=torch.long)
+    has it (`Spellings.vocabulary`)."""
+    return Spellings(student, teacher).vocabulary()
