@@ -75,6 +75,23 @@ def test_the_tail_bucket_by_hand():
     assert forward_kd(kd2).item() == pytest.approx(0.5 * math.log(0.5 / 0.2) + 0.3 * math.log(0.3 / 0.2) + 0.2 * math.log(0.2 / 0.6), rel=1e-5)
 
 
+@pytest.mark.parametrize("divergence", [forward_kd, reverse_kd])
+def test_an_absent_entry_adds_nothing_and_has_no_gradient(divergence):
+    """A list of k = 2 holding one token (a served list with one token the student shares: `sources.Sparse.top_k`)
+    is filled with that token again at log p = -inf: the same value and gradient as the k = 1 list, both ways."""
+    top_1 = one_teacher([0.5, 0.3, 0.2], 1)
+    filled = TopK(top_1.index.repeat(1, 1, 1, 2), torch.cat([top_1.logp, torch.full_like(top_1.logp, -math.inf)], -1), top_1.tail, top_1.weight)
+    student = torch.tensor([0.2, 0.2, 0.6]).log().view(1, 1, 3).requires_grad_()
+    values, grads = [], []
+    for top_k in (top_1, filled):
+        value = divergence(KDStates(student, torch.ones(1, 1), 1.0, top_k=top_k))
+        values.append(value)
+        grads.append(torch.autograd.grad(value.sum(), student)[0])
+    assert torch.isfinite(values[1]).all() and torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(values[1], values[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_two_teachers_are_weighted_each_on_its_own_top_k():
     # teacher A p = (0.7, 0.2, 0.1) keeps {0}; teacher B p = (0.1, 0.6, 0.3) keeps {1}; weights 0.25 / 0.75
     mixer = TopKMixer(1.0, 1)

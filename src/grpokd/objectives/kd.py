@@ -93,7 +93,7 @@ def sparse_divergences(
 
     Args:
         logits: [.., V] the student's (untempered); q = softmax(logits / tau).
-        index, logp: [.., M, k] each teacher's top-k tokens and their log-probs at tau.
+        index, logp: [.., M, k] each teacher's top-k tokens and their log-probs at tau (-inf: an absent entry).
         tail: [.., M] each teacher's log tail mass (-inf when k = V).
         weight: [.., M] w_i, sum 1 over M.
 
@@ -103,7 +103,10 @@ def sparse_divergences(
     log_q = F.log_softmax(logits.float() / tau, dim=-1)  # [.., V]
     teachers, k = index.shape[-2:]
     log_q_top = log_q.unsqueeze(-2).expand(*log_q.shape[:-1], teachers, log_q.shape[-1]).gather(-1, index)  # [.., M, k]
-    kl = _kl_summand(log_q_top, logp.float(), reverse).sum(-1)  # [.., M] over S_i
+    # an entry at log p = -inf is absent (a list of fewer than k tokens is filled so, with a token it holds:
+    # `sources.Sparse.top_k`): it adds 0 both ways, and its log p is made finite first so no inf * 0 reaches the gradient
+    absent = logp == -math.inf  # [.., M, k]
+    kl = _kl_summand(log_q_top, logp.float().masked_fill(absent, 0.0), reverse).masked_fill(absent, 0.0).sum(-1)  # [.., M] over S_i
     if k < log_q.shape[-1]:  # plus the tail; the student's is its mass outside S_i, one teacher at a time ([.., V] each)
         log_q_tail = torch.stack([log_q.scatter(-1, index[..., i, :], -math.inf).logsumexp(-1) for i in range(teachers)], -1)  # [.., M]
         kl = kl + _kl_summand(log_q_tail, tail.float(), reverse)
