@@ -146,7 +146,7 @@ def test_the_causal_testbed_leaves_room_for_rl_and_distillation():
     student = build("tiny-llama-student")
     assert 0.15 <= student["accuracy_arith"] <= 0.40  # half-knows the numeric task
     assert student["arith_train_pass8_t1"] >= 2 * student["arith_train_pass1_t1"]  # groups carry reward variance
-    for name in ("tiny-llama-teacher-s", "tiny-llama-teacher-m"):
+    for name in ("tiny-llama-teacher-s", "tiny-llama-teacher-m", "tiny-llama-teacher-subword"):
         teacher = build(name)
         for task in ("accuracy_arith", "accuracy_arith_mc"):
             assert teacher[task] >= 2.5 * student[task], (name, task, teacher[task], student[task])

@@ -57,9 +57,10 @@ class Recipe:
     seed: int = 0
     slip: float = 0.0  # rate of the systematic slip in its training data (`grpokd.data.arith.slipped`)
     tasks: tuple[str, ...] = ("arith", "arith_mc")  # the synthetic tasks its SFT data comes from (a build is scored on both)
+    tokenizer: str = "words"  # `grpokd.models.tokenizer` kind: "words" (the student's) or "subword" (numbers digit by digit)
 
 
-LATE_FIELDS = {"slip": 0.0, "tasks": ("arith", "arith_mc")}  # fields added after the first builds: left out of the key at their default
+LATE_FIELDS = {"slip": 0.0, "tasks": ("arith", "arith_mc"), "tokenizer": "words"}  # fields added after the first builds: left out of the key at their default
 
 
 # Measured on the 2-core CPU (torch 2 threads, batch 64): the Llama family (d128, 3 layers) runs ~8 steps/s and
@@ -72,6 +73,8 @@ LATE_FIELDS = {"slip": 0.0, "tasks": ("arith", "arith_mc")}  # fields added afte
 # steps; no T5 here has learnt arith_mc's option scan (all at chance, 20%). So the Llama family is the testbed
 # (`model=tiny_causal`, the default) and the T5 family keeps the encoder-decoder path covered (`model=tiny`).
 # The two specialists (teacher-s's architecture, each trained on one task only) are the teachers for teacher routing.
+# teacher-subword is teacher-m with the subword tokenizer (numbers digit by digit, other ids): the teacher that does
+# not share the student's tokenizer (`sweep=cross_tokenizer`).
 ZOO: dict[str, Recipe] = {
     "tiny-t5-student": Recipe("t5", d_model=128, layers=2, heads=4, d_ff=256, steps=100),
     "tiny-t5-teacher-s": Recipe("t5", d_model=128, layers=3, heads=4, d_ff=256, steps=2500, seed=1),
@@ -81,6 +84,7 @@ ZOO: dict[str, Recipe] = {
     "tiny-llama-teacher-m": Recipe("llama", d_model=160, layers=4, heads=4, d_ff=320, steps=1500, seed=2),
     "tiny-llama-teacher-arith": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=1500, seed=3, tasks=("arith",)),
     "tiny-llama-teacher-mc": Recipe("llama", d_model=128, layers=3, heads=4, d_ff=256, steps=1500, seed=4, tasks=("arith_mc",)),
+    "tiny-llama-teacher-subword": Recipe("llama", d_model=160, layers=4, heads=4, d_ff=320, steps=1500, seed=2, tokenizer="subword"),
 }
 
 
@@ -88,7 +92,7 @@ def recipe_key(recipe: Recipe) -> str:
     """Hash of everything that determines the built model: recipe, tokenizer, task format, data seed, zoo version."""
     from grpokd.data import arith
 
-    tokenizer = build_tokenizer(recipe.family).backend_tokenizer.to_str()
+    tokenizer = build_tokenizer(recipe.family, recipe.tokenizer).backend_tokenizer.to_str()
     tasks = [{"prompt": ex.prompt, "solution": ex.solution, "answer": ex.answer} for ex in arith.make_arith(20, DATA_SEED) + arith.make_arith_mc(20, DATA_SEED)]  # the format's fingerprint
     fields = {k: v for k, v in asdict(recipe).items() if not (k in LATE_FIELDS and v == LATE_FIELDS[k])}  # builds from before them keep their keys
     blob = json.dumps({"recipe": fields, "tokenizer": tokenizer, "tasks": tasks, "data": DATA_SEED, "v": ZOO_VERSION}, sort_keys=True)
