@@ -422,21 +422,23 @@ def in_process_teachers(cfg: DictConfig) -> dict[int, dict]:
 def check_tokenizers(cfg: DictConfig, tokenizer, ref_name: str | None, use_teachers: bool, texts: list[str] = (),
                      solutions: list[str] = ()) -> dict[int, Any]:
     """The reference shares the student's tokenizer (the student itself does by definition); a served teacher's
-    server answers and tokenizes `texts` (some of the run's prompts) as the student does; a teacher in process with
-    a tokenizer of its own can be aligned with the student's on `solutions` (some gold solutions). Returns those
-    teachers' tokenizers, by index (`teachers.cross` reads them)."""
+    server answers and tokenizes `texts` (some of the run's prompts) as the student does, or as its entry's
+    `tokenizer` does; a teacher with a tokenizer of its own (in process, or served with `tokenizer`) can be aligned
+    with the student's on `solutions` (some gold solutions). Returns those teachers' tokenizers, by index
+    (`teachers.cross` reads them)."""
     if ref_name and ref_name != cfg.model.student:
         loading.check_same_tokenizer(tokenizer, loading.load_tokenizer(ref_name, "model.reference"), cfg.model.student, "model.reference")
     own = {}
     for i, item in enumerate(cfg.model.teachers if use_teachers else ()):
         role = f"model.teachers[{i}]"
-        if sources.is_served(item):
-            sources.build(item, role, None).check(tokenizer, texts, role)
-        elif sources.entry(item)["name"] != cfg.model.student:
-            theirs = loading.load_tokenizer(sources.entry(item)["name"], role)
-            if theirs.get_vocab() != tokenizer.get_vocab():
-                align.check_pair(tokenizer, theirs, solutions, role)
-                own[i] = theirs
+        served = sources.build(item, role, None) if sources.is_served(item) else None
+        name = served.tokenizer if served is not None else sources.entry(item)["name"]
+        theirs = tokenizer if name is None or name == cfg.model.student else loading.load_tokenizer(name, role)
+        if served is not None:
+            served.check(theirs, texts, role)
+        if theirs is not tokenizer and theirs.get_vocab() != tokenizer.get_vocab():
+            align.check_pair(tokenizer, theirs, solutions, role)
+            own[i] = theirs
     return own
 
 
@@ -468,7 +470,8 @@ def load_teachers(cfg: DictConfig, own: dict[int, Any], tokenizer, end_ids: list
     teachers = [sources.build(item, f"model.teachers[{i}]", load) for i, item in enumerate(cfg.model.teachers)]
     for i, theirs in own.items():
         render, special_tokens = teacher_layout(prep.prompt_formats, theirs)
-        teachers[i] = CrossTokenizer(teachers[i], theirs, tokenizer, render, special_tokens, sampling.max_prompt_len, end_ids, f"model.teachers[{i}]")
+        teachers[i] = CrossTokenizer(teachers[i], theirs, tokenizer, render, special_tokens, sampling.max_prompt_len, end_ids, f"model.teachers[{i}]",
+                                     cfg.model.get("teacher_spelling", True))
         shared, top_k = int((teachers[i].vocabulary >= 0).sum()), cfg.model.get("teacher_top_k")
         if top_k is not None and top_k > shared:
             raise ConfigError(f"model.teacher_top_k={top_k}: only {shared} tokens of model.teachers[{i}] have a student token of the same text; use at most {shared}")

@@ -28,7 +28,7 @@ from grpokd.teachers.sources import Sparse, Texts
 
 
 class Served(torch.nn.Module):
-    """A served teacher: a `model.teachers` entry {url: ..., model: ..., top_k: ...}.
+    """A served teacher: a `model.teachers` entry {url: ..., model: ..., top_k: ..., tokenizer: ...}.
 
     A module without parameters (the ensemble holds its sources in a ModuleList); nothing of it is placed or
     checkpointed.
@@ -40,16 +40,18 @@ class Served(torch.nn.Module):
         top_k: log-probs per position asked for (at most the server's --max-logprobs).
         timeout_s: the longest wait for one request.
         retries: further tries of a failed request, 2^i seconds apart.
+        tokenizer: the served model's tokenizer (a hub id, local path or embedded name) where it is not the
+            student's: the completions are sent in its tokens (`teachers.cross`). None: the student's.
     """
 
     def __init__(self, url: str, model: str | None = None, name: str | None = None, top_k: int = 20, timeout_s: float = 120,
-                 retries: int = 3) -> None:
+                 retries: int = 3, tokenizer: str | None = None) -> None:
         super().__init__()
         check_range("top_k", top_k, low=1, integer=True)
         check_range("timeout_s", timeout_s, low=0, low_open=True)
         check_range("retries", retries, low=0, integer=True)
         self.url = url.rstrip("/")
-        self.model, self.top_k, self.timeout_s, self.retries = model, top_k, timeout_s, retries
+        self.model, self.top_k, self.timeout_s, self.retries, self.tokenizer = model, top_k, timeout_s, retries, tokenizer
         self.name = name or model or self.url
 
     @property
@@ -58,7 +60,8 @@ class Served(torch.nn.Module):
         return self.url.removesuffix("/v1")
 
     def check(self, tokenizer: Any, texts: list[str], role: str) -> None:
-        """At start-up, one try each: the server answers, serves `model`, and tokenizes `texts` as `tokenizer` does."""
+        """At start-up, one try each: the server answers, serves `model`, and tokenizes `texts` as `tokenizer` does
+        (the student's, or the one named by `self.tokenizer`)."""
         try:
             served = [m["id"] for m in self._call(f"{self.url}/models", None, tries=1)["data"]]
         except Unavailable as err:
@@ -71,11 +74,13 @@ class Served(torch.nn.Module):
         for text in texts:
             theirs = self._call(f"{self.root}/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False}, tries=1)["tokens"]
             ours = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if theirs != ours:
+            if theirs != ours and self.tokenizer is None:
                 raise ConfigError(
                     f"{role}: the server's tokenizer is not the student's ({text[:40]!r} is {theirs[:8]}... there, {ours[:8]}... here); "
-                    "serve a model with the student's tokenizer (a served teacher with a tokenizer of its own is not supported yet: load it in process)"
+                    "name the served model's tokenizer (tokenizer: a hub id or path) to send the completions in its tokens"
                 )
+            if theirs != ours:
+                raise ConfigError(f"{role}: the server's tokenizer is not tokenizer={self.tokenizer} ({text[:40]!r} is {theirs[:8]}... there, {ours[:8]}... here)")
 
     @torch.no_grad()
     def signal(self, prompts: Tokens, completions: Tokens, vocab_size: int, texts: Texts | None = None) -> Sparse:

@@ -49,6 +49,9 @@ class Signal(Protocol):
     def at(self, positions: Tensor) -> "Signal":
         """The signal at `positions` [N, T'] of each row (indices into its T positions): [N, T', ...]."""
 
+    def listed(self) -> int:
+        """The most tokens its `top_k` gives per position."""
+
     def defined(self) -> Tensor | None:
         """[N, T] where its next-token readings (`top_k`, `confidence`, `mixable`) hold; None: everywhere. A teacher
         with its own tokenizer has none where a student token starts inside one of its tokens (`teachers.cross`)."""
@@ -88,6 +91,9 @@ class Dense(NamedTuple):
     def at(self, positions: Tensor) -> "Dense":
         return Dense(self.logits.gather(1, positions[..., None].expand(-1, -1, self.logits.shape[-1])))
 
+    def listed(self) -> int:
+        return self.logits.shape[-1]
+
     def defined(self) -> None:
         return None
 
@@ -107,12 +113,22 @@ class Sparse(NamedTuple):
         raise ConfigError("weighting=confidence needs each teacher's full distribution; a served teacher gives its top-k log-probs only")
 
     def top_k(self, k: int, tau: float, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        if keep is not None:
-            raise ConfigError("a served teacher with a tokenizer other than the student's gives sampled-token log-probs only, not next-token top-k lists")
+        """The first k of its list; with `keep`, the first k kept ones. Where fewer than k are kept, the list is
+        filled with its first kept token (any kept token where it lists none) at log-prob -inf: absent entries,
+        which add nothing to a divergence (`objectives.kd.sparse_divergences`)."""
         if tau != 1 or k > self.index.shape[-1]:
             raise ConfigError(f"a served teacher gives {self.index.shape[-1]} log-probs per position at temperature 1; asked for {k} at {tau}")
-        values = self.logp[..., :k]  # [N, T, k]
-        return self.index[..., :k], values, tail_mass(values)
+        if keep is None:
+            values = self.logp[..., :k]  # [N, T, k]
+            return self.index[..., :k], values, tail_mass(values)
+        keep = keep.to(self.index.device)
+        kept = keep[self.index]  # [N, T, K]
+        order = torch.sort((~kept).to(torch.uint8), dim=-1, stable=True).indices[..., :k]  # kept entries first, in list order
+        index, logp, listed = self.index.gather(-1, order), self.logp.gather(-1, order), kept.gather(-1, order)  # [N, T, k]
+        first = torch.where(listed[..., :1], index[..., :1], keep.nonzero()[0, 0])  # [N, T, 1]
+        index = torch.where(listed, index, first)
+        logp = logp.masked_fill(~listed, -math.inf)
+        return index, logp, tail_mass(logp)
 
     def token_logp(self, ids: Tensor, temperature: float) -> Tensor:
         if temperature != 1:
@@ -134,6 +150,9 @@ class Sparse(NamedTuple):
         k = self.index.shape[-1]
         return Sparse(self.index.gather(1, positions[..., None].expand(-1, -1, k)), self.logp.gather(1, positions[..., None].expand(-1, -1, k)),
                       self.scored.gather(1, positions))
+
+    def listed(self) -> int:
+        return self.index.shape[-1]
 
     def defined(self) -> None:
         return None
@@ -224,7 +243,7 @@ def build(item: Any, role: str, load: Any) -> TeacherSource:
         try:
             return Served(**spec)
         except TypeError as err:
-            raise ConfigError(f"{role}: {err}; a served teacher takes url, model, name, top_k, timeout_s, retries") from None
+            raise ConfigError(f"{role}: {err}; a served teacher takes url, model, name, top_k, timeout_s, retries, tokenizer") from None
     return InProcess(load(spec["name"], role, spec.get("dtype")), source_name(spec))
 
 
