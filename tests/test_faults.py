@@ -114,7 +114,8 @@ def test_an_unknown_sweep_ends_with_one_line_listing_the_sweeps(tmp_path):
                          capture_output=True, text=True, timeout=120, env=env)
     errors = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(errors) == 1, out.stderr[-3000:]
-    assert errors[0].startswith("error: ") and "Available options in 'sweep': default, paper_table1, quick" in errors[0], errors
+    sweeps = ", ".join(sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml")))  # every sweep file, in Hydra's order
+    assert errors[0].startswith("error: ") and f"Available options in 'sweep': {sweeps}" in errors[0], errors
 
 
 def test_killed_and_finished_runs_are_never_removed_or_overwritten(tmp_path):
