@@ -105,6 +105,9 @@ def test_a_teacher_without_a_view_at_a_position_gets_no_weight_there_and_the_oth
         def defined(self):
             return self.where
 
+        def unmatched(self, k, tau):
+            return None
+
     torch.manual_seed(0)
     a, b = Dense(torch.randn(1, 3, 10)), Dense(torch.randn(1, 3, 10))
     for given in ("weight", "log_weight"):
@@ -257,3 +260,55 @@ def test_the_spelled_split_reads_two_digit_numbers_as_the_same_teacher_with_the_
     assert torch.equal(firsts[True][mask], same[mask])  # every position, the two-digit numbers included
     first_digit = torch.tensor([[tokenizer.convert_tokens_to_ids(w[0]) for w in row] for row in words])
     assert torch.equal(firsts[False][two_digit], first_digit[two_digit])  # unspelled: "1" where the answer is "18"
+
+
+def test_golds_hybrid_reads_the_teachers_unmatched_tokens_and_the_students_by_hand():
+    """model.teacher_unmatched=uld: before the student's "18" the teacher's view has p("1") = 0.5, p("3") = 0.4 and
+    p("~~8") = 0.1; "~~8" (a continuing digit) has no student token of its text, so it heads the unmatched list,
+    which the student's two-digit numbers face (they have no teacher token of their text), and "1" and "3" do not.
+    The share of the distance is GOLD's: 1 - matched / the teacher's vocabulary. Without it, no unmatched part."""
+    from grpokd.models.tokenizer import build_tokenizer
+    from grpokd.teachers.cross import Aligned
+    from grpokd.teachers.sources import Dense
+
+    student, teacher = build_tokenizer("llama"), build_tokenizer("llama", "subword")
+    s, t = student.get_vocab(), teacher.get_vocab()
+    completions = Tokens(torch.tensor([[s["18"], s["</s>"]]]), torch.ones(1, 2, dtype=torch.long))
+    views = torch.full((1, 3, len(teacher)), -40.0)
+    views[0, 0, [t["1"], t["3"], t["~~8"]]] = torch.tensor([0.5, 0.4, 0.1]).log()
+    model = InProcess(loading.load_model("tiny-llama-teacher-subword"), "sub")
+    for uld in (False, True):
+        source = CrossTokenizer(model, teacher, student, lambda q, _: q, True, 8, [s["</s>"]], "model.teachers[0]", uld=uld)
+        aligned = Aligned(Dense(views), source.layout(completions), source.vocabulary, source.spellings, len(student), source.share)
+        if not uld:
+            assert source.share == 0.0 and aligned.unmatched(4, 1.0) is None
+            continue
+        matched = int((source.vocabulary >= 0).sum())
+        assert 0 < matched < len(teacher) and source.share == pytest.approx(1 - matched / len(teacher))
+        logp, student_side, share = aligned.unmatched(4, 1.0)
+        assert logp.shape == (1, 2, 4) and share.item() == pytest.approx(source.share)
+        assert logp[0, 0, 0].exp().item() == pytest.approx(0.1, abs=1e-6) and (logp[0, 0, 1:].exp() < 1e-6).all()
+        assert (logp[0, 0].diff() <= 0).all()  # descending
+        assert student_side[s["18"]] and student_side[s["20"]] and not student_side[s["1"]] and not student_side[s["3"]]
+        assert not student_side[s["</s>"]]  # the teacher's end token answers for it
+        assert int((~student_side).sum()) == len(set(source.vocabulary[source.vocabulary >= 0].tolist()))
+
+
+@pytest.mark.slow
+def test_a_run_with_golds_hybrid_as_a_user_types_it(tmp_path):
+    """J' taught by the subword teacher with model.teacher_unmatched=uld: finite, non-zero KD in the logged metrics."""
+    import csv
+    import math
+
+    from conftest import compose
+
+    from grpokd.train import train
+
+    results = train(compose([
+        "objective=j1", "model.teachers=[tiny-llama-teacher-subword]", "model.teacher_top_k=8", "model.teacher_unmatched=uld",
+        "model.teacher_spelling=false", "logger=none", "log.csv=true", "eval_pass_k=0", "eval_before=false", "data.val_size=4",
+        "data.test_size=4", "data.prompts_per_step=2", "group_size=2", "trainer.max_steps=2",
+    ], tmp_path))
+    assert results["status"] == "complete"
+    rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r.get("train/loss")]
+    assert len(rows) == 2 and all(math.isfinite(float(r["train/kd"])) and float(r["train/kd"]) > 0 for r in rows)

@@ -91,6 +91,7 @@ BATTERY = [
     (["rollout.engine=nosuch"], "rollout.engine=nosuch: no such engine; the engines are builtin, vllm"),
     (["model=tiny", "rollout.engine=vllm"], "rollout.engine=vllm samples causal LMs only; model.student=tiny-t5-student is seq2seq"),
     (["rollout.importance_cap=0"], "rollout.importance_cap=0 must be > 0"),
+    (["model.teacher_unmatched=sorted"], "model.teacher_unmatched='sorted' is not one of tail, uld"),
     (["objective=j1", 'model.teachers=[{url:"http://127.0.0.1:9/v1"}]'], "model.teachers[0] is served (top-k log-probs only): set model.teacher_top_k"),
     (["objective=j1", "model.teacher_top_k=5", 'model.teachers=[{url:"http://127.0.0.1:9/v1"}]'], "tau=2.0: model.teachers[0] is served and gives log-probs at temperature 1"),
     (["objective=j1", "model.teacher_top_k=5", "tau=1", 'model.teachers=[{url:"http://127.0.0.1:9/v1"}]'], "model.teachers[0]: no teacher server at http://127.0.0.1:9/v1"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from grpokd.errors import ConfigError
-from grpokd.objectives.base import Batch, KDStates, TopK
+from grpokd.objectives.base import Batch, KDStates, TopK, Unmatched
 from grpokd.objectives.kd import forward_kd, reverse_kd, sparse_mixture
 from grpokd.objectives.logits import ChunkedLogits
 from grpokd.objectives.terms.teacher_guide import TeacherGuide
@@ -104,6 +104,47 @@ def test_two_teachers_are_weighted_each_on_its_own_top_k():
     assert value.item() == pytest.approx(0.25 * a + 0.75 * b, rel=1e-5)
 
 
+def hybrid(share: float, unmatched_p: list[float]) -> TopK:
+    """One position, one teacher: its matched list p(0) = 0.5, p(1) = 0.3 and tail 0.2; its unmatched tokens'
+    probabilities `unmatched_p` (descending); the student's tokens 2 and 3 have no counterpart in its vocabulary."""
+    unmatched = Unmatched(torch.tensor(unmatched_p).log().view(1, 1, 1, -1), torch.tensor([[False, False, True, True]]), torch.tensor([share]))
+    logp = torch.tensor([0.5, 0.3]).log().view(1, 1, 1, 2)
+    return TopK(torch.tensor([0, 1]).view(1, 1, 1, 2), logp, torch.tensor(0.2).log().view(1, 1, 1), torch.ones(1, 1, 1), unmatched)
+
+
+@pytest.mark.parametrize("divergence,reverse", [(forward_kd, False), (reverse_kd, True)])
+def test_golds_hybrid_by_hand(divergence, reverse):
+    """(1 - share) * KL on the matched list and its tail + share * ULD's sorted L1 on the unmatched tokens: the
+    student's q = (0.4, 0.3, 0.2, 0.1) has (0.2, 0.1) there, sorted; the teacher (0.15, 0.05) and nothing more."""
+    student = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().view(1, 1, 4)
+    p, q = [0.5, 0.3, 0.2], [0.4, 0.3, 0.3]  # the k + 1 outcomes: tokens 0, 1 and the tail
+    kl = sum(a * math.log(a / b) for a, b in (zip(q, p) if reverse else zip(p, q)))
+    uld = abs(0.2 - 0.15) + abs(0.1 - 0.05) + abs(0.0 - 0.0)
+    value = divergence(KDStates(student, torch.ones(1, 1), 1.0, top_k=hybrid(0.25, [0.15, 0.05, 0.0])))
+    assert value.item() == pytest.approx(0.75 * kl + 0.25 * uld, rel=1e-5)
+
+
+def test_golds_hybrid_with_share_zero_is_the_plain_sparse_kd_and_its_distance_is_zero_where_the_sorted_lists_agree():
+    teachers, student, log_weights = teachers_and_student(2)
+    mixed_k = mixed(TopKMixer(1.0, 3), teachers, log_weights).top_k
+    empty = Unmatched(torch.full((N, T, M, 3), -math.inf), torch.zeros(M, V, dtype=torch.bool), torch.zeros(M))
+    values, grads = [], []
+    for top_k in (mixed_k, mixed_k._replace(unmatched=empty)):
+        value = forward_kd(KDStates(student, torch.ones(N, T), 1.0, top_k=top_k))
+        values.append(value)
+        grads.append(torch.autograd.grad(value.sum(), student)[0])
+    torch.testing.assert_close(values[1], values[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    # the distance alone (share 1): the student's unmatched probabilities as the teacher's list, in another order
+    q = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    top_k = hybrid(1.0, [0.2, 0.1])._replace(logp=torch.full((1, 1, 1, 2), -math.inf))  # no matched entries, tail 0.2
+    top_k = top_k._replace(tail=torch.tensor(0.7).log().view(1, 1, 1))  # KL part weighted 0
+    value = forward_kd(KDStates(q.log().view(1, 1, 4), torch.ones(1, 1), 1.0, top_k=top_k))
+    assert value.item() == pytest.approx(0.0, abs=1e-6)
+    moved = forward_kd(KDStates(q.flip(0).log().view(1, 1, 4), torch.ones(1, 1), 1.0, top_k=top_k))  # (0.1, 0.2, 0.3, 0.4): 0.4 and 0.3 there
+    assert moved.item() == pytest.approx(abs(0.4 - 0.2) + abs(0.3 - 0.1), rel=1e-5)
+
+
 def test_the_tail_is_exact_when_the_top_k_hold_nearly_all_the_mass():
     # log(1 - sum) would round to log(0) in float32 here; the tail is the log-sum-exp of the tokens left out
     top_k = one_teacher([1 - 2e-9, 1e-9, 1e-9], 1)
@@ -121,9 +162,15 @@ def test_kd_is_zero_when_the_student_is_the_teacher_at_any_k():
         assert forward_kd(kd).abs().max() < 1e-5 and reverse_kd(kd).abs().max() < 1e-5
 
 
-def test_chunked_student_logits_give_the_same_sparse_kd():
+@pytest.mark.parametrize("with_hybrid", [False, True])
+def test_chunked_student_logits_give_the_same_sparse_kd(with_hybrid):
     teachers, student, log_weights = teachers_and_student(1)
     sparse = mixed(TopKMixer(1.0, 3), teachers, log_weights)
+    if with_hybrid:  # GOLD's hybrid: each teacher's 2 unmatched tokens, the student's tokens 5 and 6 without counterpart
+        unmatched = torch.rand(N, T, M, 2).sort(-1, descending=True).values * 0.1
+        student_side = torch.zeros(M, V, dtype=torch.bool)
+        student_side[:, 5:] = True
+        sparse = sparse._replace(top_k=sparse.top_k._replace(unmatched=Unmatched(unmatched.log(), student_side, torch.tensor([0.3, 0.6]))))
     hidden = torch.randn(N, T, 5, requires_grad=True)
     head = torch.randn(V, 5)
     whole = forward_kd(KDStates(hidden @ head.T, torch.ones(N, T), 1.0, *sparse))

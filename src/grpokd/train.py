@@ -40,9 +40,10 @@ from grpokd.models.lm import end_token_ids
 from grpokd.models.student import LoRA, add_lora, enable_checkpointing, lora_config, save_student
 from grpokd.module import GRPOKDModule, Optim
 from grpokd.objectives import coefficients
+from grpokd.objectives.functional import check_choice
 from grpokd.rollout import Sampling
 from grpokd.teachers import TeacherEnsemble, align, sources
-from grpokd.teachers.cross import CrossTokenizer
+from grpokd.teachers.cross import UNMATCHED, CrossTokenizer
 
 MODES = ("train", "eval")
 
@@ -154,6 +155,7 @@ def check_all(cfg: DictConfig) -> Prepared:
     for key in ("logit_chunk", "teacher_top_k"):
         if cfg.model.get(key) is not None:
             check_range(f"model.{key}", cfg.model[key], low=1, integer=True)
+    check_choice("model.teacher_unmatched", cfg.model.get("teacher_unmatched", "tail"), UNMATCHED)
     if cfg.mode == "train" and objective.needs.rollouts and sampling.group_size < 2:
         raise ConfigError(
             f"group_size={sampling.group_size}: objective {cfg.objective.name} compares completions within a group; set group_size>=2"
@@ -471,7 +473,7 @@ def load_teachers(cfg: DictConfig, own: dict[int, Any], tokenizer, end_ids: list
     for i, theirs in own.items():
         render, special_tokens = teacher_layout(prep.prompt_formats, theirs)
         teachers[i] = CrossTokenizer(teachers[i], theirs, tokenizer, render, special_tokens, sampling.max_prompt_len, end_ids, f"model.teachers[{i}]",
-                                     cfg.model.get("teacher_spelling", True))
+                                     cfg.model.get("teacher_spelling", True), cfg.model.get("teacher_unmatched", "tail") == "uld")
         shared, top_k = int((teachers[i].vocabulary >= 0).sum()), cfg.model.get("teacher_top_k")
         if top_k is not None and top_k > shared:
             raise ConfigError(f"model.teacher_top_k={top_k}: only {shared} tokens of model.teachers[{i}] have a student token of the same text; use at most {shared}")

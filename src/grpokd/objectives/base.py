@@ -60,6 +60,20 @@ class Needs:
         return not self.rollouts or self.kd_on_gold or (self.teachers and weighting_needs_gold)
 
 
+class Unmatched(NamedTuple):
+    """GOLD's hybrid for teachers with their own tokenizer (`model.teacher_unmatched=uld`): the tokens with no
+    counterpart of the same text in the other vocabulary are compared by ULD's sorted-probability L1 distance
+    (Boizard et al. 2024), sum_r |q_(r) - p_(r)| over the r-th largest probabilities of each side's unmatched
+    tokens, here the k largest. Teacher i's KD is (1 - share_i) times its divergence on the k + 1 outcomes of
+    `TopK` plus share_i times that distance, share_i = 1 - (its matched tokens / its vocabulary) as GOLD weighs them.
+    A teacher without unmatched tokens (the student's tokenizer) has share 0 and an empty list: its KD is unchanged.
+    """
+
+    logp: Tensor  # [N, T, M, k] each teacher's k most likely unmatched tokens' log-probs at tau, descending (-inf: none)
+    student: Tensor  # [M, V] bool, the student's tokens that no token of teacher i has the text of
+    share: Tensor  # [M] the distance's share of teacher i's KD
+
+
 class TopK(NamedTuple):
     """Sparse teacher signals: each teacher's k most likely tokens at each position and one tail bucket.
 
@@ -73,6 +87,7 @@ class TopK(NamedTuple):
     logp: Tensor  # [N, T, M, k] log p_i of them, at tau
     tail: Tensor  # [N, T, M] log p_i(tail)
     weight: Tensor  # [N, T, M] w_i, sum 1 over M, detached
+    unmatched: Unmatched | None = None  # GOLD's hybrid, for teachers with their own tokenizer (None: KL on the k + 1 outcomes alone)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def forward_kd(kd: KDStates) -> Tensor:
         [N, T].
     """
     if kd.top_k is not None:
-        return kd.tau**2 * per_position(kd.logits, partial(sparse_divergences, tau=kd.tau, reverse=False), *kd.top_k)  # [N, T]
+        return sparse_kd(kd, reverse=False)  # [N, T]
     if kd.pbar is None or kd.neg_entropy is None:
         raise ValueError("forward_kd needs kd.pbar and kd.neg_entropy (a forward TeacherMixer)")
     cross = per_position(kd.logits, partial(_cross_entropy_sum, tau=kd.tau), kd.pbar.detach())  # [N, T]
@@ -73,7 +73,7 @@ def reverse_kd(kd: KDStates) -> Tensor:
         [N, T].
     """
     if kd.top_k is not None:
-        return kd.tau**2 * per_position(kd.logits, partial(sparse_divergences, tau=kd.tau, reverse=True), *kd.top_k)  # [N, T]
+        return sparse_kd(kd, reverse=True)  # [N, T]
     if kd.lbar is None:
         raise ValueError("reverse_kd needs kd.lbar (a reverse TeacherMixer)")
     return kd.tau**2 * per_position(kd.logits, partial(_reverse_divergence, tau=kd.tau), kd.lbar.detach())  # [N, T]
@@ -83,6 +83,44 @@ def _reverse_divergence(logits: Tensor, lbar: Tensor, tau: float) -> Tensor:
     """sum_a q(a) (log q(a) - lbar(a)), q = softmax(logits / tau): [.., V], [.., V] -> [..]."""
     log_q = F.log_softmax(logits.float() / tau, dim=-1)
     return (log_q.exp() * (log_q - lbar)).sum(-1)
+
+
+def sparse_kd(kd: KDStates, reverse: bool) -> Tensor:
+    """sum_i w_i tau^2 KL(p_i || q) (KL(q || p_i) with `reverse`) on each teacher's k + 1 outcomes (`TopK`); with
+    GOLD's hybrid (`Unmatched`) teacher i's term is (1 - share_i) times that plus share_i times ULD's sorted L1
+    distance on the unmatched tokens (`sorted_distance`, symmetric, not scaled by tau^2). [N, T]."""
+    top = kd.top_k
+    divergence = partial(sparse_divergences, tau=kd.tau, reverse=reverse)
+    if top.unmatched is None:
+        return kd.tau**2 * per_position(kd.logits, divergence, top.index, top.logp, top.tail, top.weight)  # [N, T]
+    share = top.unmatched.share.to(top.weight)  # [M]
+    matched = kd.tau**2 * per_position(kd.logits, divergence, top.index, top.logp, top.tail, top.weight * (1 - share))  # [N, T]
+    distance = partial(sorted_distance, student=top.unmatched.student, tau=kd.tau)
+    return matched + per_position(kd.logits, distance, top.unmatched.logp, top.weight * share)  # [N, T]
+
+
+def sorted_distance(logits: Tensor, logp: Tensor, weight: Tensor, student: Tensor, tau: float) -> Tensor:
+    """ULD's distance (Boizard et al. 2024) on the tokens each side has no counterpart for, as GOLD's hybrid uses it:
+    sum_i w_i sum_{r<k} |q_(r) - p_i(r)|, q_(r) the r-th largest of the student's probabilities on the tokens in
+    `student[i]` (0 past their number), p_i(r) teacher i's r-th largest on its unmatched tokens.
+
+    Args:
+        logits: [.., V] the student's (untempered); q = softmax(logits / tau).
+        logp: [.., M, k] each teacher's unmatched log-probs at tau, descending (-inf: fewer than k).
+        weight: [.., M].
+        student: [M, V] bool.
+
+    Returns:
+        [..].
+    """
+    q = F.softmax(logits.float() / tau, dim=-1)  # [.., V]
+    k = logp.shape[-1]
+    distances = []
+    for i in range(logp.shape[-2]):  # one [.., V] at a time
+        ranked = q.masked_fill(~student[i].to(q.device), 0.0).topk(min(k, q.shape[-1]), dim=-1).values  # [.., k'] descending
+        ranked = F.pad(ranked, (0, k - ranked.shape[-1]))  # [.., k]
+        distances.append((ranked - logp[..., i, :].float().exp()).abs().sum(-1))  # [..]
+    return (weight.float() * torch.stack(distances, -1)).sum(-1)  # [..]
 
 
 def sparse_divergences(

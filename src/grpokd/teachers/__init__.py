@@ -46,7 +46,7 @@ from torch import Tensor
 
 from grpokd.errors import ConfigError, check_range
 from grpokd.models.lm import Tokens
-from grpokd.objectives.base import KDStates, Needs, TopK
+from grpokd.objectives.base import KDStates, Needs, TopK, Unmatched
 from grpokd.objectives.functional import masked_mean
 from grpokd.objectives.logits import Logits
 from grpokd.rollout import Rollout
@@ -212,6 +212,7 @@ class TopKMixer:
         self._tail: list[Tensor] = []  # [N, T]
         self._weight: list[Tensor] = []  # [N, T] weight or log-weight
         self._defined: list[Tensor | None] = []  # [N, T] where each teacher has a next-token view (None: everywhere)
+        self._unmatched: list[Unmatched | None] = []  # GOLD's hybrid part of a teacher with its own tokenizer (None: without)
 
     @torch.no_grad()
     def add(self, teacher: Signal | Tensor, weight: Tensor | float | None = None, log_weight: Tensor | None = None) -> None:
@@ -225,6 +226,7 @@ class TopKMixer:
         signal = as_signal(teacher)
         index, values, tail = signal.top_k(self.k, self.tau)  # [N, T, k] twice, [N, T]
         self._defined.append(signal.defined())
+        self._unmatched.append(signal.unmatched(self.k, self.tau))
         self._index.append(index)
         self._logp.append(values)
         self._tail.append(tail)
@@ -243,8 +245,17 @@ class TopKMixer:
             defined = torch.stack([torch.ones_like(w, dtype=torch.bool) if d is None else d for d, w in zip(self._defined, self._weight)], -1)  # [N, T, M]
             weight = weight * defined
             weight = weight / weight.sum(-1, keepdim=True).clamp(min=torch.finfo(weight.dtype).tiny)  # 0 where no teacher has one
-        top_k = TopK(torch.stack(self._index, -2), torch.stack(self._logp, -2), torch.stack(self._tail, -1), weight)
+        top_k = TopK(torch.stack(self._index, -2), torch.stack(self._logp, -2), torch.stack(self._tail, -1), weight, self._stacked_unmatched())
         return Mixture(None, None, None, top_k)
+
+    def _stacked_unmatched(self) -> Unmatched | None:
+        """The teachers' `Unmatched` parts on dim 2 (dim 0 for student, share); a teacher without one has share 0."""
+        given = [u for u in self._unmatched if u is not None]
+        if not given:
+            return None
+        none = Unmatched(torch.full_like(self._logp[0], -math.inf), torch.zeros_like(given[0].student), torch.zeros_like(given[0].share))
+        parts = [none if u is None else u for u in self._unmatched]
+        return Unmatched(torch.stack([u.logp for u in parts], -2), torch.stack([u.student for u in parts]), torch.stack([u.share for u in parts]))
 
 
 class Uniform:

@@ -20,6 +20,7 @@ tokens through the completion's chunks (`teachers.align`):
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,16 +28,19 @@ from functools import cached_property
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from grpokd.errors import ConfigError
 from grpokd.models.lm import Tokens, tokenize_prompts
+from grpokd.objectives.base import Unmatched
 from grpokd.objectives.kd import sparse_divergences
 from grpokd.objectives.logits import Logits, per_position
 from grpokd.teachers.align import AlignmentError, Spellings, align, decoded_spans, encoded_spans
 from grpokd.teachers.sources import Signal, TeacherSource, Texts, tail_mass
 
+UNMATCHED = ("tail", "uld")  # model.teacher_unmatched: where a teacher token with no student token of its text goes
 KL_TOP_K = 64  # tokens of the teacher's list the per-teacher KL metrics read (fewer if fewer map)
 
 
@@ -71,6 +75,7 @@ class Aligned:
     vocabulary: Tensor  # [V_teacher] long: the student token of each teacher token, -1 where none
     spellings: Spellings
     student_vocab: int  # V, the student's vocabulary
+    share: float = 0.0  # GOLD's hybrid: the share of ULD's distance on the unmatched tokens in the KD (0: none, their mass in the tail)
 
     @cached_property
     def here(self) -> Signal:
@@ -119,6 +124,20 @@ class Aligned:
         index[rows, cols], values[rows, cols], tail[rows, cols] = top, top_logp, tail_mass(top_logp)
         return index, values, tail
 
+    def unmatched(self, k: int, tau: float) -> Unmatched | None:
+        """The teacher's k most likely tokens with no student token of their text, and the student's tokens no
+        teacher token has the text of (`objectives.base.Unmatched`, GOLD's hybrid); None without it."""
+        if not self.share:
+            return None
+        keep = self.vocabulary < 0  # [V_teacher]
+        kept = min(k, int(keep.sum()), self.inner.listed())
+        where = self.layout.where
+        listed = self.here.top_k(kept, tau, keep=keep)[1] if kept else torch.empty(*where.shape, 0, device=where.device)  # [N, T, k']
+        logp = F.pad(listed, (0, k - kept), value=-math.inf)  # [N, T, k] descending
+        student = torch.ones(self.student_vocab, dtype=torch.bool, device=logp.device)
+        student[self.vocabulary[self.vocabulary >= 0]] = False  # [V]
+        return Unmatched(logp, student, torch.tensor(self.share, device=logp.device))
+
     def token_logp(self, ids: Tensor, temperature: float) -> Tensor:
         return spread(self.inner.token_logp(self.layout.teacher.ids, temperature), self.layout)
 
@@ -154,11 +173,14 @@ class CrossTokenizer(torch.nn.Module):
         role: the teacher's config key, for errors.
         spell: split the first-token mass of the student tokens it spells in several tokens (`Aligned._spell`;
             model.teacher_spelling). False: each teacher token's mass goes to the student token of its own text.
+        uld: GOLD's hybrid (model.teacher_unmatched=uld): the tokens with no counterpart of the same text are
+            compared by ULD's sorted L1 distance, its share of the KD 1 - (matched tokens / the teacher's vocabulary)
+            (`objectives.base.Unmatched`). False: their mass is in the tail bucket.
     """
 
     def __init__(self, inner: TeacherSource, tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase,
                  render: Callable[[str, str], str], special_tokens: bool, max_prompt_len: int, student_end_ids: list[int], role: str,
-                 spell: bool = True) -> None:
+                 spell: bool = True, uld: bool = False) -> None:
         super().__init__()
         self.spell = spell
         self.inner, self.name = inner, inner.name
@@ -171,6 +193,7 @@ class CrossTokenizer(torch.nn.Module):
         self.spellings = Spellings(student_tokenizer, tokenizer)
         self.vocabulary = self.spellings.vocabulary()  # [V_teacher]
         self.vocabulary[self.end_id] = student_end_ids[0]
+        self.share = 1 - int((self.vocabulary >= 0).sum()) / len(self.vocabulary) if uld else 0.0  # GOLD's adaptive weight
 
     def signal(self, prompts: Tokens, completions: Tokens, vocab_size: int, texts: Texts | None = None) -> Aligned:
         if texts is None:
@@ -180,7 +203,7 @@ class CrossTokenizer(torch.nn.Module):
         teacher_prompts = tokenize_prompts(self.tokenizer, rendered, self.max_prompt_len, self.special_tokens).to(device)  # [B, P']
         layout = self.layout(completions)
         inner = self.inner.signal(teacher_prompts, layout.teacher, len(self.tokenizer))
-        return Aligned(inner, layout, self.vocabulary.to(device), self.spellings, vocab_size)
+        return Aligned(inner, layout, self.vocabulary.to(device), self.spellings, vocab_size, self.share)
 
     def layout(self, completions: Tokens) -> Layout:
         """Each completion's text in the teacher's tokens and its chunks (`align`)."""

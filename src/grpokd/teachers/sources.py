@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from grpokd.errors import ConfigError
 from grpokd.models.lm import Tokens, completion_logits, token_logp
+from grpokd.objectives.base import Unmatched
 from grpokd.objectives.functional import entropy
 from grpokd.objectives.kd import sparse_divergences
 from grpokd.objectives.logits import Logits, per_position
@@ -36,6 +37,10 @@ class Signal(Protocol):
     def top_k(self, k: int, tau: float, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Its k most likely tokens at temperature tau: (index [N, T, k], log-probs [N, T, k], log tail mass [N, T]);
         with `keep` [V] bool, the k most likely of the kept tokens (the others' mass is in the tail)."""
+
+    def unmatched(self, k: int, tau: float) -> "Unmatched | None":
+        """GOLD's hybrid part (`objectives.base.Unmatched`, one teacher: logp [N, T, k], student [V], share []) for a
+        teacher with its own tokenizer read so (`model.teacher_unmatched=uld`); None: every token has its counterpart."""
 
     def token_logp(self, ids: Tensor, temperature: float) -> Tensor:
         """[N, T] log-probs of the scored tokens `ids` at `temperature`."""
@@ -78,6 +83,9 @@ class Dense(NamedTuple):
         # the tail's log-mass over the tokens left out, exactly (not log(1 - sum), which rounds to -inf near 1)
         tail = log_p.scatter_(-1, index, -math.inf).logsumexp(-1) if k < vocab else torch.full_like(values[..., 0], -math.inf)
         return index, values, tail
+
+    def unmatched(self, k: int, tau: float) -> None:
+        return None
 
     def token_logp(self, ids: Tensor, temperature: float) -> Tensor:
         return token_logp(self.logits / temperature, ids)
@@ -129,6 +137,9 @@ class Sparse(NamedTuple):
         index = torch.where(listed, index, first)
         logp = logp.masked_fill(~listed, -math.inf)
         return index, logp, tail_mass(logp)
+
+    def unmatched(self, k: int, tau: float) -> None:
+        return None
 
     def token_logp(self, ids: Tensor, temperature: float) -> Tensor:
         if temperature != 1:
