@@ -60,8 +60,11 @@ def headline(results: dict) -> list[str]:
 
     shown = [a for a in (accuracy("accuracy_before"), accuracy("accuracy_after"), accuracy("accuracy")) if a]
     run_dir = Path(results["run_dir"])
-    files = [name for name in ("results.json", "predictions.jsonl") if (run_dir / name).is_file()]
+    files = [name for name in ("results.json", "predictions.jsonl", "predictions_val.jsonl") if (run_dir / name).is_file()]
     lines = [f"test accuracy ({results['test_size']} problems, 95% intervals): {' -> '.join(shown)}"] if shown else []
+    if "val/accuracy_ci95" in results and not shown:  # mode=eval eval_split=val
+        low, high = results["val/accuracy_ci95"]
+        lines = [f"val accuracy ({results['val_size']} problems, 95% intervals): {100 * results['val/accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"]
     return [*lines, f"{' and '.join(files)} are in the run directory", f"run directory: {run_dir}"]
 
 

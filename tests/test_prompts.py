@@ -59,6 +59,13 @@ def test_chat_render_is_the_templates_own_rendering(tokenizer):
     assert own == tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}], tokenize=False, add_generation_prompt=True
     )
+    # dataset.instruction_in=system: the instruction is the system message, after the given one when there is one
+    assert PromptFormat(instruction="End with ####.", instruction_in="system").render(tokenizer, "q") == (
+        "<|im_start|>system\nEnd with ####.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert PromptFormat(system="Be brief.", instruction="End with ####.", instruction_in="system").render(tokenizer, "q").startswith(
+        "<|im_start|>system\nBe brief.\n\nEnd with ####.<|im_end|>\n<|im_start|>user\nq<|im_end|>"
+    )
 
 
 def test_render_prompts_renders_every_split_and_keeps_them_apart(tokenizer):

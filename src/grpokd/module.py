@@ -149,7 +149,8 @@ class GRPOKDModule(L.LightningModule):
         self.samples_every = samples_every
         self.samples_dir = Path(samples_dir) if samples_dir is not None else None
         self.vocab_size = len(tokenizer)
-        self.eval_tag = "accuracy"  # test metric key: test/<eval_tag>
+        self.eval_tag = "accuracy"  # test metric key: <eval_split>/<eval_tag>
+        self.eval_split = "test"  # the split trainer.test scores: test, or val (mode=eval eval_split=val)
         self.val_accuracy = MeanMetric()
         self.test_accuracy = MeanMetric()
         self._step_start = 0.0  # perf_counter at the start of the current training batch
@@ -325,25 +326,26 @@ class GRPOKDModule(L.LightningModule):
     def test_step(self, examples: dict[str, list[str]], batch_idx: int) -> None:
         result = self.greedy(examples)
         self.test_accuracy.update(result.rewards)
-        self.log(f"test/{self.eval_tag}", self.test_accuracy, batch_size=len(examples["prompt"]))
-        self.log_by_component("test", self.eval_tag, self.test_by_component, examples, result.rewards)
+        self.log(f"{self.eval_split}/{self.eval_tag}", self.test_accuracy, batch_size=len(examples["prompt"]))
+        self.log_by_component(self.eval_split, self.eval_tag, self.test_by_component, examples, result.rewards)
         world, done = self.trainer.world_size, len(self._predictions)  # rank r of W evaluates examples r, r+W, ...
         indices = [(done + j) * world + self.global_rank for j in range(len(result.completions))]
         self._predictions += evaluation.prediction_rows(examples, result, self.reward, indices)
 
     def on_test_epoch_end(self) -> None:
         """The test evaluation's predictions, one JSON line per problem in split order: <run_dir>/predictions.jsonl
-        (predictions_before.jsonl for the evaluation before training), and a W&B table test/predictions."""
+        (predictions_before.jsonl for the evaluation before training, predictions_val.jsonl for mode=eval
+        eval_split=val), and a W&B table <split>/predictions."""
         rows = sorted((row for rank_rows in parallel.gather(self._predictions) for row in rank_rows), key=lambda row: row["index"])
         if not rows:
             return
-        name = "predictions_before.jsonl" if self.eval_tag == "accuracy_before" else "predictions.jsonl"
+        name = "predictions_before.jsonl" if self.eval_tag == "accuracy_before" else "predictions.jsonl" if self.eval_split == "test" else "predictions_val.jsonl"
         if self.samples_dir is not None and self.trainer.is_global_zero:
             runtime.atomic_write(self.samples_dir / name, "".join(json.dumps(row) + "\n" for row in rows).encode())
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 columns = list(rows[0])
-                logger.log_table(key=f"test/predictions/{self.eval_tag}", columns=columns, data=[[r[c] for c in columns] for r in rows])
+                logger.log_table(key=f"{self.eval_split}/predictions/{self.eval_tag}", columns=columns, data=[[r[c] for c in columns] for r in rows])
 
     # --- checkpoints: each rank's RNG state and pending rollout, no frozen models -------------------
 

@@ -46,6 +46,7 @@ from grpokd.teachers import TeacherEnsemble, align, sources
 from grpokd.teachers.cross import UNMATCHED, CrossTokenizer
 
 MODES = ("train", "eval")
+EVAL_SPLITS = ("test", "val")  # what mode=eval scores
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,9 @@ def check_all(cfg: DictConfig) -> Prepared:
     for key in ("logit_chunk", "teacher_top_k"):
         if cfg.model.get(key) is not None:
             check_range(f"model.{key}", cfg.model[key], low=1, integer=True)
+    check_choice("eval_split", cfg.get("eval_split", "test"), EVAL_SPLITS)
+    if cfg.get("eval_split", "test") == "val" and cfg.data.val_size == 0:
+        raise ConfigError("eval_split=val scores the validation split, and data.val_size=0 holds none out; set data.val_size")
     check_choice("model.teacher_unmatched", cfg.model.get("teacher_unmatched", "tail"), UNMATCHED)
     if cfg.mode == "train" and objective.needs.rollouts and sampling.group_size < 2:
         raise ConfigError(
@@ -238,7 +242,7 @@ def dataset_components(cfg: DictConfig) -> list[Component]:
         template = node.get("prompt_template", "{prompt}")
         splits = Splits(*(tagged(split, name, template, f"{key}.prompt_template") for split in (splits.train, splits.test)))
         reward = instantiate_group(node.reward, f"{key}.reward")
-        prompt_format = prompts.PromptFormat(cfg.dataset.get("chat"), node.get("system"), node.get("instruction"))
+        prompt_format = prompts.PromptFormat(cfg.dataset.get("chat"), node.get("system"), node.get("instruction"), node.get("instruction_in", "user"))
         components.append(Component(name, splits, reward, prompt_format, weights.get(name, 1.0)))
     return components
 
@@ -518,17 +522,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], r
     return trainer
 
 
-def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str) -> dict[str, Any]:
-    """Greedy test accuracy, logged as test/<tag>, with its 95% interval (test/<tag>_ci95), and per component of a
-    `dataset=mix` (test/<component>/<tag>); predictions.jsonl."""
-    module.eval_tag = tag
+def evaluate(trainer: L.Trainer, module: GRPOKDModule, data: TaskData, tag: str, split: str = "test") -> dict[str, Any]:
+    """Greedy accuracy on `split` (test, or val), logged as <split>/<tag>, with its 95% interval (<split>/<tag>_ci95),
+    and per component of a `dataset=mix` (<split>/<component>/<tag>); predictions.jsonl (predictions_val.jsonl)."""
+    module.eval_tag, module.eval_split, data.evaluated = tag, split, split
+    examples = data.val_set if split == "val" else data.test_set
     logged = trainer.test(module, datamodule=data, verbose=False)[0]
-    accuracy = float(logged[f"test/{tag}"])
-    results = {f"test/{tag}": accuracy, f"test/{tag}_ci95": with_interval(accuracy, len(data.test_set))}
+    accuracy = float(logged[f"{split}/{tag}"])
+    results = {f"{split}/{tag}": accuracy, f"{split}/{tag}_ci95": with_interval(accuracy, len(examples))}
     for name in module.components:
-        count = sum(ex.component == name for ex in data.test_set)
-        results[f"test/{name}/{tag}"] = float(logged[f"test/{name}/{tag}"])
-        results[f"test/{name}/{tag}_ci95"] = with_interval(results[f"test/{name}/{tag}"], count)
+        count = sum(ex.component == name for ex in examples)
+        results[f"{split}/{name}/{tag}"] = float(logged[f"{split}/{name}/{tag}"])
+        results[f"{split}/{name}/{tag}_ci95"] = with_interval(results[f"{split}/{name}/{tag}"], count)
     return results
 
 
@@ -597,6 +602,7 @@ def run_job(cfg: DictConfig, prep: Prepared, run_dir: Path, share: runtime.CpuSh
         "steps": trainer.global_step,
         "wall_time_s": round(clock.elapsed(), 1),
         "test_size": len(prep.data.test_set),
+        "val_size": len(prep.data.val_set),
         "run_dir": str(run_dir),
         "status": "complete" if stop.signum is None and stop.lost is None else "interrupted",
     }
@@ -624,7 +630,7 @@ def run_stages(cfg: DictConfig, prep: Prepared, module: GRPOKDModule, trainer: L
                run_dir: Path) -> dict[str, Any]:
     """Evaluate (mode=eval), or evaluate before, fit, validate, test and export the student (mode=train)."""
     if cfg.mode == "eval":
-        return evaluate(trainer, module, prep.data, "accuracy")
+        return evaluate(trainer, module, prep.data, "accuracy", cfg.get("eval_split", "test"))
     results: dict[str, Any] = {}
     earlier = runtime.read_results(run_dir) if prep.ckpt_path else {}  # a resumed run keeps the first part's "before"
     if "test/accuracy_before" in earlier:

@@ -116,6 +116,7 @@ class TaskData(L.LightningDataModule):
             raise ConfigError(f"the train split has {len(train)} examples: too few for val_size={val_size} and prompts_per_step={prompts_per_step}")
         self.test_set = apply_template(splits.test, prompt_template)[:test_size]
         self.train_set, self.val_set = held_out(train, val_size, self.test_set)
+        self.evaluated = "test"  # the split test_dataloader serves (mode=eval eval_split=val: "val")
         if len(self.train_set) < prompts_per_step:
             raise ConfigError(f"only {len(self.train_set)} train examples differ from the val and test prompts: too few for prompts_per_step={prompts_per_step}")
         self.prompts_per_step = prompts_per_step
@@ -145,6 +146,9 @@ class TaskData(L.LightningDataModule):
         return self.eval_loader(self.val_set, "data.val_size")
 
     def test_dataloader(self) -> DataLoader:
+        """The test split's greedy-evaluation batches, or the validation split's when `evaluated` is "val"."""
+        if self.evaluated == "val":
+            return self.eval_loader(self.val_set, "data.val_size")
         return self.eval_loader(self.test_set, "data.test_size")
 
     def eval_loader(self, examples: list[Example], key: str) -> DataLoader:

@@ -8,7 +8,8 @@ tokenizer has a chat template, as instruct models' do):
   `</s>`, a BOS). The embedded models and base models read this.
 - chat: the template's text, followed after a blank line by the dataset's
   `instruction` (GSM8K: reason step by step and end with "#### <number>"), as
-  the user's message, after an optional `system` message, rendered by the
+  the user's message, after an optional `system` message (or the instruction
+  as the system message, `dataset.instruction_in=system`), rendered by the
   tokenizer's `apply_chat_template(..., add_generation_prompt=True)`, as TRL's
   conversational datasets and verl's GSM8K recipe do. The rendered text holds
   its special tokens, so it is tokenized without adding any.
@@ -31,6 +32,8 @@ from transformers import PreTrainedTokenizerBase
 
 from grpokd.errors import ConfigError
 
+INSTRUCTION_IN = ("user", "system")  # where dataset.instruction sits in the chat layout
+
 
 @dataclass(frozen=True)
 class PromptFormat:
@@ -39,10 +42,13 @@ class PromptFormat:
     chat: bool | None = None  # None: chat when the tokenizer has a chat template
     system: str | None = None  # None: the chat template's own default (SmolLM2's names itself; Qwen2.5's too)
     instruction: str | None = None  # appended to the user's message in chat layout
+    instruction_in: str = "user"  # or "system": the instruction is the system message (after `system`, when given)
 
     def __post_init__(self) -> None:
         if self.chat not in (None, True, False):
             raise ConfigError(f"dataset.chat={self.chat!r} must be true, false or null (chat when the tokenizer has a template)")
+        if self.instruction_in not in INSTRUCTION_IN:
+            raise ConfigError(f"dataset.instruction_in={self.instruction_in!r} is not one of {', '.join(INSTRUCTION_IN)}")
         for key in ("system", "instruction"):
             value = getattr(self, key)
             if value is not None and not (isinstance(value, str) and value.strip()):
@@ -57,8 +63,12 @@ class PromptFormat:
 
     def render(self, tokenizer: PreTrainedTokenizerBase, question: str) -> str:
         """The chat-rendered prompt of one templated question, ending where the assistant's answer starts."""
-        user = question if self.instruction is None else f"{question}\n\n{self.instruction}"
-        messages = ([{"role": "system", "content": self.system}] if self.system is not None else []) + [{"role": "user", "content": user}]
+        system, user = self.system, question
+        if self.instruction is not None and self.instruction_in == "system":
+            system = self.instruction if system is None else f"{system}\n\n{self.instruction}"
+        elif self.instruction is not None:
+            user = f"{question}\n\n{self.instruction}"
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

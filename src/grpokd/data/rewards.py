@@ -86,6 +86,11 @@ def normalize_number(token: str) -> str:
     return "-" + number if negative and number != "0" else number
 
 
+def as_number(text: str) -> str | None:
+    """`text` normalised (`normalize_number`) when it is exactly one number, as math text writes it; else None."""
+    return normalize_number(text) if _NUMBER.fullmatch(text.strip()) else None
+
+
 def _number_value(match: re.Match[str]) -> str:
     """The canonical value of a `_NUMERIC` match: "1,234.50" -> "1234.5", "\\frac{1}{4}" -> "0.25" (28 digits for 1/3)."""
     if match["number"] is not None:
