@@ -37,6 +37,8 @@ def test_the_answer_after_the_marker_or_leniently_the_stated_or_last_number_goes
     cases = [  # completion, lenient reward, strict reward, parsed (lenient), style
         ("3 x 4 = 12\n#### 1,234.", 1.0, 1.0, "1234", "marker"),
         ("#### **1234**\nDone.", 1.0, 1.0, "1234", "marker"),
+        ("#### 34 * 36 = 1234", 1.0, 1.0, "1234", "marker"),  # Qwen2.5's way: the answer after the last "="
+        ("#### <answer> 1234 </answer>", 1.0, 1.0, "1234", "marker"),
         ("#### 1235", 0.0, 0.0, "1235", "marker"),
         ("The answer is 1234.", 1.0, 0.0, "1234", "answer_is"),
         ("1234, then 7", 0.0, 0.0, "7", "last"),

@@ -15,6 +15,7 @@ states see.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from grpokd.data.example import Example
@@ -24,6 +25,7 @@ from grpokd.errors import ConfigError
 
 INSTALL = 'pip install -e ".[reasoning]"'
 _TEST_SEED_OFFSET = 1_000_003  # test problems come from another seed than train's
+_TAG = re.compile(r"</?\w+>")  # "<answer>", "</answer>"
 
 
 def task_dataset(task: str, config: dict[str, Any], seed: int, size: int):
@@ -70,8 +72,9 @@ class TaskReward:
     itself with `partial_credit`: basic_arithmetic's, for one, gives len(gold) / len(answer) when the answer holds
     the gold).
 
-    The answer is the first line after the last "####", stripped of spaces, "*", "$" and a closing full stop, and
-    normalised when it is a number ("1,234.0" -> "1234"). Without "####": when `lenient`, the number the
+    The answer is the first line after the last "####", without tags ("<answer>"), after its last "=" when it has
+    one (Qwen2.5 writes "#### 9 + -6 = 3"), stripped of spaces, "*", "$" and a closing full stop, and normalised
+    when it is a number ("1,234.0" -> "1234"). Without "####": when `lenient`, the number the
     completion states in another style or else its last number (`rewards.parse_number`); strict, none (format and
     answer both count).
 
@@ -88,7 +91,8 @@ class TaskReward:
     def parse(self, completion: str) -> Parsed:
         _, marker, tail = completion.rpartition(MARKER)
         if marker:
-            line = next((line for line in tail.splitlines() if line.strip()), "").strip().strip("*$ ").removesuffix(".").strip()
+            line = _TAG.sub("", next((line for line in tail.splitlines() if line.strip()), "")).rpartition("=")[2]
+            line = line.strip().strip("*$ ").removesuffix(".").strip()
             return Parsed(as_number(line) or line or None, "marker")
         return parse_number(completion, fallback_last_number=True) if self.lenient else Parsed(None, None)
 
