@@ -15,9 +15,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from grpokd import cli
+from grpokd import cli, runtime
 from grpokd import sweep as sw
 from grpokd.errors import ConfigError
+
+runtime.register_resolvers()  # the model configs' file paths (model=smollm2, smollm2_qwen), read when the rows are planned
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sweeps")

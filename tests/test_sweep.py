@@ -306,6 +306,11 @@ def test_bad_sweep_input_fails_before_anything_runs(tmp_path):
     assert unknown.returncode == 2 and "error: sweep.baseline='ppo' is not a row; the rows are" in unknown.stderr
     real = sweep("sweep=paper_table1", f"out={out}")
     assert real.returncode == 2 and "google/flan-t5-small" in real.stderr and "hf download" in real.stderr
+    # a real-model sweep: its model config's file paths (${grpokd_cache_file:...}, ${grpokd_package_file:...}) resolve
+    # in sweep.py too, and the planned job's start-up check is what stops it
+    missing = sweep("sweep=real_tune", "sweep.overrides=['experiment=real','model.student=/nonexistent/model']", f"out={out}")
+    assert missing.returncode == 2, missing.stderr[-3000:]
+    assert "error: sweep row 'GRPO (optim.lr=1e-05)', dataset 'reasoning_gym': model.student: local path '/nonexistent/model'" in missing.stderr
 
 
 # --- the README's and docs/*.md's commands, as written --------------------------------------------------------------
