@@ -11,6 +11,7 @@ run's peak resident memory. The teachers differ in size (Qwen has 3.7x SmolLM2's
 the cost of the larger teacher and of the alignment together.
 
     python bench/cross.py --split    # where the extra time goes, in process: alignment, the teachers' forwards, the readings
+    python bench/cross.py --split --teacher-dtype float32 bfloat16   # Qwen's forward in each dtype
 
 `--split` times the parts of one scoring of `--prompts` x `--group` completions (GSM8K gold solutions cut to
 `--tokens` student tokens, as SmolLM2 tokenizes them): re-tokenizing and aligning them (`CrossTokenizer.layout`,
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gsm8k"))
     parser.add_argument("--split", action="store_true", help="time the parts of one scoring in process instead of whole runs")
+    parser.add_argument("--teacher-dtype", nargs="+", default=["float32"], help="--split: Qwen's dtype(s), each timed ({name: ..., dtype: ...} in model.teachers)")
     args = parser.parse_args()
     if args.split:
         split(args)
@@ -92,7 +94,8 @@ def split(args: argparse.Namespace) -> None:
     qwen = runtime.cache_file("models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf")
     loading.check_name(qwen, "--teacher")  # joins Qwen's parts into the cache the first time
     student_tok, qwen_tok = loading.load_tokenizer(smollm2), loading.load_tokenizer(qwen)
-    student, teacher = loading.load_model(smollm2), loading.load_model(qwen)
+    student = loading.load_model(smollm2)
+    teachers = {dtype: loading.load_model(qwen, "--teacher", dtype) for dtype in args.teacher_dtype}
     with open(Path(args.data) / "test.jsonl") as f:
         rows = [json.loads(line) for line in f][: args.prompts]
     questions = [row["question"] for row in rows]
@@ -103,7 +106,7 @@ def split(args: argparse.Namespace) -> None:
     completions = Tokens(torch.tensor([i + [student_tok.pad_token_id] * (width - len(i)) for i in ids]),
                          torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]))
     texts = Texts([q for q in questions for _ in range(args.group)], [""] * len(ids))
-    cross = CrossTokenizer(InProcess(teacher, "qwen"), qwen_tok, student_tok, chat(qwen_tok), False, 256, [student_tok.eos_token_id], "qwen")
+    cross = CrossTokenizer(InProcess(teachers[args.teacher_dtype[0]], "qwen"), qwen_tok, student_tok, chat(qwen_tok), False, 256, [student_tok.eos_token_id], "qwen")
     logits = completion_logits(student, prompts, completions, len(student_tok))  # [N, T, V] the student's, for the KL metrics
     parts: dict[str, list[float]] = {}
 
@@ -117,7 +120,8 @@ def split(args: argparse.Namespace) -> None:
         timed("SmolLM2 as its own teacher: forward", lambda: InProcess(student, "s").signal(prompts, completions, len(student_tok)))
         layout = timed("Qwen: re-tokenize and align (layout)", lambda: cross.layout(completions))
         teacher_prompts = tokenize_prompts(qwen_tok, [chat(qwen_tok)(q, "") for q in texts.questions], 256, special_tokens=False)
-        timed("Qwen: forward", lambda: InProcess(teacher, "q").signal(teacher_prompts, layout.teacher, len(qwen_tok)))
+        for dtype, teacher in teachers.items():
+            timed(f"Qwen: forward ({dtype})", lambda: InProcess(teacher, "q").signal(teacher_prompts, layout.teacher, len(qwen_tok)))
         signal = cross.signal(prompts, completions, len(student_tok), texts)
         timed(f"Qwen: top-{args.top_k} list and the KL metrics (readings)", lambda: (signal.top_k(args.top_k, 1.0), signal.kl_both_ways(logits)))
     spelled = int(layout.spelled.sum())
