@@ -190,3 +190,16 @@ def test_kd_from_a_teacher_with_another_tokenizer_without_top_k_is_refused_befor
         train(cfg)
     with pytest.raises(ConfigError, match=r"^model\.reference does not share the student's tokenizer"):
         train(quick_cfg("objective=grpo", "beta=0.04", f"model.reference={teacher}"))
+
+
+def test_the_validation_at_the_last_step_is_the_final_one_and_is_not_run_again(quick_cfg, tmp_path):
+    """With val_check_interval dividing max_steps, Lightning validates the final weights at the last step; the run's
+    val/accuracy is that validation's, not a second pass over the same weights (each pass logs one CSV row)."""
+    run = tmp_path / "twice"
+    results = train(quick_cfg("objective=grpo", "eval_before=false", "log.csv=true", run_dir=run))  # 4 steps, val every 2
+    validated = [r for r in read_metrics(run) if r.get("val/accuracy")]
+    assert [int(r["step"]) for r in validated] == [1, 3]  # steps 2 and 4 (fit logs them at global_step - 1, trainer.validate at global_step)
+    assert results["val/accuracy"] == pytest.approx(float(validated[-1]["val/accuracy"]))
+    off_interval = train(quick_cfg("objective=grpo", "eval_before=false", "log.csv=true", "trainer.max_steps=3", run_dir=tmp_path / "three"))
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "three") if r.get("val/accuracy")] == [1, 3]  # step 2, then a final pass at step 3
+    assert "val/accuracy" in off_interval

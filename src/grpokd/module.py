@@ -152,6 +152,7 @@ class GRPOKDModule(L.LightningModule):
         self.eval_tag = "accuracy"  # test metric key: <eval_split>/<eval_tag>
         self.eval_split = "test"  # the split trainer.test scores: test, or val (mode=eval eval_split=val)
         self.val_accuracy = MeanMetric()
+        self.validated_at: int | None = None  # the optimiser step whose weights the last validation scored (None: none yet)
         self.test_accuracy = MeanMetric()
         self._step_start = 0.0  # perf_counter at the start of the current training batch
         self._step_tokens = 0.0  # prompt + completion tokens processed in it
@@ -311,6 +312,10 @@ class GRPOKDModule(L.LightningModule):
             self.val_pass.update(evaluation.pass_at_k(self.student, self.tokenizer, examples, self.reward, self.sampling, self.eval_pass_k, seed,
                                                       self.synced_engine()))
             self.log(f"val/pass@{self.eval_pass_k}", self.val_pass, batch_size=len(examples["prompt"]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.validated_at = self.global_step
 
     def log_by_component(self, split: str, tag: str, metrics: torch.nn.ModuleDict, examples: dict[str, list], rewards: Tensor) -> None:
         """<split>/<component>/<tag>: each component's mean reward over the epoch (epoch-level: a batch may lack a component)."""

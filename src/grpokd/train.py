@@ -641,7 +641,9 @@ def run_stages(cfg: DictConfig, prep: Prepared, module: GRPOKDModule, trainer: L
     if stop.signum is not None:
         return results
     if prep.data.val_set and trainer.limit_val_batches != 0:  # the final greedy val accuracy: what `sweep=tune` selects on
-        logged = trainer.validate(module, datamodule=prep.data, verbose=False)[0]
+        if module.validated_at != trainer.global_step:  # unless fit validated the final weights at its last step
+            trainer.validate(module, datamodule=prep.data, verbose=False)
+        logged = trainer.callback_metrics
         results["val/accuracy"] = float(logged["val/accuracy"])
         results["val/accuracy_ci95"] = with_interval(results["val/accuracy"], len(prep.data.val_set))
         results |= {f"val/{name}/accuracy": float(logged[f"val/{name}/accuracy"]) for name in module.components}
