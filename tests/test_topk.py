@@ -276,3 +276,24 @@ def test_a_run_with_top_k_teachers_logs_the_kept_mass_and_a_too_large_k_stops_at
     assert len(mass) == 2 and all(0 < m < 1 for m in mass)
     with pytest.raises(ConfigError, match=r"model.teacher_top_k=100000 is larger than the vocabulary of model.student \(\d+\)"):
         train(quick_cfg("objective=j1", "model.teacher_top_k=100000", run_dir=tmp_path / "big"))
+
+
+def test_the_kl_metrics_of_a_listed_teacher_at_k_equal_v_are_the_full_ones_whole_and_chunked():
+    """`listed_kl_both_ways` (a served or cross-tokenizer teacher's per-teacher KL metrics, both ways in one pass):
+    with the whole vocabulary listed (empty tail) it is the full KL each way; at k < V the tail keeps both
+    non-negative and below the full ones (a coarser partition); chunked logits give the same values."""
+    from grpokd.teachers.sources import Sparse, kl_both_ways, listed_kl_both_ways, tail_mass
+
+    g = torch.Generator().manual_seed(3)
+    teacher, hidden, weight = torch.randn(N, T, V, generator=g) * 2, torch.randn(N, T, 5, generator=g), torch.randn(V, 5, generator=g)
+    student = torch.nn.functional.linear(hidden, weight)
+    full = kl_both_ways(student, teacher)
+    logp, index = teacher.log_softmax(-1).sort(-1, descending=True)
+    listed = listed_kl_both_ways(student, index, logp, tail_mass(logp))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(listed, full))
+    assert full[0].min() > 0.05 and full[1].min() > 0.05  # the two differ everywhere, so the check has teeth
+    k = 2
+    coarse = Sparse(index[..., :k], logp[..., :k], logp[..., 0]).kl_both_ways(student)
+    assert all(((c >= -1e-6) & (c <= f + 1e-5)).all() for c, f in zip(coarse, full))
+    chunked = Sparse(index[..., :k], logp[..., :k], logp[..., 0]).kl_both_ways(ChunkedLogits(hidden, weight, None, None, 5))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(chunked, coarse))

@@ -35,10 +35,9 @@ from transformers import PreTrainedTokenizerBase
 from grpokd.errors import ConfigError
 from grpokd.models.lm import Tokens, tokenize_prompts
 from grpokd.objectives.base import Unmatched
-from grpokd.objectives.kd import sparse_divergences
-from grpokd.objectives.logits import Logits, per_position
+from grpokd.objectives.logits import Logits
 from grpokd.teachers.align import AlignmentError, Spellings, align, decoded_spans, encoded_spans
-from grpokd.teachers.sources import Signal, TeacherSource, Texts, tail_mass
+from grpokd.teachers.sources import Signal, TeacherSource, Texts, listed_kl_both_ways, tail_mass
 
 UNMATCHED = ("tail", "uld")  # model.teacher_unmatched: where a teacher token with no student token of its text goes
 KL_TOP_K = 64  # tokens of the teacher's list the per-teacher KL metrics read (fewer if fewer map)
@@ -144,10 +143,7 @@ class Aligned:
     def kl_both_ways(self, student_logits: Logits) -> tuple[Tensor, Tensor]:
         """On the teacher's mapped top-k list and its tail, where it has a next-token view (0 elsewhere)."""
         k = min(KL_TOP_K, int((self.vocabulary >= 0).sum()), self.inner.listed())
-        index, logp, tail = self.top_k(k, 1.0)
-        signal = (index[..., None, :], logp[..., None, :], tail[..., None], torch.ones_like(tail[..., None]))
-        forward = per_position(student_logits, lambda z, *sig: sparse_divergences(z, *sig, tau=1.0, reverse=False), *signal)
-        reverse = per_position(student_logits, lambda z, *sig: sparse_divergences(z, *sig, tau=1.0, reverse=True), *signal)
+        forward, reverse = listed_kl_both_ways(student_logits, *self.top_k(k, 1.0))
         return forward * self.layout.defined, reverse * self.layout.defined
 
     def mixable(self) -> Tensor:

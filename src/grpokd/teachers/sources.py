@@ -148,11 +148,7 @@ class Sparse(NamedTuple):
 
     def kl_both_ways(self, student_logits: Logits) -> tuple[Tensor, Tensor]:
         """On the teacher's k + 1 outcomes, its top k and the tail (`objectives.kd.sparse_divergences`)."""
-        index, logp, tail = self.index[..., None, :], self.logp[..., None, :], tail_mass(self.logp)[..., None]  # one teacher
-        weight = torch.ones_like(tail)
-        forward = per_position(student_logits, lambda z, *sig: sparse_divergences(z, *sig, tau=1.0, reverse=False), index, logp, tail, weight)
-        reverse = per_position(student_logits, lambda z, *sig: sparse_divergences(z, *sig, tau=1.0, reverse=True), index, logp, tail, weight)
-        return forward, reverse
+        return listed_kl_both_ways(student_logits, self.index, self.logp, tail_mass(self.logp))
 
     def mixable(self) -> Tensor:
         raise ConfigError("a served teacher gives its top-k log-probs only: set model.teacher_top_k (at most the server's top_k)")
@@ -175,6 +171,14 @@ def tail_mass(logp: Tensor) -> Tensor:
     Summed in float64; still, from float32 log-probs the tail is known to about 1e-7 in absolute terms, so a tail
     of mass m carries a relative error of about 1e-7 / m (the dense signal takes it exactly, from the logits)."""
     return torch.log((1 - logp.double().exp().sum(-1)).clamp(min=0)).float()
+
+
+def listed_kl_both_ways(student_logits: Logits, index: Tensor, logp: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(T || theta) and KL(theta || T) on one teacher's k + 1 outcomes, its list index, logp [N, T, k] and tail [N, T]
+    (`objectives.kd.sparse_divergences`), in one pass over the student's logits: [N, T] each."""
+    signal = (index[..., None, :], logp[..., None, :], tail[..., None], torch.ones_like(tail[..., None]))  # one teacher
+    return per_position(student_logits, lambda z, *sig: (sparse_divergences(z, *sig, tau=1.0, reverse=False),
+                                                         sparse_divergences(z, *sig, tau=1.0, reverse=True)), *signal)
 
 
 def kl_both_ways(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
