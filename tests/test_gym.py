@@ -104,6 +104,22 @@ def test_several_tasks_mix_and_each_is_named_and_graded_by_its_own_checker(tmp_p
         assert right["correct"] == [1.0]
 
 
+
+def test_predictions_show_the_gold_answer_not_the_entry_behind_it():
+    """An example's `answer` is the whole entry as JSON (some checkers read its metadata); its prediction row's
+    gold is the answer the task's checker grades against."""
+    import torch
+
+    from grpokd.evaluation import Greedy, prediction_rows
+
+    ex = gym.splits("chain_sum", SETTINGS, train_size=20, test_size=2).test[0]
+    gold = gym.gold_answer(ex.answer)
+    examples = {"prompt": [ex.prompt] * 2, "answer": [ex.answer] * 2, "component": ["chain_sum"] * 2}
+    result = Greedy([f"#### {gold}", "#### -1"], torch.tensor([1.0, 0.0]), torch.tensor([True, True]))
+    rows = prediction_rows(examples, result, gym.TaskReward("chain_sum", SETTINGS), [0, 1])
+    assert [row["gold"] for row in rows] == [gold, gold] and ex.answer.startswith("{")
+    assert [row["parsed"] for row in rows] == [gold, "-1"]
+
 def test_mode_eval_scores_the_validation_split_when_asked(tmp_path):
     """mode=eval eval_split=val: val/accuracy with its interval and predictions_val.jsonl, no test key, no predictions.jsonl."""
     from conftest import compose
@@ -132,4 +148,7 @@ def test_smollm2_on_a_reasoning_gym_task_as_a_user_types_it(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "predictions_val.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {row["component"] for row in rows} == {"products"}
     assert all(row["prompt"].startswith("<|im_start|>system\nSolve the problem step by step.") for row in rows)
-    assert all(row["reward"] == gym.TaskReward("products")(row["completion"], row["gold"]) for row in rows)
+    reward = gym.TaskReward("products")
+    assert all(row["gold"].lstrip("-").isdigit() for row in rows)  # the answer itself, not the entry's JSON
+    entry = lambda gold: json.dumps({"answer": gold, "metadata": {}})  # noqa: E731 (products' checker reads the answer alone)
+    assert all(row["reward"] == reward(row["completion"], entry(row["gold"])) for row in rows)

@@ -114,7 +114,7 @@ def pass_rates(
 def prediction_rows(examples: dict[str, list[str]], result: Greedy, reward: Any, indices: list[int]) -> list[dict[str, Any]]:
     """One record per prompt: index in the split, its component (the dataset it comes from), prompt as rendered,
     completion, parsed answer and its style (when its reward can parse: `parse(text) -> (value, style)`), gold
-    answer, reward, and whether it ended."""
+    answer (as its reward shows it, when it can: `gold(answer) -> str`), reward, and whether it ended."""
     rows = []
     components, _ = origins(examples)
     for i, (index, completion) in enumerate(zip(indices, result.completions)):
@@ -127,7 +127,7 @@ def prediction_rows(examples: dict[str, list[str]], result: Greedy, reward: Any,
             "completion": completion,
             "parsed": None if parsed is None else parsed.value,
             "style": None if parsed is None else parsed.style,
-            "gold": examples["answer"][i],
+            "gold": scorer.gold(examples["answer"][i]) if hasattr(scorer, "gold") else examples["answer"][i],
             "reward": float(result.rewards[i]),
             "ended": bool(result.ended[i]),
         })

@@ -99,6 +99,10 @@ class TaskReward:
     def extract(self, completion: str) -> str | None:
         return self.parse(completion).value
 
+    def gold(self, answer: str) -> str:
+        """The gold answer as predictions show it (an example's `answer` is the whole entry as JSON)."""
+        return gold_answer(answer)
+
     def __call__(self, completion: str, answer: str) -> float:
         score = float(self.dataset.score_answer(self.extract(completion), json.loads(answer)))
         return score if self.partial_credit else float(score >= 1.0)
