@@ -310,7 +310,7 @@ def test_bad_sweep_input_fails_before_anything_runs(tmp_path):
     # in sweep.py too, and the planned job's start-up check is what stops it
     missing = sweep("sweep=real_tune", "sweep.overrides=['experiment=real','model.student=/nonexistent/model']", f"out={out}")
     assert missing.returncode == 2, missing.stderr[-3000:]
-    assert "error: sweep row 'GRPO (optim.lr=1e-05)', dataset 'reasoning_gym': model.student: local path '/nonexistent/model'" in missing.stderr
+    assert "error: sweep row 'GRPO (optim.lr=3e-06)', dataset 'reasoning_gym': model.student: local path '/nonexistent/model'" in missing.stderr
 
 
 # --- the README's and docs/*.md's commands, as written --------------------------------------------------------------
@@ -330,8 +330,9 @@ def readme_commands(program: str) -> list[list[str]]:
 def test_every_readme_sweep_command_plans_as_written(args, monkeypatch, tmp_path):
     """Composes and plans (every job's start-up checks) as sweep.py does; only the hub-only sweep may stop, clearly."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from grpokd import network
+    from grpokd import network, runtime
 
+    runtime.register_resolvers()  # as sweep.py does: the real-model sweeps' model configs name files in grpokd's cache
     network.hub_reachable.cache_clear()
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
