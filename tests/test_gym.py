@@ -104,7 +104,6 @@ def test_several_tasks_mix_and_each_is_named_and_graded_by_its_own_checker(tmp_p
         assert right["correct"] == [1.0]
 
 
-
 def test_predictions_show_the_gold_answer_not_the_entry_behind_it():
     """An example's `answer` is the whole entry as JSON (some checkers read its metadata); its prediction row's
     gold is the answer the task's checker grades against."""
@@ -119,6 +118,7 @@ def test_predictions_show_the_gold_answer_not_the_entry_behind_it():
     rows = prediction_rows(examples, result, gym.TaskReward("chain_sum", SETTINGS), [0, 1])
     assert [row["gold"] for row in rows] == [gold, gold] and ex.answer.startswith("{")
     assert [row["parsed"] for row in rows] == [gold, "-1"]
+
 
 def test_mode_eval_scores_the_validation_split_when_asked(tmp_path):
     """mode=eval eval_split=val: val/accuracy with its interval and predictions_val.jsonl, no test key, no predictions.jsonl."""
