@@ -128,18 +128,23 @@ def fake_jobs(tmp_path: Path):
         elif job.row.is_eval:
             statuses.append({"status": "complete", "test/accuracy": 0.235})
         else:
-            statuses.append({"status": "complete", "test/accuracy_after": [0.194, 0.172, 0.216][job.seed]})
+            statuses.append({"status": "complete", "test/accuracy_after": [0.194, 0.172, 0.216][job.seed], "wall_time_s": 600 + 60 * job.seed})
     return jobs, statuses
 
 
-def test_table_cells_mean_std_n_and_marked_failures(tmp_path):
+def test_table_cells_mean_std_interval_n_wall_and_marked_failures(tmp_path):
     jobs, statuses = fake_jobs(tmp_path)
     labels, datasets, cells = table.build(jobs, statuses)
     text = table.markdown(labels, datasets, cells, "t")
-    assert "| student (no training) | 23.5 | 23.5 |" in text
-    std = 100 * math.sqrt(((0.194 - 0.194) ** 2 + (0.172 - 0.194) ** 2 + (0.216 - 0.194) ** 2) / 2)  # sample std: n - 1
-    assert f"| SFT | 19.4 ± {std:.1f} (n=3) | 19.4 ± {std:.1f} (n=3) |" in text
-    assert "| GRPO | 18.3 ± 1.6 (n=2, 1 failed [1]) | 3 failed [2][3][4] |" in text
+    assert "| row | arith | arith_mc | wall, min per job (median) |" in text
+    assert "| student (no training) | 23.5 | 23.5 | — |" in text  # no wall_time_s recorded
+    std = math.sqrt(((0.194 - 0.194) ** 2 + (0.172 - 0.194) ** 2 + (0.216 - 0.194) ** 2) / 2)  # sample std: n - 1
+    half = 4.302653 * std / math.sqrt(3)  # t(0.975, 2 degrees of freedom) from a table
+    sft = f"19.4 ± {100 * std:.1f} [{100 * (0.194 - half):.1f}, {100 * (0.194 + half):.1f}] (n=3)"
+    assert sft == "19.4 ± 2.2 [13.9, 24.9] (n=3)"
+    assert f"| SFT | {sft} | {sft} | 11.0 |" in text  # wall: the median of 600, 660, 720 s over both datasets
+    # two values: t(0.975, 1) = 12.706, half = 12.706 * 0.01556 / sqrt(2) = 0.1398 around 0.183
+    assert "| GRPO | 18.3 ± 1.6 [4.3, 32.3] (n=2, 1 failed [1]) | 3 failed [2][3][4] | 10.5 |" in text
     assert "[1] GRPO / arith / seed 2: missing: no results.json" in text
     assert "[4] GRPO / arith_mc / seed 2: failed: ValueError: boom" in text
 
@@ -154,6 +159,8 @@ def test_table_csv(tmp_path):
     assert (grpo_mc["mean"], grpo_mc["n"], grpo_mc["failed"]) == ("", "0", "3")
     sft = next(r for r in rows if r["row"] == "SFT" and r["dataset"] == "arith")
     assert sft["values"] == "0.1940 0.1720 0.2160" and float(sft["mean"]) == pytest.approx(0.194)
+    assert (float(sft["ci95_low"]), float(sft["ci95_high"])) == (pytest.approx(0.1393, abs=1e-4), pytest.approx(0.2487, abs=1e-4))
+    assert sft["wall_s"] == "600.0 660.0 720.0" and grpo_mc["ci95_low"] == ""
 
 
 def test_welch_p_values_against_hand_computed_cases():
@@ -174,8 +181,8 @@ def test_table_compares_every_row_with_grpo(tmp_path):
     text = table.write(tmp_path, *table.build(jobs, statuses), "t", "test", "GRPO")
     assert "| row | arith | arith vs GRPO |" in text
     p = table.welch(values["SFT"], values["GRPO"])
-    assert p < 0.05 and f"| SFT | 31.0 ± 1.0 (n=3) | +10.0 (p={p:.2g}*) |" in text
-    assert "| GRPO | 21.0 ± 1.0 (n=3) |  |" in text
+    assert p < 0.05 and f"| SFT | 31.0 ± 1.0 [28.5, 33.5] (n=3) | +10.0 (p={p:.2g}*) |" in text
+    assert "| GRPO | 21.0 ± 1.0 [18.5, 23.5] (n=3) |  |" in text
     assert "| student (no training) | 10.0 | -11.0 |" in text  # one value: the difference, no test
     with open(tmp_path / "table.csv", newline="") as f:
         assert float(next(r for r in csv.DictReader(f) if r["row"] == "SFT")["p_vs_baseline"]) == pytest.approx(p, rel=1e-3)
@@ -194,7 +201,8 @@ def test_a_mix_dataset_gets_a_column_per_component_and_a_named_baseline(tmp_path
     assert cells[("GRPO", "mix/arith_mc")].values == pytest.approx([0.40, 0.41, 0.42])
     text = table.markdown(labels, columns, cells, "t", "test", "SFT")
     assert "| row | mix | mix vs SFT | mix/arith | mix/arith vs SFT | mix/arith_mc | mix/arith_mc vs SFT |" in text
-    assert "| GRPO | 51.0 ± 1.0 (n=3) | -10.0 (p=" in text and "| 61.0 ± 1.0 (n=3) | +0.0 (p=1) | 41.0 ± 1.0 (n=3) | -20.0 (p=" in text
+    assert "| GRPO | 51.0 ± 1.0 [48.5, 53.5] (n=3) | -10.0 (p=" in text
+    assert "| 61.0 ± 1.0 [58.5, 63.5] (n=3) | +0.0 (p=1) | 41.0 ± 1.0 [38.5, 43.5] (n=3) | -20.0 (p=" in text
 
 
 def test_tuning_reports_val_accuracy_and_the_best_point_per_objective(tmp_path):
@@ -265,9 +273,10 @@ def test_quick_sweep_fills_every_row_and_a_rerun_skips_it(tmp_path):
     for label in ["student (no training)", "teacher: tiny-llama-teacher-s", "teacher: tiny-llama-teacher-m",
                   "SFT", "GRPO", "J'", "J''", "J'''", "KDRL", "TGPO"]:
         line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
-        cells = [c.strip() for c in line.strip("|").split("|")[1:]]  # arith, arith vs GRPO, arith_mc, arith_mc vs GRPO
-        assert len(cells) == 4 and all(float(c) >= 0 for c in cells[0::2]), line
-        assert all((c == "") == (label == "GRPO") for c in cells[1::2]), line
+        cells = [c.strip() for c in line.strip("|").split("|")[1:]]  # arith, arith vs GRPO, arith_mc, arith_mc vs GRPO, wall
+        assert len(cells) == 5 and all(float(c) >= 0 for c in cells[0:4:2]), line
+        assert all((c == "") == (label == "GRPO") for c in cells[1:4:2]), line
+        assert float(cells[4]) > 0, line  # every job records its wall time, the eval rows' too
     for name in ["loss_arith.png", "loss_arith_mc.png", "reward_accuracy.png", "table.csv", "loss_fits.csv"]:
         assert (out / name).stat().st_size > 0
     assert len(list(out.glob("*/*/s0/results.json"))) == 20

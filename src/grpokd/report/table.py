@@ -2,10 +2,12 @@
 
 A cell holds the complete jobs' accuracies (metric `test`: the training rows'
 `test/accuracy_after`, the eval rows' `test/accuracy`; metric `val`: the final
-`val/accuracy`) and the errors of the jobs that failed or are missing. It
-renders as "19.4 ± 1.8 (n=3)" (sample std, n - 1), "23.5" for a single value,
-"failed [1]" when nothing completed, or "12.0 ± 0.5 (n=2, 1 failed [1])"; the
-footnotes list the errors.
+`val/accuracy`), their wall times and the errors of the jobs that failed or are
+missing. It renders as "19.4 ± 1.8 [15.0, 23.8] (n=3)" (sample std, n - 1, and
+the 95% t-interval of the mean over seeds), "23.5" for a single value,
+"failed [1]" when nothing completed, or "12.0 ± 0.5 [7.5, 16.5] (n=2, 1 failed
+[1])"; the footnotes list the errors. A last column gives each row's median
+wall time per job, in minutes (results.json's `wall_time_s`).
 
 With a baseline row (GRPO), each dataset gets a "vs baseline" column: the
 difference of means in points and the two-sided p-value of Welch's t-test
@@ -27,6 +29,7 @@ from typing import Any
 class Cell:
     values: list[float] = field(default_factory=list)  # test accuracy in [0, 1] of each complete job
     errors: list[str] = field(default_factory=list)  # one line per failed or missing job
+    walls: list[float] = field(default_factory=list)  # wall_time_s of each complete job that recorded it
 
     @property
     def mean(self) -> float | None:
@@ -35,6 +38,16 @@ class Cell:
     @property
     def std(self) -> float | None:
         return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95% t-interval of the mean over seeds: mean ± t(0.975, n - 1) std / sqrt(n); None under 2 values."""
+        if len(self.values) < 2:
+            return None
+        from scipy import stats
+
+        half = float(stats.t.ppf(1 - ALPHA / 2, len(self.values) - 1)) * self.std / len(self.values) ** 0.5
+        return self.mean - half, self.mean + half
 
 
 ALPHA = 0.05  # the level at which a difference to the baseline is called beyond noise
@@ -96,7 +109,15 @@ def build(jobs: list, statuses: list[dict[str, Any]], metric: str = "test") -> t
                                    f"{results.get('error', 'no accuracy in results.json')}")
             else:
                 cell.values.append(value)
+                if results.get("wall_time_s") is not None:
+                    cell.walls.append(float(results["wall_time_s"]))
     return labels, datasets, cells
+
+
+def wall_minutes(label: str, datasets: list[str], cells: dict[tuple[str, str], Cell]) -> float | None:
+    """The median wall time of a row's complete jobs in minutes (a `dataset=mix` job counted once, not per component)."""
+    walls = [w for d in datasets if "/" not in d for w in cells[(label, d)].walls]
+    return statistics.median(walls) / 60 if walls else None
 
 
 def render_cell(cell: Cell, notes: list[str]) -> str:
@@ -109,7 +130,8 @@ def render_cell(cell: Cell, notes: list[str]) -> str:
         return failed or "—"
     text = f"{100 * cell.mean:.1f}"
     if cell.std is not None:
-        text += f" ± {100 * cell.std:.1f}"
+        low, high = cell.interval
+        text += f" ± {100 * cell.std:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
     details = [f"n={len(cell.values)}"] if len(cell.values) > 1 or cell.errors else []
     details += [failed] if failed else []
     return text + (f" ({', '.join(details)})" if details else "")
@@ -122,10 +144,13 @@ def markdown(
     """The table as markdown, with a column per dataset against `baseline` and footnotes for failed jobs."""
     notes: list[str] = []
     what = "Test accuracy" if metric == "test" else "Final greedy val accuracy"
-    lines = [f"# {title}", "", f"{what} (%), greedy decoding; mean ± std over seeds (sample std), n = seeds completed."]
+    lines = [f"# {title}", "", f"{what} (%), greedy decoding; mean ± std over seeds (sample std) [95% t-interval of the mean], "
+             "n = seeds completed."]
     if baseline:
         lines.append(f"vs {baseline}: difference of means (points) and Welch's t-test p-value; * marks p < {ALPHA}.")
+    walls = {label: wall_minutes(label, datasets, cells) for label in labels}
     columns = [c for d in datasets for c in ([d, f"{d} vs {baseline}"] if baseline else [d])]
+    columns += ["wall, min per job (median)"] if any(w is not None for w in walls.values()) else []
     lines += ["", "| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for label in labels:
         row = []
@@ -133,6 +158,8 @@ def markdown(
             row.append(render_cell(cells[(label, d)], notes))
             if baseline:
                 row.append("" if label == baseline else versus(cells[(label, d)], cells[(baseline, d)]))
+        if any(w is not None for w in walls.values()):
+            row.append("—" if walls[label] is None else f"{walls[label]:.1f}")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     if notes:
         lines += ["", "Failed or missing jobs:", ""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
@@ -148,14 +175,16 @@ def write(
     (out / "table.md").write_text(text)
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "dataset", "mean", "std", "n", "failed", "values", "p_vs_baseline"])
+        writer.writerow(["row", "dataset", "mean", "std", "ci95_low", "ci95_high", "n", "failed", "values", "p_vs_baseline", "wall_s"])
         for label in labels:
             for d in datasets:
                 c = cells[(label, d)]
                 p = welch(c.values, cells[(baseline, d)].values) if baseline and label != baseline else None
+                ci = [f"{x:.4f}" for x in c.interval] if c.interval else ["", ""]
                 writer.writerow([
-                    label, d, "" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}",
+                    label, d, "" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}", *ci,
                     len(c.values), len(c.errors), " ".join(f"{v:.4f}" for v in c.values), "" if p is None else f"{p:.4g}",
+                    " ".join(f"{w:.1f}" for w in c.walls),
                 ])
     return text
 
