@@ -175,6 +175,19 @@ def test_score_with_chunks_gives_grpos_batch_and_gradients():
         torch.testing.assert_close(g1[key], g0[key], rtol=1e-4, atol=1e-6)
 
 
+def test_score_times_the_frozen_models_once_per_rollout():
+    """`train/frozen_time_s`: the reference's scoring takes time on a fresh request, none on one that reuses its scores."""
+    name = "tiny-llama-student"
+    tokenizer, student = loading.load_tokenizer(name), loading.load_model(name)
+    frozen = FrozenModels(loading.load_model(name).requires_grad_(False))
+    torch.manual_seed(0)
+    rollout = ro.sample(student, tokenizer, {"prompt": PROMPTS, "answer": ["8", "7"]}, ro.Sampling(group_size=2, max_new_tokens=8), lambda c, a: 0.0)
+    needs = make_objective("grpo", "beta=0.1").needs
+    _, fresh, scores = score(student, ScoreRequest(rollout, needs), frozen, len(tokenizer))
+    _, reused, _ = score(student, ScoreRequest(rollout, needs, frozen_scores=scores), frozen, len(tokenizer))
+    assert float(fresh["frozen_time_s"]) > 0 and float(reused["frozen_time_s"]) == 0.0
+
+
 OBJECTIVES = {  # every term that reads the student's full distribution, and the teachers' per-teacher KL metrics
     "j1": ["objective=j1"],
     "j1-gold-confidence": ["objective=j1", "objective.terms.kd.states=gold", "weighting=confidence"],

@@ -101,9 +101,11 @@ def test_training_metrics_reach_the_loggers_every_n_steps_and_callbacks_that_mon
     logged = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
     assert logged == [1, 3]
     every = [r for r in rows if r.get("train/loss")]
-    keys = ("train/reward_mean", "train/completion_len_max", "train/entropy", "train/grad_norm", "train/step_time_s", "train/tokens_per_s", "train/sample_time_s")
+    keys = ("train/reward_mean", "train/completion_len_max", "train/entropy", "train/grad_norm", "train/step_time_s", "train/tokens_per_s", "train/sample_time_s",
+            "train/frozen_time_s")
     assert all(r.get(key) for r in every for key in keys)
     assert all(0 < float(r["train/sample_time_s"]) < float(r["train/step_time_s"]) for r in every)  # sampling is part of the step
+    assert all(float(r["train/sample_time_s"]) + float(r["train/frozen_time_s"]) < float(r["train/step_time_s"]) for r in every)  # and so is scoring
 
 
 def test_sft_on_the_causal_family_and_eval_mode(quick_cfg, tmp_path):

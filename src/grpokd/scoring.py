@@ -12,6 +12,7 @@ Logits are whole [N, T, V] tensors, or with `logit_chunk` the student's and the 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,7 +123,8 @@ def score(
     student: PreTrainedModel, request: ScoreRequest, frozen: FrozenModels | None = None,
     vocab_size: int | None = None, logit_chunk: int | None = None,
 ) -> tuple[Batch, dict[str, Tensor], FrozenScores]:
-    """The objective's `Batch`, detached logging metrics (entropy, per-teacher KL and weight), and the frozen scores.
+    """The objective's `Batch`, detached logging metrics (entropy, per-teacher KL and weight, the seconds the
+    reference and the teachers took: `frozen_time_s`), and the frozen scores.
 
     The student runs once with grad on the rollout (and once more on the gold solutions only when KD is
     evaluated there). The reference and each teacher run under no_grad, only when the request's needs ask for
@@ -137,12 +139,14 @@ def score(
     logits = raw / request.temperature  # [N, T, V]
     logp, token_entropy = per_position(logits, logp_and_entropy, ids)  # [N, T]
     gold_raw = logits_for(student, gold.prompts, gold.completions, vocab_size, logit_chunk) if needs.kd_on_gold else None  # [B, T', V] with grad
-    frozen_scores = request.frozen_scores
+    frozen_scores, frozen_time = request.frozen_scores, 0.0  # 0 s on a minibatch that reuses its frozen scores
     if frozen_scores is None:
+        start = time.perf_counter()
         frozen_scores = score_frozen(raw.detach(), request, frozen or FrozenModels(), vocab_size, gold_raw, logit_chunk)
+        frozen_time = time.perf_counter() - start
     behaviour_weight, engine_metrics = engine_correction(request, logp, mask)
     with torch.no_grad():
-        metrics = {"entropy": masked_mean(token_entropy, mask)} | frozen_scores.metrics | engine_metrics
+        metrics = {"entropy": masked_mean(token_entropy, mask), "frozen_time_s": torch.tensor(frozen_time)} | frozen_scores.metrics | engine_metrics
     parts = weights = None
     if needs.reward_parts:  # in reward_weights' order: the names every part has a weight under
         names = list(rollout.reward_weights)
