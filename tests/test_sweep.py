@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from grpokd import sweep as sw
 from grpokd.errors import ConfigError
-from grpokd.report import curves, table
+from grpokd.report import curves, dynamics, table
 
 TEACHERS = ["tiny-t5-teacher-s", "tiny-t5-teacher-m"]
 
@@ -244,6 +244,22 @@ def test_curves_are_read_from_metrics_csv_and_averaged_at_common_steps(tmp_path)
     assert curves.read_metric(tmp_path / "nowhere", "train/loss") == {}
 
 
+def test_dynamics_reads_each_jobs_log_and_averages_the_seeds(tmp_path):
+    header = "step,train/reward_mean,train/completion_len_mean,train/step_time_s,train/sample_time_s,val/accuracy\n"
+    for seed in (0, 1):
+        path = tmp_path / f"s{seed}" / "csv" / "metrics.csv"
+        path.parent.mkdir(parents=True)
+        rows = [f"{s},{0.1 * s + seed},{60 - s},{30 + s % 2 + seed},{15 + seed},\n" for s in range(6)]  # 6 steps
+        path.write_text(header + "".join(rows) + f"2,,,,,{0.2 + 0.1 * seed}\n5,,,,,{0.3 + 0.1 * seed}\n")
+    job = dynamics.job_dynamics(tmp_path / "s0", window=2)
+    assert job["val"] == {3: 0.2, 6: 0.3}  # the model after 3 and 6 updates
+    assert job["reward"] == (pytest.approx(0.05), pytest.approx(0.45))  # mean of steps 0-1 and of steps 4-5
+    assert job["completion tokens"] == (59.5, 55.5) and job["s/step"] == 30.5 and "KD" not in job and "reference + teachers s" not in job
+    text = dynamics.write(tmp_path, {"GRPO": [tmp_path / "s0", tmp_path / "s1"]}, "t", window=2)
+    assert "| GRPO | 2 | 3: 25.0 / 6: 35.0 | 0.55 -> 0.95 | 59.5 -> 55.5 | — | 31.0 | 15.5 | — |" in text
+    assert (tmp_path / "dynamics.md").read_text() == text
+
+
 def test_wandb_summary_run_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -277,7 +293,7 @@ def test_quick_sweep_fills_every_row_and_a_rerun_skips_it(tmp_path):
         assert len(cells) == 5 and all(float(c) >= 0 for c in cells[0:4:2]), line
         assert all((c == "") == (label == "GRPO") for c in cells[1:4:2]), line
         assert float(cells[4]) > 0, line  # every job records its wall time, the eval rows' too
-    for name in ["loss_arith.png", "loss_arith_mc.png", "reward_accuracy.png", "table.csv", "loss_fits.csv"]:
+    for name in ["loss_arith.png", "loss_arith_mc.png", "reward_accuracy.png", "table.csv", "loss_fits.csv", "dynamics.md"]:
         assert (out / name).stat().st_size > 0
     assert len(list(out.glob("*/*/s0/results.json"))) == 20
     assert (out / "j1" / "arith" / "s0" / "csv" / "metrics.csv").exists()
