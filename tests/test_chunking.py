@@ -227,7 +227,7 @@ def test_every_objective_gets_the_unchunked_loss_metrics_and_gradients(name, qui
     assert loss0 != 0 and grads0
     torch.testing.assert_close(loss1, loss0, rtol=1e-4, atol=1e-6)
     assert metrics1.keys() == metrics0.keys()
-    for key in metrics0:
+    for key in [k for k in metrics0 if not k.endswith("_time_s")]:  # seconds differ from run to run
         torch.testing.assert_close(metrics1[key], metrics0[key], rtol=1e-4, atol=1e-6, msg=key)
     assert grads1.keys() == grads0.keys()
     for key in grads0:
