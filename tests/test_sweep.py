@@ -292,7 +292,7 @@ def test_quick_sweep_fills_every_row_and_a_rerun_skips_it(tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")[1:]]  # arith, arith vs GRPO, arith_mc, arith_mc vs GRPO, wall
         assert len(cells) == 5 and all(float(c) >= 0 for c in cells[0:4:2]), line
         assert all((c == "") == (label == "GRPO") for c in cells[1:4:2]), line
-        assert float(cells[4]) > 0, line  # every job records its wall time, the eval rows' too
+        assert float(cells[4]) >= 0, line  # every job records its wall time, the eval rows' too (a 4-step job: 0.0 min or so)
     for name in ["loss_arith.png", "loss_arith_mc.png", "reward_accuracy.png", "table.csv", "loss_fits.csv", "dynamics.md"]:
         assert (out / name).stat().st_size > 0
     assert len(list(out.glob("*/*/s0/results.json"))) == 20
