@@ -49,6 +49,16 @@ def test_rows_expand_teachers_and_only_the_grid_keys_each_objective_uses():
     assert len({r.key for r in rows}) == len(rows) and all("=" not in r.key and "," not in r.key for r in rows)
 
 
+def test_a_teacher_given_by_path_or_hub_id_is_named_by_its_last_part_and_loaded_by_its_whole_name():
+    gguf = "/root/.cache/grpokd/models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
+    _, qwen, hub = sw.plan_rows(spec(rows=["student", "teachers"]), [gguf, "HuggingFaceTB/SmolLM2-360M-Instruct"])
+    assert (qwen.label, qwen.key) == ("teacher: Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "teacher-Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf")
+    assert qwen.overrides == ("mode=eval", f"model.student={gguf}")
+    assert (hub.label, hub.key) == ("teacher: SmolLM2-360M-Instruct", "teacher-SmolLM2-360M-Instruct")
+    with pytest.raises(ConfigError, match="sweep rows repeat: teacher-model"):
+        sw.plan_rows(spec(rows=["teachers"]), ["org-a/model", "org-b/model"])
+
+
 def test_overrides_merge_with_later_values_winning():
     assert sw.merge_overrides(["a=1", "b=2"], ["a=3", "+c=4"]) == ["b=2", "a=3", "+c=4"]
     s = spec(rows=["j3"], overrides=["trainer.max_steps=100", "gamma=0.2"], row_overrides={"j3": ["trainer.max_steps=7"]})

@@ -120,6 +120,7 @@ def slug(text: str) -> str:
 
 def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
     """The sweep file's rows, expanded (teachers, grid points), checked; raises ConfigError on an unknown row."""
+    from grpokd.teachers.sources import source_name  # torch and transformers: only once a sweep is planned
     known = objectives()
     for key in ("rows", "datasets", "seeds"):
         if not spec.get(key):
@@ -138,9 +139,9 @@ def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
         elif isinstance(entry, str) and entry == "teachers":
             if not teachers:
                 raise ConfigError("sweep row 'teachers': the model config lists no teachers")
-            for name in teachers:
+            for name in teachers:  # named as in the metrics (a path's last part), loaded by its full name
                 overrides = ("mode=eval", f"model.student={name}", *extra.get("teachers", []))
-                rows.append(Row(f"teacher: {name}", slug(f"teacher-{name}"), overrides, seeds[:1], True))
+                rows.append(Row(f"teacher: {source_name(name)}", slug(f"teacher-{source_name(name)}"), overrides, seeds[:1], True))
         elif isinstance(entry, str) and entry in known:
             rows.extend(objective_rows(entry, LABELS.get(entry, entry), entry, extra.get(entry, []), grid | row_grid.get(entry, {}), seeds))
         elif isinstance(entry, (dict, DictConfig)) and entry.get("name"):
@@ -153,7 +154,7 @@ def plan_rows(spec: DictConfig, teachers: list[str]) -> list[Row]:
     keys = [r.key for r in rows]
     if len(set(keys)) != len(keys):
         repeated = dict.fromkeys(k for k in keys if keys.count(k) > 1)
-        raise ConfigError(f"sweep rows repeat: {', '.join(repeated)}; give custom rows distinct names")
+        raise ConfigError(f"sweep rows repeat: {', '.join(repeated)}; give custom rows and teachers distinct names")
     unused = [k for k in grid if not any(r.objective and applies(r.objective, k) for r in rows)]
     unused += [f"{r}: {k}" for r, g in row_grid.items() for k, v in g.items() if not v or r not in [e for e in spec.rows if isinstance(e, str)]]
     if unused:
