@@ -2,9 +2,10 @@
 
 Runs every (row, dataset, seed) job of conf/sweep/<sweep>.yaml through Hydra
 multiruns of run.py (see grpokd.sweep), skipping complete ones, then writes
-table.md, table.csv and the figures into the sweep directory (`out`).
-Exit status 0 when every job completed, 1 when some failed (they are marked
-in the table), 2 on a bad sweep file or override (nothing runs).
+table.md, table.csv and the figures into the sweep directory (`out`); with
+`report_only=true` it only writes them, from the jobs already there.
+Exit status 0 when every job completed, 1 when some failed or did not run
+(they are marked in the table), 2 on a bad sweep file or override (nothing runs).
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ def main(cfg: DictConfig) -> None:
     print(f"sweep {spec.name}: {len(rows)} rows x {len(spec.datasets)} datasets, {len(jobs)} jobs -> {out}")
     logger = ["logger=wandb", f"logger.group={cfg.wandb_group}"] if cfg.wandb else ["logger=none"]
     launcher = [f"hydra/launcher={cfg.launcher}", *cfg.launcher_overrides]
-    sw.run_rows(spec, rows, jobs, out, launcher, logger)
+    if not cfg.report_only:
+        sw.run_rows(spec, rows, jobs, out, launcher, logger)
     text, figures, failed = sw.report(rows, jobs, out, f"sweep {spec.name}", spec.get("metric", "test"), spec.get("baseline"))
     if cfg.wandb:
         sw.log_summary(out, cfg.wandb_group, text, figures)
     print(text)
     print(f"table: {out / 'table.md'}, {out / 'table.csv'}; figures: {', '.join(p.name for p in figures) or 'none'}")
     if failed:
-        print(f"{failed} of {len(jobs)} jobs failed; they are marked in the table", file=sys.stderr)
+        print(f"{failed} of {len(jobs)} jobs did not complete (failed, or not run yet); they are marked in the table", file=sys.stderr)
         sys.exit(1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import math
 import os
 import re
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 
 from grpokd import sweep as sw
 from grpokd.errors import ConfigError
-from grpokd.report import curves, dynamics, table
+from grpokd.report import answers, curves, dynamics, table
 
 TEACHERS = ["tiny-t5-teacher-s", "tiny-t5-teacher-m"]
 
@@ -270,6 +271,25 @@ def test_dynamics_reads_each_jobs_log_and_averages_the_seeds(tmp_path):
     assert (tmp_path / "dynamics.md").read_text() == text
 
 
+def test_answers_reads_each_jobs_test_predictions_and_averages_the_seeds(tmp_path):
+    def record(reward, style, ended=True):
+        return json.dumps({"completion": "...", "style": style, "reward": reward, "ended": ended})
+
+    (tmp_path / "s0").mkdir()
+    (tmp_path / "s0" / "predictions.jsonl").write_text("\n".join([
+        record(1.0, "marker"), record(1.0, "last"), record(0.0, "marker"), record(0.0, None, ended=False)]) + "\n")
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "predictions.jsonl").write_text("\n".join([record(1.0, "boxed"), record(0.0, "answer_is")]) + "\n")
+    s0 = answers.job_answers(tmp_path / "s0")
+    assert s0 == {"right": 0.5, "right, stated": 0.25, "marker": 0.5, "boxed": 0.0, "answer_is": 0.0, "last": 0.25, "none": 0.25, "ended": 0.75}
+    assert answers.job_answers(tmp_path / "nowhere") is None
+    text = answers.write(tmp_path, {"GRPO": [tmp_path / "s0", tmp_path / "s1"], "J'": [tmp_path / "nowhere"]}, "t")
+    # right (0.5 + 0.5) / 2, stated (0.25 + 0.5) / 2, marker (0.5 + 0) / 2, boxed (0 + 0.5) / 2, answer_is, last, none, ended (0.75 + 1) / 2
+    assert "| GRPO | 2 | 50.0 | 37.5 | 25.0 | 25.0 | 25.0 | 12.5 | 12.5 | 87.5 |" in text and "J'" not in text.split("| row |")[1]
+    assert (tmp_path / "answers.md").read_text() == text
+    assert answers.write(tmp_path / "s1", {"GRPO": [tmp_path / "nowhere"]}, "t") == "" and not (tmp_path / "s1" / "answers.md").exists()
+
+
 def test_wandb_summary_run_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -303,13 +323,27 @@ def test_quick_sweep_fills_every_row_and_a_rerun_skips_it(tmp_path):
         assert len(cells) == 5 and all(float(c) >= 0 for c in cells[0:4:2]), line
         assert all((c == "") == (label == "GRPO") for c in cells[1:4:2]), line
         assert float(cells[4]) >= 0, line  # every job records its wall time, the eval rows' too (a 4-step job: 0.0 min or so)
-    for name in ["loss_arith.png", "loss_arith_mc.png", "reward_accuracy.png", "table.csv", "loss_fits.csv", "dynamics.md"]:
+    for name in ["loss_arith.png", "loss_arith_mc.png", "reward_accuracy.png", "table.csv", "loss_fits.csv", "dynamics.md", "answers.md"]:
         assert (out / name).stat().st_size > 0
+    assert "| student (no training) / arith | 1 |" in (out / "answers.md").read_text()  # every row, the evaluated ones too
     assert len(list(out.glob("*/*/s0/results.json"))) == 20
     assert (out / "j1" / "arith" / "s0" / "csv" / "metrics.csv").exists()
     again = sweep("sweep=quick", f"out={out}")
     assert again.returncode == 0
     assert again.stdout.count(", skipped") == 10 and "run directory:" not in again.stdout
+    for name in ["table.md", "table.csv", "dynamics.md", "reward_accuracy.png"]:
+        (out / name).unlink()
+    report = sweep("sweep=quick", f"out={out}", "report_only=true")
+    assert report.returncode == 0 and "[1/" not in report.stdout
+    assert (out / "table.md").read_text() == text and (out / "dynamics.md").stat().st_size > 0
+
+
+def test_report_only_runs_nothing_and_marks_the_jobs_that_are_not_there(tmp_path):
+    out = tmp_path / "empty"
+    done = sweep("sweep=quick", f"out={out}", "report_only=true")
+    assert done.returncode == 1 and "20 of 20 jobs did not complete (failed, or not run yet)" in done.stderr
+    assert "GRPO / arith / seed 0: missing: no results.json" in (out / "table.md").read_text()
+    assert not list(out.rglob("results.json")) and "[1/" not in done.stdout
 
 
 @pytest.mark.slow

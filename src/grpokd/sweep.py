@@ -286,12 +286,12 @@ def run_rows(spec: DictConfig, rows: list[Row], jobs: list[Job], out: Path, laun
 def report(
     rows: list[Row], jobs: list[Job], out: Path, title: str, metric: str = "test", spec_baseline: str | None = None,
 ) -> tuple[str, list[Path], int]:
-    """table.md, table.csv, dynamics.md, the figures and loss_fits.csv in `out` (and best.md for metric=val). The rows are compared
-    with the row `spec_baseline` (the sweep file's `baseline`, a row name), else with the GRPO row if there is one.
+    """table.md, table.csv, dynamics.md, answers.md, the figures and loss_fits.csv in `out` (and best.md for
+    metric=val). The rows are compared with the row `spec_baseline` (the sweep file's `baseline`, a row name), else with the GRPO row if there is one.
 
     Returns (markdown, figure paths, failed jobs).
     """
-    from grpokd.report import curves, dynamics, table
+    from grpokd.report import answers, curves, dynamics, table
 
     statuses = [status(j) for j in jobs]
     labels, datasets, cells = table.build(jobs, statuses, metric)
@@ -302,11 +302,13 @@ def report(
         text += "\n" + table.write_best(out, groups, datasets, cells)
     trained = [r for r in rows if not r.is_eval]
     names = list(dict.fromkeys(j.dataset_name for j in jobs))
-    dynamics.write(out, {
-        r.label if len(names) == 1 else f"{r.label} / {name}":
-            [j.dir for j, s in zip(jobs, statuses) if j.row == r and j.dataset_name == name and s.get("status") == "complete"]
-        for name in names for r in trained
-    }, title)
+    complete = {  # (row, dataset name): its complete jobs' directories
+        (r, name): [j.dir for j, s in zip(jobs, statuses) if j.row == r and j.dataset_name == name and s.get("status") == "complete"]
+        for name in names for r in rows
+    }
+    labelled = {r.label if len(names) == 1 else f"{r.label} / {name}": (r, name) for name in names for r in rows}
+    dynamics.write(out, {label: complete[key] for label, key in labelled.items() if not key[0].is_eval}, title)
+    answers.write(out, {label: complete[key] for label, key in labelled.items()}, title)
     colors = curves.palette([r.label for r in trained])
     figures: list[Path] = []
     rewards: dict[str, dict[str, curves.Band]] = {}
