@@ -155,7 +155,7 @@ def test_table_cells_mean_std_interval_n_wall_and_marked_failures(tmp_path):
     assert sft == "19.4 ± 2.2 [13.9, 24.9] (n=3)"
     assert f"| SFT | {sft} | {sft} | 11.0 |" in text  # wall: the median of 600, 660, 720 s over both datasets
     # two values: t(0.975, 1) = 12.706, half = 12.706 * 0.01556 / sqrt(2) = 0.1398 around 0.183
-    assert "| GRPO | 18.3 ± 1.6 [4.3, 32.3] (n=2, 1 failed [1]) | 3 failed [2][3][4] | 10.5 |" in text
+    assert "| GRPO | 18.3 ± 1.6 [4.3, 32.3] (n=2, 1 not run [1]) | 3 failed [2][3][4] | 10.5 |" in text  # missing: not run
     assert "[1] GRPO / arith / seed 2: missing: no results.json" in text
     assert "[4] GRPO / arith_mc / seed 2: failed: ValueError: boom" in text
 
@@ -342,6 +342,7 @@ def test_report_only_runs_nothing_and_marks_the_jobs_that_are_not_there(tmp_path
     out = tmp_path / "empty"
     done = sweep("sweep=quick", f"out={out}", "report_only=true")
     assert done.returncode == 1 and "20 of 20 jobs did not complete (failed, or not run yet)" in done.stderr
+    assert "| GRPO | 1 not run [" in (out / "table.md").read_text()
     assert "GRPO / arith / seed 0: missing: no results.json" in (out / "table.md").read_text()
     assert not list(out.rglob("results.json")) and "[1/" not in done.stdout
 

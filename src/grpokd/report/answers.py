@@ -30,13 +30,12 @@ def job_answers(job_dir: Path) -> dict[str, float] | None:
     if not records:
         return None
     styles = [r.get("style") or "none" for r in records]
-    shares = {
+    return {
         "right": statistics.fmean(r["reward"] for r in records),
         "right, stated": statistics.fmean(r["reward"] if s in FORMAT_STYLES else 0.0 for r, s in zip(records, styles)),
         **{style: styles.count(style) / len(records) for style in (*STYLES, "none")},
         "ended": statistics.fmean(bool(r["ended"]) for r in records),
     }
-    return shares
 
 
 def markdown(rows: dict[str, list[dict[str, float]]], title: str) -> str:

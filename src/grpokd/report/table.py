@@ -6,7 +6,7 @@ A cell holds the complete jobs' accuracies (metric `test`: the training rows'
 missing. It renders as "19.4 ± 1.8 [15.0, 23.8] (n=3)" (sample std, n - 1, and
 the 95% t-interval of the mean over seeds), "23.5" for a single value,
 "failed [1]" when nothing completed, or "12.0 ± 0.5 [7.5, 16.5] (n=2, 1 failed
-[1])"; the footnotes list the errors. A last column gives each row's median
+[1])" ("1 not run" for a job with no results.json yet); the footnotes list the errors. A last column gives each row's median
 wall time per job, in minutes (results.json's `wall_time_s`).
 
 With a baseline row (GRPO), each dataset gets a "vs baseline" column: the
@@ -29,6 +29,7 @@ from typing import Any
 class Cell:
     values: list[float] = field(default_factory=list)  # test accuracy in [0, 1] of each complete job
     errors: list[str] = field(default_factory=list)  # one line per failed or missing job
+    missing: int = 0  # how many of those did not run (no results.json), as opposed to failed
     walls: list[float] = field(default_factory=list)  # wall_time_s of each complete job that recorded it
 
     @property
@@ -105,6 +106,7 @@ def build(jobs: list, statuses: list[dict[str, Any]], metric: str = "test") -> t
             cell = cells[(job.row.label, column)]
             value = accuracy(results, metric, component) if results.get("status") == "complete" else None
             if value is None:
+                cell.missing += results.get("status") == "missing"
                 cell.errors.append(f"{job.row.label} / {column} / seed {job.seed}: {results.get('status', 'failed')}: "
                                    f"{results.get('error', 'no accuracy in results.json')}")
             else:
@@ -125,7 +127,8 @@ def render_cell(cell: Cell, notes: list[str]) -> str:
     for error in cell.errors:
         notes.append(error)
         refs.append(f"[{len(notes)}]")
-    failed = f"{len(cell.errors)} failed {''.join(refs)}" if cell.errors else ""
+    counts = [f"{n} {what}" for n, what in [(len(cell.errors) - cell.missing, "failed"), (cell.missing, "not run")] if n]
+    failed = f"{', '.join(counts)} {''.join(refs)}" if cell.errors else ""
     if not cell.values:
         return failed or "—"
     text = f"{100 * cell.mean:.1f}"
