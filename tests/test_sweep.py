@@ -123,6 +123,16 @@ def test_check_names_the_row_and_dataset_of_a_bad_job(tmp_path):
         sw.check(bad, sw.plan_rows(bad, TEACHERS), lambda overrides: compose(overrides, tmp_path / "run"))
 
 
+def test_a_rerun_launches_only_the_jobs_left_datasets_missing_the_same_seeds_together(tmp_path):
+    rows = sw.plan_rows(spec(rows=["grpo"], datasets=["arith", "arith_mc", "gsm8k"]), TEACHERS)
+    jobs = sw.plan_jobs(spec(datasets=["arith", "arith_mc", "gsm8k"]), rows, {"arith": "a", "arith_mc": "m", "gsm8k": "g"}, tmp_path)
+    left = [j for j in jobs if (j.dataset, j.seed) not in {("arith", 0), ("arith", 1), ("gsm8k", 0), ("gsm8k", 1)}]
+    assert sw.todo_multiruns(left) == [(["arith", "gsm8k"], [2]), (["arith_mc"], [0, 1, 2])]
+    assert sw.todo_multiruns([]) == []
+    command = sw.multirun_command(spec(), rows[0], ["arith", "gsm8k"], [2], tmp_path, [], ["logger=none"])
+    assert "dataset=arith,gsm8k" in command and "seed=2" in command
+
+
 # --- the table ------------------------------------------------------------------------------------------------------
 
 
@@ -167,7 +177,9 @@ def test_table_csv(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
     grpo_mc = next(r for r in rows if r["row"] == "GRPO" and r["dataset"] == "arith_mc")
-    assert (grpo_mc["mean"], grpo_mc["n"], grpo_mc["failed"]) == ("", "0", "3")
+    assert (grpo_mc["mean"], grpo_mc["n"], grpo_mc["failed"], grpo_mc["not_run"]) == ("", "0", "3", "0")
+    grpo = next(r for r in rows if r["row"] == "GRPO" and r["dataset"] == "arith")
+    assert (grpo["n"], grpo["failed"], grpo["not_run"]) == ("2", "0", "1")  # seed 2 has no results.json
     sft = next(r for r in rows if r["row"] == "SFT" and r["dataset"] == "arith")
     assert sft["values"] == "0.1940 0.1720 0.2160" and float(sft["mean"]) == pytest.approx(0.194)
     assert (float(sft["ci95_low"]), float(sft["ci95_high"])) == (pytest.approx(0.1393, abs=1e-4), pytest.approx(0.2487, abs=1e-4))
@@ -328,9 +340,15 @@ def test_quick_sweep_fills_every_row_and_a_rerun_skips_it(tmp_path):
     assert "| student (no training) / arith | 1 |" in (out / "answers.md").read_text()  # every row, the evaluated ones too
     assert len(list(out.glob("*/*/s0/results.json"))) == 20
     assert (out / "j1" / "arith" / "s0" / "csv" / "metrics.csv").exists()
+    config = out / "j1" / "arith" / "s0" / ".hydra" / "config.yaml"
+    config.write_text(config.read_text() + "# the config this finished job ran with\n")
+    (out / "grpo" / "arith_mc" / "s0" / "results.json").unlink()  # one job to run again
     again = sweep("sweep=quick", f"out={out}")
     assert again.returncode == 0
-    assert again.stdout.count(", skipped") == 10 and "run directory:" not in again.stdout
+    assert again.stdout.count(", skipped") == 9 and again.stdout.count("run directory:") == 1
+    assert "GRPO: 2 jobs, 1 complete" in again.stdout and (out / "grpo" / "arith_mc" / "s0" / "results.json").is_file()
+    assert config.read_text().endswith("# the config this finished job ran with\n")  # a complete job is not relaunched
+    text = (out / "table.md").read_text()  # with the rerun job's wall time
     for name in ["table.md", "table.csv", "dynamics.md", "reward_accuracy.png"]:
         (out / name).unlink()
     report = sweep("sweep=quick", f"out={out}", "report_only=true")

@@ -26,6 +26,10 @@ def test_grpo_run_writes_a_complete_run_directory(quick_cfg, tmp_path):
     assert exported.num_parameters() > 0
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert rows and {"prompt", "completion", "reward", "adv"} <= set(rows[0])
+    moved = run_dir.rename(tmp_path / "moved")  # a finished sweep kept elsewhere (docs/runs/)
+    again = train(quick_cfg("objective=grpo", "skip_complete=true", run_dir=moved))
+    assert again == {**saved, "run_dir": str(moved)}  # returned as it is, where it is now
+    assert json.loads((moved / "results.json").read_text()) == saved  # and not run again
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(quick_cfg, tmp_path):

@@ -19,9 +19,11 @@ A sweep file (conf/sweep/*.yaml) names:
 Each row (and grid point) is one `python run.py -m ...` over its datasets and
 seeds, so any Hydra launcher runs the jobs (`launcher=joblib`, a SLURM
 launcher, ...). Job directories are fixed, `<out>/<row>/<dataset>/s<seed>`, and
-jobs run with `skip_complete=true`, so rerunning a sweep only runs what is not
-complete. A failed job leaves `results.json` with `status: failed` and its
-error; the table marks it and the sweep exits with status 1.
+rerunning a sweep only launches the jobs that are not complete (a complete
+job's directory, its `.hydra/` config included, is left as it is); they run
+with `resume=true`, so a killed job goes on from its last checkpoint. A failed
+job leaves `results.json` with `status: failed` and its error; the table marks
+it and the sweep exits with status 1.
 """
 
 from __future__ import annotations
@@ -248,20 +250,34 @@ def plan_jobs(spec: DictConfig, rows: list[Row], names: dict[str, str], out: Pat
     ]
 
 
-def multirun_command(spec: DictConfig, row: Row, out: Path, launcher: list[str], logger: list[str]) -> list[str]:
-    """`python run.py -m ...` for one row over all its datasets and seeds.
+def multirun_command(
+    spec: DictConfig, row: Row, datasets: list[str], seeds: list[int], out: Path, launcher: list[str], logger: list[str],
+) -> list[str]:
+    """`python run.py -m ...` for one row over `datasets` x `seeds`.
 
     `launcher`: the Hydra launcher's overrides, e.g. ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"].
     """
     overrides = merge_overrides(
         [f"model={spec.model}"], list(spec.get("overrides") or []), list(row.overrides), metric_overrides(spec),
         [
-            f"dataset={','.join(spec.datasets)}", f"seed={','.join(str(s) for s in row.seeds)}",
+            f"dataset={','.join(datasets)}", f"seed={','.join(str(s) for s in seeds)}",
             "skip_complete=true", "resume=true", "log.csv=true", *logger, f"run_name={row.key}-${{dataset.name}}-s${{seed}}",
             f"hydra.sweep.dir='{out / row.key}'", "hydra.sweep.subdir=${dataset.name}/s${seed}", *launcher,
         ],
     )
     return [sys.executable, str(REPO / "run.py"), "-m", *overrides]
+
+
+def todo_multiruns(todo: list[Job]) -> list[tuple[list[str], list[int]]]:
+    """A row's jobs left as multiruns (datasets x seeds) that launch no other job: datasets missing the same seeds
+    share one, in the order they come."""
+    seeds: dict[str, list[int]] = {}
+    for job in todo:
+        seeds.setdefault(job.dataset, []).append(job.seed)
+    grouped: dict[tuple[int, ...], list[str]] = {}
+    for dataset, missing in seeds.items():
+        grouped.setdefault(tuple(missing), []).append(dataset)
+    return [(datasets, list(missing)) for missing, datasets in grouped.items()]
 
 
 def status(job: Job) -> dict[str, Any]:
@@ -277,8 +293,8 @@ def run_rows(spec: DictConfig, rows: list[Row], jobs: list[Job], out: Path, laun
         mine = [j for j in jobs if j.row == row]
         todo = [j for j in mine if status(j).get("status") != "complete"]
         echo(f"[{i}/{len(rows)}] {row.label}: {len(mine)} jobs, {len(mine) - len(todo)} complete" + ("" if todo else ", skipped"))
-        if todo:
-            done = subprocess.run(multirun_command(spec, row, out, launcher, logger), cwd=REPO)
+        for datasets, seeds in todo_multiruns(todo):
+            done = subprocess.run(multirun_command(spec, row, datasets, seeds, out, launcher, logger), cwd=REPO)
             if done.returncode != 0:
                 echo(f"[{i}/{len(rows)}] {row.label}: some jobs failed (exit status {done.returncode}); see the table")
 
@@ -302,13 +318,13 @@ def report(
         text += "\n" + table.write_best(out, groups, datasets, cells)
     trained = [r for r in rows if not r.is_eval]
     names = list(dict.fromkeys(j.dataset_name for j in jobs))
-    complete = {  # (row, dataset name): its complete jobs' directories
-        (r, name): [j.dir for j, s in zip(jobs, statuses) if j.row == r and j.dataset_name == name and s.get("status") == "complete"]
+    finished = {  # a row's label (with the dataset's name when there are several) -> (row, its complete jobs' directories)
+        r.label if len(names) == 1 else f"{r.label} / {name}":
+            (r, [j.dir for j, s in zip(jobs, statuses) if j.row == r and j.dataset_name == name and s.get("status") == "complete"])
         for name in names for r in rows
     }
-    labelled = {r.label if len(names) == 1 else f"{r.label} / {name}": (r, name) for name in names for r in rows}
-    dynamics.write(out, {label: complete[key] for label, key in labelled.items() if not key[0].is_eval}, title)
-    answers.write(out, {label: complete[key] for label, key in labelled.items()}, title)
+    dynamics.write(out, {label: dirs for label, (r, dirs) in finished.items() if not r.is_eval}, title)
+    answers.write(out, {label: dirs for label, (_, dirs) in finished.items()}, title)
     colors = curves.palette([r.label for r in trained])
     figures: list[Path] = []
     rewards: dict[str, dict[str, curves.Band]] = {}

@@ -558,7 +558,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("skip_complete"):
         done = runtime.read_results(run_dir)
         if done.get("status") == "complete":
-            return done
+            return {**done, "run_dir": str(run_dir)}  # where it is now (a finished sweep may have been moved)
     prep = prepare(cfg)
     parallel.check_accelerator(cfg.trainer)  # here, not in prepare: a sweep may be planned on one machine and run on another
     share = runtime.CpuShare(cfg.get("threads"))

@@ -178,7 +178,7 @@ def write(
     (out / "table.md").write_text(text)
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "dataset", "mean", "std", "ci95_low", "ci95_high", "n", "failed", "values", "p_vs_baseline", "wall_s"])
+        writer.writerow(["row", "dataset", "mean", "std", "ci95_low", "ci95_high", "n", "failed", "not_run", "values", "p_vs_baseline", "wall_s"])
         for label in labels:
             for d in datasets:
                 c = cells[(label, d)]
@@ -186,7 +186,7 @@ def write(
                 ci = [f"{x:.4f}" for x in c.interval] if c.interval else ["", ""]
                 writer.writerow([
                     label, d, "" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}", *ci,
-                    len(c.values), len(c.errors), " ".join(f"{v:.4f}" for v in c.values), "" if p is None else f"{p:.4g}",
+                    len(c.values), len(c.errors) - c.missing, c.missing, " ".join(f"{v:.4f}" for v in c.values), "" if p is None else f"{p:.4g}",
                     " ".join(f"{w:.1f}" for w in c.walls),
                 ])
     return text
