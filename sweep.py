@@ -4,7 +4,7 @@ Runs every (row, dataset, seed) job of conf/sweep/<sweep>.yaml through Hydra
 multiruns of run.py (see grpokd.sweep), skipping complete ones, then writes
 table.md, table.csv and the figures into the sweep directory (`out`); with
 `report_only=true` it only writes them, from the jobs already there.
-Exit status 0 when every job completed, 1 when some failed or did not run
+Exit status 0 when every job completed, 1 when some failed, were stopped or did not run
 (they are marked in the table), 2 on a bad sweep file or override (nothing runs).
 """
 
@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> None:
     print(text)
     print(f"table: {out / 'table.md'}, {out / 'table.csv'}; figures: {', '.join(p.name for p in figures) or 'none'}")
     if failed:
-        print(f"{failed} of {len(jobs)} jobs did not complete (failed, or not run yet); they are marked in the table", file=sys.stderr)
+        print(f"{failed} of {len(jobs)} jobs did not complete (failed, stopped, or not run yet); they are marked in the table", file=sys.stderr)
         sys.exit(1)
 
 

@@ -142,7 +142,9 @@ def fake_jobs(tmp_path: Path):
     jobs = sw.plan_jobs(spec(datasets=["arith", "arith_mc"]), rows, names, tmp_path)
     statuses = []
     for job in jobs:
-        if job.row.label == "GRPO" and job.dataset == "arith_mc":
+        if job.row.label == "GRPO" and job.dataset == "arith_mc" and job.seed == 1:
+            statuses.append({"status": "interrupted", "steps": 7})  # SIGTERM: results.json says so, no accuracy
+        elif job.row.label == "GRPO" and job.dataset == "arith_mc":
             statuses.append({"status": "failed", "error": "ValueError: boom"})
         elif job.row.label == "GRPO" and job.seed == 2:
             statuses.append({"status": "missing", "error": "no results.json"})
@@ -165,7 +167,8 @@ def test_table_cells_mean_std_interval_n_wall_and_marked_failures(tmp_path):
     assert sft == "19.4 ± 2.2 [13.9, 24.9] (n=3)"
     assert f"| SFT | {sft} | {sft} | 11.0 |" in text  # wall: the median of 600, 660, 720 s over both datasets
     # two values: t(0.975, 1) = 12.706, half = 12.706 * 0.01556 / sqrt(2) = 0.1398 around 0.183
-    assert "| GRPO | 18.3 ± 1.6 [4.3, 32.3] (n=2, 1 not run [1]) | 3 failed [2][3][4] | 10.5 |" in text  # missing: not run
+    assert "| GRPO | 18.3 ± 1.6 [4.3, 32.3] (n=2, 1 not run [1]) | 2 failed, 1 stopped [2][3][4] | 10.5 |" in text  # missing: not run
+    assert "[3] GRPO / arith_mc / seed 1: interrupted: stopped after step 7; rerunning the sweep resumes it" in text
     assert "[1] GRPO / arith / seed 2: missing: no results.json" in text
     assert "[4] GRPO / arith_mc / seed 2: failed: ValueError: boom" in text
 
@@ -177,9 +180,9 @@ def test_table_csv(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
     grpo_mc = next(r for r in rows if r["row"] == "GRPO" and r["dataset"] == "arith_mc")
-    assert (grpo_mc["mean"], grpo_mc["n"], grpo_mc["failed"], grpo_mc["not_run"]) == ("", "0", "3", "0")
+    assert (grpo_mc["mean"], grpo_mc["n"], grpo_mc["failed"], grpo_mc["stopped"], grpo_mc["not_run"]) == ("", "0", "2", "1", "0")
     grpo = next(r for r in rows if r["row"] == "GRPO" and r["dataset"] == "arith")
-    assert (grpo["n"], grpo["failed"], grpo["not_run"]) == ("2", "0", "1")  # seed 2 has no results.json
+    assert (grpo["n"], grpo["failed"], grpo["stopped"], grpo["not_run"]) == ("2", "0", "0", "1")  # seed 2 has no results.json
     sft = next(r for r in rows if r["row"] == "SFT" and r["dataset"] == "arith")
     assert sft["values"] == "0.1940 0.1720 0.2160" and float(sft["mean"]) == pytest.approx(0.194)
     assert (float(sft["ci95_low"]), float(sft["ci95_high"])) == (pytest.approx(0.1393, abs=1e-4), pytest.approx(0.2487, abs=1e-4))
@@ -359,7 +362,7 @@ def test_quick_sweep_fills_every_row_and_a_rerun_skips_it(tmp_path):
 def test_report_only_runs_nothing_and_marks_the_jobs_that_are_not_there(tmp_path):
     out = tmp_path / "empty"
     done = sweep("sweep=quick", f"out={out}", "report_only=true")
-    assert done.returncode == 1 and "20 of 20 jobs did not complete (failed, or not run yet)" in done.stderr
+    assert done.returncode == 1 and "20 of 20 jobs did not complete (failed, stopped, or not run yet)" in done.stderr
     assert "| GRPO | 1 not run [" in (out / "table.md").read_text()
     assert "GRPO / arith / seed 0: missing: no results.json" in (out / "table.md").read_text()
     assert not list(out.rglob("results.json")) and "[1/" not in done.stdout

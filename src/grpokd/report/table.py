@@ -6,7 +6,7 @@ A cell holds the complete jobs' accuracies (metric `test`: the training rows'
 missing. It renders as "19.4 ± 1.8 [15.0, 23.8] (n=3)" (sample std, n - 1, and
 the 95% t-interval of the mean over seeds), "23.5" for a single value,
 "failed [1]" when nothing completed, or "12.0 ± 0.5 [7.5, 16.5] (n=2, 1 failed
-[1])" ("1 not run" for a job with no results.json yet); the footnotes list the errors. A last column gives each row's median
+[1])" ("1 stopped" for an interrupted job, "1 not run" for one with no results.json yet); the footnotes list why. A last column gives each row's median
 wall time per job, in minutes (results.json's `wall_time_s`).
 
 With a baseline row (GRPO), each dataset gets a "vs baseline" column: the
@@ -28,8 +28,8 @@ from typing import Any
 @dataclass
 class Cell:
     values: list[float] = field(default_factory=list)  # test accuracy in [0, 1] of each complete job
-    errors: list[str] = field(default_factory=list)  # one line per failed or missing job
-    missing: int = 0  # how many of those did not run (no results.json), as opposed to failed
+    errors: list[str] = field(default_factory=list)  # one line per job that did not complete
+    unfinished: list[str] = field(default_factory=list)  # how each of those counts: "failed", "stopped" or "not run"
     walls: list[float] = field(default_factory=list)  # wall_time_s of each complete job that recorded it
 
     @property
@@ -93,6 +93,16 @@ def components(results: dict[str, Any]) -> list[str]:
     return sorted({key.split("/")[1] for key in results if key.count("/") == 2 and key.split("/")[0] in ("test", "val")})
 
 
+UNFINISHED = {"missing": "not run", "interrupted": "stopped"}  # a job's status -> how its cell counts it (else "failed")
+
+
+def why(results: dict[str, Any]) -> str:
+    """A footnote's reason for a job that did not complete."""
+    if results.get("status") == "interrupted":
+        return f"stopped after step {results.get('steps')}; rerunning the sweep resumes it from its last checkpoint"
+    return results.get("error", "no accuracy in results.json")
+
+
 def build(jobs: list, statuses: list[dict[str, Any]], metric: str = "test") -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
     """(row labels, columns, cells keyed by (label, column)) from the jobs and their results: a column per dataset,
     and after a `dataset=mix` column one per component of it ("mix/arith")."""
@@ -106,9 +116,8 @@ def build(jobs: list, statuses: list[dict[str, Any]], metric: str = "test") -> t
             cell = cells[(job.row.label, column)]
             value = accuracy(results, metric, component) if results.get("status") == "complete" else None
             if value is None:
-                cell.missing += results.get("status") == "missing"
-                cell.errors.append(f"{job.row.label} / {column} / seed {job.seed}: {results.get('status', 'failed')}: "
-                                   f"{results.get('error', 'no accuracy in results.json')}")
+                cell.unfinished.append(UNFINISHED.get(results.get("status"), "failed"))
+                cell.errors.append(f"{job.row.label} / {column} / seed {job.seed}: {results.get('status', 'failed')}: {why(results)}")
             else:
                 cell.values.append(value)
                 if results.get("wall_time_s") is not None:
@@ -127,7 +136,7 @@ def render_cell(cell: Cell, notes: list[str]) -> str:
     for error in cell.errors:
         notes.append(error)
         refs.append(f"[{len(notes)}]")
-    counts = [f"{n} {what}" for n, what in [(len(cell.errors) - cell.missing, "failed"), (cell.missing, "not run")] if n]
+    counts = [f"{n} {what}" for what in ("failed", "stopped", "not run") if (n := cell.unfinished.count(what))]
     failed = f"{', '.join(counts)} {''.join(refs)}" if cell.errors else ""
     if not cell.values:
         return failed or "—"
@@ -165,7 +174,7 @@ def markdown(
             row.append("—" if walls[label] is None else f"{walls[label]:.1f}")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     if notes:
-        lines += ["", "Failed or missing jobs:", ""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
+        lines += ["", "Jobs that did not complete:", ""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +187,7 @@ def write(
     (out / "table.md").write_text(text)
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "dataset", "mean", "std", "ci95_low", "ci95_high", "n", "failed", "not_run", "values", "p_vs_baseline", "wall_s"])
+        writer.writerow(["row", "dataset", "mean", "std", "ci95_low", "ci95_high", "n", "failed", "stopped", "not_run", "values", "p_vs_baseline", "wall_s"])
         for label in labels:
             for d in datasets:
                 c = cells[(label, d)]
@@ -186,7 +195,7 @@ def write(
                 ci = [f"{x:.4f}" for x in c.interval] if c.interval else ["", ""]
                 writer.writerow([
                     label, d, "" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}", *ci,
-                    len(c.values), len(c.errors) - c.missing, c.missing, " ".join(f"{v:.4f}" for v in c.values), "" if p is None else f"{p:.4g}",
+                    len(c.values), *(c.unfinished.count(what) for what in ("failed", "stopped", "not run")), " ".join(f"{v:.4f}" for v in c.values), "" if p is None else f"{p:.4g}",
                     " ".join(f"{w:.1f}" for w in c.walls),
                 ])
     return text
