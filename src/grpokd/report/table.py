@@ -2,12 +2,13 @@
 
 A cell holds the complete jobs' accuracies (metric `test`: the training rows'
 `test/accuracy_after`, the eval rows' `test/accuracy`; metric `val`: the final
-`val/accuracy`), their wall times and the errors of the jobs that failed or are
-missing. It renders as "19.4 ± 1.8 [15.0, 23.8] (n=3)" (sample std, n - 1, and
-the 95% t-interval of the mean over seeds), "23.5" for a single value,
-"failed [1]" when nothing completed, or "12.0 ± 0.5 [7.5, 16.5] (n=2, 1 failed
-[1])" ("1 stopped" for an interrupted job, "1 not run" for one with no results.json yet); the footnotes list why. A last column gives each row's median
-wall time per job, in minutes (results.json's `wall_time_s`).
+`val/accuracy`), their wall times and why the others did not complete. It
+renders as "19.4 ± 1.8 [15.0, 23.8] (n=3)" (sample std, n - 1, and the 95%
+t-interval of the mean over seeds), "23.5" for a single value, "failed [1]"
+when nothing completed, or "12.0 ± 0.5 [7.5, 16.5] (n=2, 1 failed [1])"
+("1 stopped" for an interrupted job, "1 not run" for one with no results.json
+yet); the footnotes say why. A last column gives each row's median wall time
+per job, in minutes (results.json's `wall_time_s`).
 
 With a baseline row (GRPO), each dataset gets a "vs baseline" column: the
 difference of means in points and the two-sided p-value of Welch's t-test
