@@ -173,6 +173,15 @@ def test_table_cells_mean_std_interval_n_wall_and_marked_failures(tmp_path):
     assert "[4] GRPO / arith_mc / seed 2: failed: ValueError: boom" in text
 
 
+def test_a_two_seed_interval_is_cut_to_the_accuracy_range():
+    # OPD's two seeds on the real table: 0.130 ± 0.0622, half = 12.706 * 0.0622 / sqrt(2) = 0.559, so [-0.429, 0.689]
+    low, high = table.Cell(values=[0.086, 0.174]).interval
+    assert (low, high) == (0.0, pytest.approx(0.689, abs=1e-3))
+    # 0.97 ± 0.0283: half = 12.706 * 0.0283 / sqrt(2) = 0.254, so [0.716, 1.224]
+    assert table.Cell(values=[0.99, 0.95]).interval == (pytest.approx(0.716, abs=1e-3), 1.0)
+    assert table.render_cell(table.Cell(values=[0.086, 0.174]), []) == "13.0 ± 6.2 [0.0, 68.9] (n=2)"
+
+
 def test_table_csv(tmp_path):
     jobs, statuses = fake_jobs(tmp_path)
     table.write(tmp_path, *table.build(jobs, statuses), "t")

@@ -4,7 +4,7 @@ A cell holds the complete jobs' accuracies (metric `test`: the training rows'
 `test/accuracy_after`, the eval rows' `test/accuracy`; metric `val`: the final
 `val/accuracy`), their wall times and why the others did not complete. It
 renders as "19.4 ± 1.8 [15.0, 23.8] (n=3)" (sample std, n - 1, and the 95%
-t-interval of the mean over seeds), "23.5" for a single value, "failed [1]"
+t-interval of the mean over seeds, cut to [0, 100]), "23.5" for a single value, "failed [1]"
 when nothing completed, or "12.0 ± 0.5 [7.5, 16.5] (n=2, 1 failed [1])"
 ("1 stopped" for an interrupted job, "1 not run" for one with no results.json
 yet); the footnotes say why. A last column gives each row's median wall time
@@ -43,13 +43,17 @@ class Cell:
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        """The 95% t-interval of the mean over seeds: mean ± t(0.975, n - 1) std / sqrt(n); None under 2 values."""
+        """The 95% t-interval of the mean over seeds, mean ± t(0.975, n - 1) std / sqrt(n), cut to [0, 1]; None under 2 values.
+
+        An accuracy lies in [0, 1], so the cut keeps the interval's coverage; it
+        matters with 2 seeds, where t(0.975, 1) = 12.7 can reach below 0.
+        """
         if len(self.values) < 2:
             return None
         from scipy import stats
 
         half = float(stats.t.ppf(1 - ALPHA / 2, len(self.values) - 1)) * self.std / len(self.values) ** 0.5
-        return self.mean - half, self.mean + half
+        return max(0.0, self.mean - half), min(1.0, self.mean + half)
 
 
 ALPHA = 0.05  # the level at which a difference to the baseline is called beyond noise
