@@ -256,6 +256,8 @@ def test_a_signal_saves_the_current_step_and_resume_continues_in_the_same_direct
     assert first["status"] == "interrupted" and first["signal"] == signal.Signals(signum).name and 3 <= step < 40
     assert torch.load(first["checkpoint"], map_location="cpu", weights_only=False)["global_step"] == step
     assert f"resume with ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}" in err
+    stopped_at = {int(r["step"]) for r in read_rows(run_dir) if r.get("val/accuracy")}
+    assert stopped_at <= {9, 19, 29}, stopped_at  # validated every 10 steps only: a stop does not wait for a val pass
 
     # resume without naming the run directory: the checkpoint's own directory continues
     resumed = run_cli(*args, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")

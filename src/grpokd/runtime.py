@@ -374,7 +374,7 @@ class Interrupted(Exception):
 
 
 class GracefulStop(Callback):
-    """On SIGTERM or SIGINT during training: finish the step, save it to `<dirpath>/last.ckpt`, stop.
+    """On SIGTERM or SIGINT during training: finish the step, save it to `<dirpath>/last.ckpt`, stop (without validating).
 
     The handlers replace Lightning's for the training loop only (from
     `on_train_start`; Lightning restores the previous ones after `fit`), so
@@ -416,6 +416,7 @@ class GracefulStop(Callback):
             self.checkpoint = self.dirpath / LAST
             trainer.save_checkpoint(self.checkpoint)
             trainer.should_stop = True
+            trainer.limit_val_batches = 0  # Lightning validates on should_stop, which made a stop wait a whole val pass
 
 
 class RunClock(Callback):
