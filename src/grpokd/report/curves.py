@@ -120,8 +120,8 @@ def plot_progress(
         for label, (steps, values, std) in accuracy[dataset].items():
             bottom.plot(steps, [100 * v for v in values], color=colors[label], marker="o", label=label)
             bottom.fill_between(steps, [100 * (v - s) for v, s in zip(values, std)], [100 * (v + s) for v, s in zip(values, std)], color=colors[label], alpha=0.15)
-        top.set_title(f"{dataset}: sampled reward (moving average of {window} steps, band ± std over seeds)")
-        bottom.set_title(f"{dataset}: greedy val accuracy (band ± std over seeds)")
+        top.set_title(f"{dataset}: sampled reward\n(moving average of {window} steps, band ± std over seeds)", fontsize=10)
+        bottom.set_title(f"{dataset}: greedy val accuracy\n(band ± std over seeds)", fontsize=10)
         top.set_xlabel("step")
         bottom.set_xlabel("step")
         top.set_ylabel("reward")
