@@ -99,6 +99,7 @@ def components(results: dict[str, Any]) -> list[str]:
 
 
 UNFINISHED = {"missing": "not run", "interrupted": "stopped"}  # a job's status -> how its cell counts it (else "failed")
+KINDS = ("failed", "stopped", "not run")  # how a job that did not complete counts, in the order the cell and table.csv give them
 
 
 def why(results: dict[str, Any]) -> str:
@@ -141,7 +142,7 @@ def render_cell(cell: Cell, notes: list[str]) -> str:
     for error in cell.errors:
         notes.append(error)
         refs.append(f"[{len(notes)}]")
-    counts = [f"{n} {what}" for what in ("failed", "stopped", "not run") if (n := cell.unfinished.count(what))]
+    counts = [f"{n} {what}" for what in KINDS if (n := cell.unfinished.count(what))]
     failed = f"{', '.join(counts)} {''.join(refs)}" if cell.errors else ""
     if not cell.values:
         return failed or "—"
@@ -200,7 +201,7 @@ def write(
                 ci = [f"{x:.4f}" for x in c.interval] if c.interval else ["", ""]
                 writer.writerow([
                     label, d, "" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}", *ci,
-                    len(c.values), *(c.unfinished.count(what) for what in ("failed", "stopped", "not run")), " ".join(f"{v:.4f}" for v in c.values), "" if p is None else f"{p:.4g}",
+                    len(c.values), *(c.unfinished.count(what) for what in KINDS), " ".join(f"{v:.4f}" for v in c.values), "" if p is None else f"{p:.4g}",
                     " ".join(f"{w:.1f}" for w in c.walls),
                 ])
     return text
